@@ -1,0 +1,33 @@
+# make setup  - create .venv and install the pinned set (first time ~10 min: llama-cpp-python compiles)
+# make demo   - setup, then the whole pipeline on the built-in tiny model (runs/demo)
+# make test   - setup, then the test suite
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+RUN_DIR ?= runs/demo
+
+.PHONY: setup demo test clean-demo
+
+setup: $(STAMP)
+
+$(STAMP): requirements.txt requirements-dev.txt pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	# torch first and pinned, so nothing pulls a multi-GB CUDA build on a CPU machine
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -r requirements-dev.txt
+	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
+	$(PY) -m pip check
+	# llama.cpp's converter, Phi-3 vocab and chat template, from the llama-cpp-python sources
+	$(PY) -m qlora_pipeline.llamacpp
+	@touch $(STAMP)
+
+demo: setup
+	$(VENV)/bin/qlora-pipeline run --preset tiny --run-dir $(RUN_DIR)
+
+test: setup
+	$(PY) -m pytest -q
+
+clean-demo:
+	rm -rf $(RUN_DIR)

@@ -1,0 +1,128 @@
+"""The ``qlora-pipeline`` command.
+
+    qlora-pipeline run --preset tiny --run-dir runs/demo          # every stage, skipping done ones
+    qlora-pipeline run --preset phi35-colab-t4 train.epochs=2     # key=value overrides
+    qlora-pipeline prepare|train|merge|evaluate --run-dir runs/demo
+    qlora-pipeline train --run-dir runs/demo --resume            # continue from the last checkpoint
+
+Errors a user can cause print one line and exit with status 2; ``--debug`` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+from qlora_pipeline.errors import PipelineError
+
+
+def _common(parser: argparse.ArgumentParser, default_run_dir: str | None) -> None:
+    parser.add_argument("--run-dir", default=default_run_dir, help="folder of this run (default: runs/<preset>)")
+    parser.add_argument("--preset", default=None,
+                        help="preset name in configs/ or a YAML path (default: tiny, or the run's config.json)")
+    parser.add_argument("--data-files", nargs="+", default=None,
+                        help="local oasst1 message files (.jsonl/.json/.parquet); sets data.source=files")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.max_steps=20")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="qlora-pipeline", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run every stage")
+    _common(run, None)
+    run.add_argument("--resume", action="store_true", help="continue training from the last checkpoint")
+    run.add_argument("--force", action="append", default=[], metavar="STAGE",
+                     help="run this stage (and the ones after it) again")
+    for name, text in (("prepare", "oasst1 trees -> conversations"), ("train", "QLoRA fine-tuning"),
+                       ("merge", "merge the adapter into the base"), ("evaluate", "measure base vs adapter vs merged")):
+        stage = sub.add_parser(name, help=text)
+        _common(stage, None)
+        if name == "train":
+            stage.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    return parser
+
+
+def resolve_config(args):
+    """Preset + overrides; for a single stage on an existing run, the run's own config.json."""
+    from qlora_pipeline.config import config_from_dict, load_config, parse_overrides, _merge
+    from qlora_pipeline.pipeline import read_run_config
+
+    overrides = list(args.overrides)
+    if args.data_files:
+        overrides += ["data.source=files", "data.data_files=[" + ",".join(f'"{f}"' for f in args.data_files) + "]"]
+    if args.preset is None and args.run_dir and args.command != "run":
+        existing = read_run_config(Path(args.run_dir))
+        if existing is not None:
+            return config_from_dict(_merge(existing.to_dict(), parse_overrides(overrides)))
+    return load_config(args.preset or "tiny", overrides)
+
+
+def _setup_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    for noisy in ("httpx", "urllib3", "filelock", "transformers", "accelerate", "peft"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging()
+    try:
+        return _dispatch(args)
+    except PipelineError as exc:
+        if args.debug:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def _dispatch(args) -> int:
+    from qlora_pipeline.pipeline import check_run_dir, run_pipeline, run_stage, save_run_config
+
+    cfg = resolve_config(args)
+    run_dir = Path(args.run_dir or f"runs/{cfg.preset}")
+    started = time.time()
+    if args.command == "run":
+        from qlora_pipeline.pipeline import STAGE_NAMES
+
+        for name in args.force:
+            if name not in STAGE_NAMES:
+                raise PipelineError(f"--force {name}: unknown stage; use one of {', '.join(STAGE_NAMES)}")
+        result = run_pipeline(cfg, run_dir, resume=args.resume, force=tuple(args.force))
+        if result.get("interrupted"):
+            return 130
+        print_summary(run_dir, result["timings"], time.time() - started)
+        return 0
+    check_run_dir(run_dir)
+    save_run_config(cfg, run_dir)
+    result = run_stage(args.command, cfg, run_dir, resume=getattr(args, "resume", False))
+    if isinstance(result, dict) and result.get("interrupted"):
+        return 130
+    print(f"{args.command} done in {time.time() - started:.1f} s ({run_dir})")
+    return 0
+
+
+def print_summary(run_dir: Path, timings: dict, seconds: float) -> None:
+    from qlora_pipeline.evaluate import read_report
+
+    report = read_report(run_dir)
+    hf = report.get("hf", {})
+    print("\n== summary ==")
+    print("stage times: " + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()) + f"; total {seconds:.0f}s")
+    if hf:
+        print(f"validation loss (assistant tokens): base {hf['base_val_loss']:.4f} -> adapter "
+              f"{hf['adapter_val_loss']:.4f} ({100 * hf['val_loss_reduction']:.1f}% lower)")
+        print(f"test perplexity: base {hf['base_ppl']:.2f}, adapter {hf['adapter_ppl']:.2f}, merged {hf['merged_ppl']:.2f}")
+    print(f"outputs in {run_dir}: adapter/, merged/, report.md, loss.png")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

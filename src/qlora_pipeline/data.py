@@ -1,0 +1,346 @@
+"""The ``prepare`` stage: oasst1 message trees -> train/val/test conversations.
+
+    qlora-pipeline prepare --run-dir runs/demo             # bundled sample (tiny preset)
+    qlora-pipeline prepare --run-dir runs/x --data-files my_oasst.jsonl
+
+oasst1 stores messages, not conversations: every prompt has several ranked replies, each of
+which may have follow-ups. We walk each tree from its root along the best-ranked child
+(lowest ``rank``; unranked after ranked; ties by creation date, then id) and keep the
+conversation that path spells. Deleted and review-rejected messages are dropped with
+everything under them; every drop is counted in ``stats.json``. Splits are made per tree
+so that no tree's messages are seen in two splits.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any, Iterable
+
+from qlora_pipeline.config import DataConfig
+from qlora_pipeline.errors import DataError
+from qlora_pipeline.paths import atomic_dir, write_json_atomic
+
+REQUIRED_FIELDS = {
+    "message_id": str,
+    "parent_id": (str, type(None)),
+    "message_tree_id": str,
+    "role": str,
+    "text": str,
+    "lang": (str, type(None)),
+    "rank": (int, type(None)),
+    "deleted": (bool, type(None)),
+    "review_result": (bool, type(None)),
+}
+ROLE_MAP = {"prompter": "user", "assistant": "assistant"}
+SPLITS = ("train", "val", "test")
+
+
+def sample_data_path() -> Path:
+    return Path(str(resources.files("qlora_pipeline") / "sample_data" / "oasst1_sample.jsonl"))
+
+
+# ---------------------------------------------------------------------------- reading rows
+
+def _check_row(row: Any, where: str) -> dict:
+    if not isinstance(row, dict):
+        raise DataError(f"{where}: expected a JSON object (one oasst1 message), got {type(row).__name__}")
+    for name, kinds in REQUIRED_FIELDS.items():
+        if name not in row:
+            raise DataError(f"{where}: missing required oasst1 field {name!r}; every row needs "
+                            f"{', '.join(REQUIRED_FIELDS)}")
+        value = row[name]
+        if isinstance(value, bool) and name == "rank":  # bool is an int subclass
+            value = "bool"
+        if not isinstance(value, kinds):
+            expected = " or ".join(k.__name__ for k in (kinds if isinstance(kinds, tuple) else (kinds,)))
+            raise DataError(f"{where}: field {name!r} is {type(row[name]).__name__} ({row[name]!r}), expected {expected}")
+    if row["role"] not in ROLE_MAP:
+        raise DataError(f"{where}: role {row['role']!r} is not an oasst1 role; use prompter or assistant")
+    return row
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    rows = []
+    try:
+        with open(path, "rb") as f:
+            for number, raw in enumerate(f, start=1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError:
+                    raise DataError(f"{path}:{number}: not valid UTF-8; re-save the file as UTF-8") from None
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise DataError(f"{path}:{number}: malformed JSON ({exc.msg} at column {exc.colno}); "
+                                    "each line must be one JSON object") from None
+                rows.append(_check_row(row, f"{path}:{number}"))
+    except FileNotFoundError:
+        raise DataError(f"data file {path} does not exist; check --data-files") from None
+    except IsADirectoryError:
+        raise DataError(f"data file {path} is a folder; give .jsonl/.json/.parquet files") from None
+    return rows
+
+
+def read_rows_file(path: Path) -> list[dict]:
+    """oasst1 message rows from a .jsonl, .json (list of rows) or .parquet file."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix in (".jsonl", ".ndjson"):
+        return read_jsonl(path)
+    if not path.is_file():
+        raise DataError(f"data file {path} does not exist; check --data-files")
+    if suffix == ".json":
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError:
+            raise DataError(f"{path}: not valid UTF-8; re-save the file as UTF-8") from None
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path}: malformed JSON ({exc.msg} at line {exc.lineno}); fix the file") from None
+        if not isinstance(data, list):
+            raise DataError(f"{path}: expected a JSON list of oasst1 messages")
+        return [_check_row(row, f"{path}[{i}]") for i, row in enumerate(data)]
+    if suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            table = pq.read_table(path)
+        except Exception as exc:  # pyarrow raises several unrelated types for bad files
+            raise DataError(f"{path}: not a readable parquet file ({exc.__class__.__name__}); fix or re-export it") from None
+        return [_check_row(row, f"{path} row {i}") for i, row in enumerate(table.to_pylist())]
+    raise DataError(f"data file {path} has unknown type {suffix or '(none)'}; use .jsonl, .json or .parquet")
+
+
+def load_rows(cfg: DataConfig) -> dict[str, list[dict]]:
+    """Message rows per source split: {"train": [...]} or {"train": [...], "validation": [...]}."""
+    if cfg.source == "sample":
+        return {"train": read_jsonl(sample_data_path())}
+    if cfg.source == "files":
+        rows: list[dict] = []
+        for name in cfg.data_files:
+            rows.extend(read_rows_file(Path(name)))
+        return {"train": rows}
+    # The hub: the same schema through `datasets`; oasst1 has train and validation splits.
+    from datasets import load_dataset
+
+    try:
+        dataset = load_dataset(cfg.hub_dataset)
+    except Exception as exc:  # offline, unknown id, gated: datasets raises many types
+        raise DataError(f"could not load {cfg.hub_dataset!r} from the Hugging Face Hub "
+                        f"({exc.__class__.__name__}); check the id and your connection, or use "
+                        "data.source=files with local files") from None
+    out = {}
+    for split in dataset:
+        out[split] = [_check_row(row, f"{cfg.hub_dataset}[{split}][{i}]") for i, row in enumerate(dataset[split])]
+    return out
+
+
+# ---------------------------------------------------------------------------- trees
+
+@dataclass
+class ForestResult:
+    conversations: list[dict]
+    drops: Counter
+
+
+def _child_order(message: dict) -> tuple:
+    rank = message["rank"]
+    return (rank is None, rank if rank is not None else 0, str(message.get("created_date") or ""), message["message_id"])
+
+
+def _check_no_cycles(by_id: dict[str, dict]) -> None:
+    state: dict[str, int] = {}
+    for start in by_id:
+        path = []
+        node = start
+        while node in by_id and state.get(node) is None:
+            state[node] = 1
+            path.append(node)
+            node = by_id[node]["parent_id"]
+        if node in by_id and state.get(node) == 1:
+            raise DataError(f"message {node} is its own ancestor (a parent_id cycle); "
+                            "fix the parent_id values in the data")
+        for visited in path:
+            state[visited] = 2
+
+
+def build_conversations(rows: Iterable[dict], languages: tuple[str, ...],
+                        system_prompt: str | None = None) -> ForestResult:
+    """Turn oasst1 message rows into best-path conversations, counting everything dropped."""
+    drops: Counter = Counter()
+    by_id: dict[str, dict] = {}
+    for row in rows:
+        if row["message_id"] in by_id:
+            drops["duplicate_message_ids"] += 1
+            continue
+        by_id[row["message_id"]] = row
+    _check_no_cycles(by_id)
+
+    children: dict[str, list[dict]] = defaultdict(list)
+    roots = []
+    for row in by_id.values():
+        parent = row["parent_id"]
+        if parent is None:
+            roots.append(row)
+        elif parent in by_id:
+            children[parent].append(row)
+        else:
+            drops["orphan_messages"] += 1
+
+    def removed(message: dict) -> bool:
+        if message["deleted"]:
+            drops["deleted_messages"] += 1
+            return True
+        if message["review_result"] is False:
+            drops["rejected_messages"] += 1
+            return True
+        return False
+
+    wanted = set(languages)
+    conversations = []
+    seen: set[str] = set()
+    for root in sorted(roots, key=lambda r: (str(r.get("created_date") or ""), r["message_id"])):
+        if root["lang"] not in wanted:
+            drops["other_language_trees"] += 1
+            continue
+        if removed(root):
+            drops["removed_root_trees"] += 1
+            continue
+        if root["role"] != "prompter":
+            drops["trees_not_starting_with_prompt"] += 1
+            continue
+        path = [root]
+        node = root
+        while True:
+            candidates = [c for c in children.get(node["message_id"], []) if not removed(c)]
+            candidates = [c for c in candidates if c["role"] != node["role"]]  # roles must alternate
+            if not candidates:
+                break
+            node = min(candidates, key=_child_order)
+            path.append(node)
+        if path[-1]["role"] == "prompter":
+            path.pop()
+            drops["trailing_user_turns"] += 1
+        if len(path) < 2:
+            drops["trees_without_reply"] += 1
+            continue
+        messages = [{"role": ROLE_MAP[m["role"]], "content": m["text"]} for m in path]
+        if system_prompt:
+            messages.insert(0, {"role": "system", "content": system_prompt})
+        key = json.dumps(messages, ensure_ascii=False)
+        if key in seen:
+            drops["duplicate_conversations"] += 1
+            continue
+        seen.add(key)
+        conversations.append({"messages": messages, "tree_id": root["message_tree_id"]})
+    return ForestResult(conversations, drops)
+
+
+def tree_split(tree_id: str, seed: int, val_fraction: float, test_fraction: float) -> str:
+    """Deterministic split of one tree, independent of row order."""
+    digest = hashlib.sha256(f"{seed}:{tree_id}".encode()).digest()
+    u = int.from_bytes(digest[:8], "big") / 2**64
+    if u < test_fraction:
+        return "test"
+    if u < test_fraction + val_fraction:
+        return "val"
+    return "train"
+
+
+def split_conversations(source_splits: dict[str, list[dict]], cfg: DataConfig) -> dict[str, list[dict]]:
+    """Train/val/test by tree. A source validation split (the hub's) is halved into val and test."""
+    out: dict[str, list[dict]] = {name: [] for name in SPLITS}
+    if "validation" in source_splits:
+        out["train"] = list(source_splits["train"])
+        for conv in source_splits["validation"]:
+            half = tree_split(conv["tree_id"], cfg.seed, 0.5, 0.5)
+            out["test" if half == "test" else "val"].append(conv)
+    else:
+        for conv in source_splits["train"]:
+            out[tree_split(conv["tree_id"], cfg.seed, cfg.val_fraction, cfg.test_fraction)].append(conv)
+    if cfg.max_conversations is not None:
+        out = {name: convs[: cfg.max_conversations] for name, convs in out.items()}
+    return out
+
+
+def prepare(cfg: DataConfig, run_dir: Path) -> dict:
+    """Write RUN/data/{train,val,test}.jsonl and RUN/data/stats.json; return the stats."""
+    source = load_rows(cfg)
+    total_rows = sum(len(rows) for rows in source.values())
+    if total_rows == 0:
+        raise DataError("the data source holds no messages; check data.source / --data-files")
+    drops: Counter = Counter()
+    per_source: dict[str, list[dict]] = {}
+    for name, rows in source.items():
+        result = build_conversations(rows, cfg.languages, cfg.system_prompt)
+        drops.update(result.drops)
+        per_source[name] = result.conversations
+    if not any(per_source.values()):
+        reason = max(drops, key=drops.get) if drops else "no trees"
+        langs = sorted({r["lang"] for rows in source.values() for r in rows if r["parent_id"] is None and r["lang"]})
+        hint = (f"; the data's root languages are {', '.join(langs)}, data.languages is {list(cfg.languages)}"
+                if reason == "other_language_trees" else "")
+        raise DataError(f"no conversation is left after filtering: the {reason.replace('_', ' ')} filter "
+                        f"removed the most ({drops[reason]}){hint}")
+    splits = split_conversations(per_source, cfg)
+    if not splits["train"]:
+        raise DataError("the train split is empty; lower data.val_fraction/test_fraction or add data")
+    stats = {
+        "source": cfg.source,
+        "rows": total_rows,
+        "conversations": {name: len(convs) for name, convs in splits.items()},
+        "turns": {name: sum(len(c["messages"]) for c in convs) for name, convs in splits.items()},
+        "dropped": dict(sorted(drops.items())),
+    }
+    with atomic_dir(Path(run_dir) / "data") as tmp:
+        for name, convs in splits.items():
+            with open(tmp / f"{name}.jsonl", "w", encoding="utf-8") as f:
+                for conv in convs:
+                    f.write(json.dumps(conv, ensure_ascii=False) + "\n")
+        write_json_atomic(tmp / "stats.json", stats)
+    return stats
+
+
+def read_split(run_dir: Path, split: str) -> list[dict]:
+    path = Path(run_dir) / "data" / f"{split}.jsonl"
+    if not path.is_file():
+        raise DataError(f"{path} is missing; run `qlora-pipeline prepare --run-dir {run_dir}` first")
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+# ---------------------------------------------------------------------------- tokenizing
+
+def _fit_turns(encoder, messages: list[dict], max_len: int) -> tuple[list[int], list[int]] | None:
+    """Longest prefix of whole user/assistant pairs (system turn kept) that fits ``max_len``."""
+    head = 1 if messages and messages[0]["role"] == "system" else 0
+    pairs = (len(messages) - head) // 2
+    for keep in range(pairs, 0, -1):
+        ids, labels = encoder.encode_with_labels(messages[: head + 2 * keep])
+        if len(ids) <= max_len:
+            return ids, labels
+    return None
+
+
+def tokenize_conversations(encoder, conversations: list[dict], max_len: int,
+                           overlong: str = "truncate") -> tuple[list[dict], Counter]:
+    """Conversations -> {"input_ids", "labels"} examples; overlong ones cut at a turn or dropped."""
+    examples, counts = [], Counter()
+    for conv in conversations:
+        ids, labels = encoder.encode_with_labels(conv["messages"])
+        if len(ids) > max_len:
+            fitted = _fit_turns(encoder, conv["messages"], max_len) if overlong == "truncate" else None
+            if fitted is None:
+                counts["dropped_too_long"] += 1
+                continue
+            counts["truncated_at_turn"] += 1
+            ids, labels = fitted
+        counts["kept"] += 1
+        examples.append({"input_ids": ids, "labels": labels})
+    return examples, counts

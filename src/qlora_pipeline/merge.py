@@ -1,0 +1,126 @@
+"""The ``merge`` stage: fold the LoRA adapter into a full-precision copy of the base.
+
+    qlora-pipeline merge --run-dir runs/demo
+
+The adapter was trained against the 4-bit base, but it is merged into the 16/32-bit base:
+merging into NF4 layers would re-quantize W + (alpha/r)·B·A and throw away most of the update.
+After merging we check that the merged model computes what base + adapter computed
+(``RUN/merge_check.json``) and save a plain transformers model to ``RUN/merged/``, with the
+tokenizer files llama.cpp's converter needs (``tokenizer.model`` included).
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from qlora_pipeline.config import PipelineConfig
+from qlora_pipeline.errors import ModelError, StageOrderError
+from qlora_pipeline.paths import atomic_dir, write_json_atomic
+
+MERGED = "merged"
+
+
+def merge_dtype(cfg: PipelineConfig, base: str):
+    """The dtype to merge in: the configured one, else the base's own (fp32 for tiny, bf16 for Phi-3.5)."""
+    import torch
+    from transformers import AutoConfig
+
+    if cfg.merge.dtype != "auto":
+        return getattr(torch, cfg.merge.dtype)
+    config = AutoConfig.from_pretrained(base, revision=cfg.model.revision, trust_remote_code=False)
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    return dtype or torch.float32
+
+
+def copy_sentencepiece_model(base: str, dest: Path, revision: str | None = None) -> bool:
+    """Put the base's ``tokenizer.model`` beside the merged weights (llama.cpp's Phi-3 converter reads it)."""
+    local = Path(base) / "tokenizer.model"
+    if local.is_file():
+        shutil.copy2(local, dest / "tokenizer.model")
+        return True
+    try:
+        from transformers.utils import cached_file
+
+        found = cached_file(base, "tokenizer.model", revision=revision, _raise_exceptions_for_missing_entries=False)
+    except OSError:
+        found = None
+    if found:
+        shutil.copy2(found, dest / "tokenizer.model")
+        return True
+    return False
+
+
+def load_adapter(model, adapter_dir: Path):
+    """Base + adapter; a clear error when the adapter was made for another model."""
+    from peft import PeftModel
+
+    try:
+        return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False)
+    except RuntimeError as exc:  # size mismatch in load_state_dict
+        first = str(exc).splitlines()
+        detail = next((line.strip() for line in first if "size mismatch" in line), first[0] if first else "")
+        raise ModelError(f"the adapter in {adapter_dir} does not fit this base model ({detail[:200]}); "
+                         "merge with the base it was trained on (model.name_or_path)") from None
+
+
+def model_logits(model, examples: list[dict], device: str = "cpu") -> list:
+    """Logits (on the CPU, fp32) of ``model`` for each example's input ids."""
+    import torch
+
+    out = []
+    with torch.no_grad():
+        for ex in examples:
+            ids = torch.tensor([ex["input_ids"]], device=device)
+            out.append(model(input_ids=ids).logits.float().cpu())
+    return out
+
+
+def compare_logits(reference: list, candidate: list) -> dict:
+    """Max |logit difference| and argmax agreement of two lists of logits for the same ids."""
+    max_abs, agree, total = 0.0, 0, 0
+    for a, b in zip(reference, candidate):
+        max_abs = max(max_abs, float((a - b).abs().max()))
+        agree += int((a.argmax(-1) == b.argmax(-1)).sum())
+        total += a.shape[-2]
+    return {"max_abs_logit_diff": max_abs, "argmax_agreement": agree / max(1, total), "tokens": total}
+
+
+def merge(cfg: PipelineConfig, run_dir: Path, log=print) -> dict:
+    """Merge RUN/adapter into the full-precision base; write RUN/merged and RUN/merge_check.json."""
+    from qlora_pipeline.chat_format import ChatEncoder
+    from qlora_pipeline.data import read_split, tokenize_conversations
+    from qlora_pipeline.model import load_base_full_precision, load_tokenizer, resolve_base
+
+    run_dir = Path(run_dir)
+    adapter_dir = run_dir / "adapter"
+    if not (adapter_dir / "adapter_config.json").is_file():
+        raise StageOrderError(f"{adapter_dir} has no adapter; run `qlora-pipeline train --run-dir {run_dir}` first")
+    base = resolve_base(cfg, log_fn=log)
+    dtype = merge_dtype(cfg, base)
+    tokenizer = load_tokenizer(base, cfg.model.revision)
+    encoder = ChatEncoder.from_hf(tokenizer)
+    check_examples, _ = tokenize_conversations(
+        encoder, read_split(run_dir, "val")[: cfg.merge.check_samples], cfg.data.max_seq_len, cfg.data.overlong)
+
+    model = load_base_full_precision(base, cfg.model, dtype=dtype)
+    with_adapter = load_adapter(model, adapter_dir)
+    # Reference logits of base + adapter, taken before merge_and_unload folds the weights in place
+    # (keeping logits, not a second model, keeps memory at one model for Phi-3.5 too).
+    reference = model_logits(with_adapter, check_examples)
+    merged = with_adapter.merge_and_unload()
+    check = compare_logits(reference, model_logits(merged, check_examples))
+    del reference
+    check.update({"dtype": str(dtype).replace("torch.", ""), "samples": len(check_examples)})
+    log(f"merge check: max |logit diff| {check.get('max_abs_logit_diff', float('nan')):.2e}, "
+        f"argmax agreement {100 * check.get('argmax_agreement', 0):.2f}% on {check.get('tokens', 0)} tokens")
+
+    with atomic_dir(run_dir / MERGED) as tmp:
+        merged.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        if not copy_sentencepiece_model(base, tmp, cfg.model.revision):
+            raise ModelError(f"the base {base!r} has no tokenizer.model; llama.cpp's Phi-3 converter needs it")
+    write_json_atomic(run_dir / "merge_check.json", check)
+    return check

@@ -1,0 +1,209 @@
+"""Loading the base model (4-bit NF4 or full precision), its tokenizer, and attaching LoRA.
+
+    from qlora_pipeline.model import load_base_for_training, attach_lora
+    model = load_base_for_training(cfg.model, base_path)
+    model, report = attach_lora(model, cfg.lora, cfg.model)
+
+Hub models are loaded with ``trust_remote_code=False`` always: Phi-3 is native in transformers.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+from qlora_pipeline.config import LoraConfig, ModelConfig, PipelineConfig
+from qlora_pipeline.errors import ModelError
+
+log = logging.getLogger("qlora_pipeline")
+_LAYER_RE = re.compile(r"\.layers\.(\d+)\.")
+
+
+@dataclass(frozen=True)
+class Device:
+    """Where the model runs and in which dtype it computes."""
+
+    name: str  # "cuda", "mps" or "cpu"
+    compute_dtype: "object"  # a torch.dtype
+    mixed_precision: str  # accelerate's: "bf16", "fp16" or "no"
+
+
+_logged_device: set[tuple] = set()
+
+
+def pick_device(compute_dtype: str = "auto", mixed_precision: str = "auto") -> Device:
+    """CUDA, then MPS, then CPU; bf16 where the GPU has it, else fp16; fp32 on the CPU."""
+    import torch
+
+    if torch.cuda.is_available():
+        name = "cuda"
+        auto = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    elif getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        name, auto = "mps", torch.float16
+    else:
+        # CPU matmuls in fp16/bf16 are slower than fp32 on most CPUs and lose precision.
+        name, auto = "cpu", torch.float32
+    dtype = auto if compute_dtype == "auto" else getattr(torch, compute_dtype)
+    if mixed_precision == "auto":
+        mixed = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "no") if name == "cuda" else "no"
+    else:
+        mixed = mixed_precision
+    device = Device(name, dtype, mixed)
+    key = (name, str(dtype), mixed)
+    if key not in _logged_device:
+        _logged_device.add(key)
+        extra = f" ({torch.cuda.get_device_name(0)})" if name == "cuda" else ""
+        log.info("device: %s%s, compute dtype %s, mixed precision %s", name, extra, str(dtype).replace("torch.", ""), mixed)
+    return device
+
+
+def resolve_base(cfg: PipelineConfig, log_fn=print) -> str:
+    """The local folder or Hub id of the base model; builds the tiny one when asked for."""
+    if cfg.model.name_or_path == "tiny":
+        from qlora_pipeline.tiny import ensure_tiny_base
+
+        return str(ensure_tiny_base(cfg.tiny, log=log_fn))
+    path = Path(cfg.model.name_or_path).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise ModelError(f"{path} has no config.json; point model.name_or_path at a saved model folder")
+        return str(path)
+    return cfg.model.name_or_path
+
+
+def load_tokenizer(base: str, revision: str | None = None):
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(base, revision=revision, trust_remote_code=False)
+    except OSError as exc:
+        raise ModelError(f"could not load a tokenizer from {base!r} ({str(exc).splitlines()[0][:160]}); "
+                         "check model.name_or_path, or log in with HF_TOKEN for gated models") from None
+    if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
+        # Phi-3.5 ships pad == eos; padding is masked out of the loss, and masking EOS-as-pad
+        # teaches a model never to stop. <unk> is never produced, so it is a safe pad.
+        tokenizer.pad_token = tokenizer.unk_token
+    return tokenizer
+
+
+def _from_pretrained(base: str, revision: str | None, **kwargs):
+    from transformers import AutoModelForCausalLM
+
+    try:
+        return AutoModelForCausalLM.from_pretrained(base, revision=revision, trust_remote_code=False,
+                                                    use_safetensors=True, **kwargs)
+    except OSError as exc:
+        raise ModelError(f"could not load model weights from {base!r} ({str(exc).splitlines()[0][:160]}); "
+                         "the pipeline loads only safetensors; check model.name_or_path") from None
+
+
+def load_base_for_training(mcfg: ModelConfig, base: str, device: Device):
+    """The base, frozen, ready for adapters: NF4 4-bit (QLoRA) or full precision (LoRA)."""
+    import torch
+
+    if mcfg.quantize == "nf4":
+        from peft import prepare_model_for_kbit_training
+        from transformers import BitsAndBytesConfig
+
+        quant = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=mcfg.double_quant,
+            bnb_4bit_compute_dtype=device.compute_dtype,
+            bnb_4bit_quant_storage=torch.uint8,
+        )
+        model = _from_pretrained(base, mcfg.revision, quantization_config=quant, device_map={"": device.name},
+                                 dtype=device.compute_dtype, attn_implementation=mcfg.attn_implementation)
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=mcfg.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model = _from_pretrained(base, mcfg.revision, dtype=device.compute_dtype,
+                                 attn_implementation=mcfg.attn_implementation).to(device.name)
+        for param in model.parameters():
+            param.requires_grad_(False)
+        if mcfg.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.enable_input_require_grads()
+    model.config.use_cache = False  # the cache is useless in training and breaks packed sequences
+    return model
+
+
+def load_base_full_precision(base: str, mcfg: ModelConfig, dtype=None):
+    """The base at 16/32 bits, for merging and evaluation (never merge into 4-bit layers)."""
+    model = _from_pretrained(base, mcfg.revision, dtype=dtype or "auto",
+                             attn_implementation=mcfg.attn_implementation)
+    model.eval()
+    return model
+
+
+def check_lora_targets(model, target_modules: tuple[str, ...]) -> dict[str, int]:
+    """Count, per target, the layers in which it names a module; fail unless every layer has each."""
+    import torch
+
+    layers: set[int] = set()
+    found: dict[str, set[int]] = defaultdict(set)
+    linear_names: Counter = Counter()
+    for name, module in model.named_modules():
+        match = _LAYER_RE.search(f".{name}.")
+        if not match:
+            continue
+        layer = int(match.group(1))
+        layers.add(layer)
+        leaf = name.rsplit(".", 1)[-1]
+        if isinstance(module, torch.nn.Linear) or module.__class__.__name__ in ("Linear4bit", "Linear8bitLt"):
+            linear_names[leaf] += 1
+        if leaf in target_modules:
+            found[leaf].add(layer)
+    problems = []
+    for target in target_modules:
+        missing = sorted(layers - found.get(target, set()))
+        if missing:
+            where = "any layer" if len(missing) == len(layers) else f"layers {missing[:5]}{'...' if len(missing) > 5 else ''}"
+            problems.append(f"{target!r} matches no module in {where}")
+    if problems:
+        raise ModelError(f"LoRA target modules do not fit this model: {'; '.join(problems)}; "
+                         f"its linear layers are {', '.join(sorted(linear_names))} "
+                         "(set lora.target_modules to some of these)")
+    return {target: len(found[target]) for target in target_modules}
+
+
+def attach_lora(model, lcfg: LoraConfig, mcfg: ModelConfig, seed: int = 0):
+    """Wrap the frozen base in peft LoRA adapters; return (model, per-module report)."""
+    import torch
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    per_target_layers = check_lora_targets(model, lcfg.target_modules)
+    torch.manual_seed(seed)  # adapter A matrices start random: make them reproducible
+    peft_cfg = PeftLoraConfig(r=lcfg.r, lora_alpha=lcfg.alpha, lora_dropout=lcfg.dropout,
+                              target_modules=list(lcfg.target_modules), bias="none", task_type="CAUSAL_LM")
+    model = get_peft_model(model, peft_cfg)
+    trainable: Counter = Counter()
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            module = next((t for t in lcfg.target_modules if f".{t}." in name), "other")
+            trainable[module] += param.numel()
+    total = sum(p.numel() for p in model.parameters())
+    report = {
+        "targets": {t: {"layers": per_target_layers[t], "trainable_params": trainable.get(t, 0)}
+                    for t in lcfg.target_modules},
+        "trainable_params": sum(trainable.values()),
+        "total_params": total,
+    }
+    if trainable.get("other"):
+        report["other_trainable_params"] = trainable["other"]
+    return model, report
+
+
+def format_lora_report(report: dict) -> str:
+    lines = ["LoRA target check (every layer must match):",
+             f"  {'module':<14}{'layers':>8}{'trainable':>12}"]
+    for target, info in report["targets"].items():
+        lines.append(f"  {target:<14}{info['layers']:>8}{info['trainable_params']:>12,}")
+    share = 100 * report["trainable_params"] / max(1, report["total_params"])
+    lines.append(f"  trainable {report['trainable_params']:,} of {report['total_params']:,} parameters ({share:.2f}%)")
+    return "\n".join(lines)

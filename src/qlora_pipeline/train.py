@@ -1,0 +1,480 @@
+"""The ``train`` stage: QLoRA fine-tuning with a small accelerate loop.
+
+    qlora-pipeline train --run-dir runs/demo                      # one process
+    torchrun --nproc_per_node 2 -m qlora_pipeline.cli train --run-dir runs/demo   # data-parallel
+
+Setup (base in 4-bit, LoRA attached and checked), train (packed batches, gradient accumulation,
+warm-up + cosine, clipping, evaluation, early stopping, checkpoints), save (``RUN/adapter/``),
+clean up. Why a loop of our own instead of ``trl.SFTTrainer``: every piece is visible to a
+student, resume is exact (the batch plan is a pure function of the seed), and batches are
+packed without padding (transformers' packed-sequence masks keep conversations apart).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import random
+import shutil
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from qlora_pipeline.chat_format import IGNORE_INDEX, ChatEncoder
+from qlora_pipeline.config import PipelineConfig, TrainConfig
+from qlora_pipeline.data import read_split, tokenize_conversations
+from qlora_pipeline.errors import PipelineError
+from qlora_pipeline.paths import atomic_dir, write_json_atomic
+
+CHECKPOINTS = "checkpoints"
+ADAPTER = "adapter"
+
+
+# ---------------------------------------------------------------------------- batches
+
+def pack_examples(examples: list[dict], batch_tokens: int, order: list[int]) -> list[list[int]]:
+    """Greedy packing in the given order: each micro-batch is a list of example indices whose
+    lengths sum to at most ``batch_tokens`` (an example longer than that goes alone)."""
+    batches: list[list[int]] = []
+    current: list[int] = []
+    used = 0
+    for index in order:
+        length = len(examples[index]["input_ids"])
+        if current and used + length > batch_tokens:
+            batches.append(current)
+            current, used = [], 0
+        current.append(index)
+        used += length
+    if current:
+        batches.append(current)
+    return batches
+
+
+def batch_plan(examples: list[dict], tcfg: TrainConfig, epochs_needed: int) -> list[list[int]]:
+    """All micro-batches of ``epochs_needed`` epochs: a pure function of the seed (exact resume)."""
+    plan = []
+    for epoch in range(epochs_needed):
+        order = list(range(len(examples)))
+        random.Random(f"{tcfg.seed}:{epoch}").shuffle(order)
+        plan.extend(pack_examples(examples, tcfg.batch_tokens, order))
+    return plan
+
+
+def collate_packed(examples: list[dict], indices: list[int]):
+    """One row of concatenated examples with per-example position ids (no padding, no mask)."""
+    import torch
+
+    ids, labels, positions = [], [], []
+    for i in indices:
+        ex = examples[i]
+        ids += ex["input_ids"]
+        # The first token of each example is never a label, so no loss crosses a boundary.
+        labels += [IGNORE_INDEX] + ex["labels"][1:]
+        positions += list(range(len(ex["input_ids"])))
+    return (torch.tensor([ids]), torch.tensor([labels]), torch.tensor([positions]))
+
+
+def label_count(examples: list[dict], indices: list[int]) -> int:
+    return sum(sum(1 for x in examples[i]["labels"][1:] if x != IGNORE_INDEX) for i in indices)
+
+
+def token_losses(model, input_ids, labels, position_ids):
+    """Summed next-token cross-entropy over labelled tokens, and how many there were."""
+    import torch.nn.functional as F
+
+    logits = model(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits
+    shift_logits = logits[:, :-1, :].float()
+    shift_labels = labels[:, 1:]
+    loss_sum = F.cross_entropy(shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1),
+                               ignore_index=IGNORE_INDEX, reduction="sum")
+    return loss_sum, int((shift_labels != IGNORE_INDEX).sum())
+
+
+def evaluate_loss(model, examples: list[dict], batch_tokens: int, device: str,
+                  max_batches: int | None = None, desc: str | None = None) -> float:
+    """Mean loss per assistant token over ``examples`` (the training masking)."""
+    import torch
+    from tqdm.auto import tqdm
+
+    batches = pack_examples(examples, batch_tokens, list(range(len(examples))))
+    if max_batches is not None:
+        batches = batches[:max_batches]
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for indices in tqdm(batches, desc=desc, disable=desc is None, leave=False):
+            ids, labels, pos = (t.to(device) for t in collate_packed(examples, indices))
+            loss_sum, n = token_losses(model, ids, labels, pos)
+            total += float(loss_sum)
+            count += n
+    if was_training:
+        model.train()
+    if count == 0:
+        raise PipelineError("no assistant tokens to evaluate on; the split is empty or every answer was cut")
+    return total / count
+
+
+# ---------------------------------------------------------------------------- state
+
+@dataclass
+class LoopState:
+    """Everything besides weights and optimizer that a resumed run needs to continue exactly."""
+
+    step: int = 0
+    tokens_seen: int = 0
+    best_val_loss: float | None = None
+    best_step: int | None = None
+    evals_without_improvement: int = 0
+    stopped_early: bool = False
+    history: list[dict] = field(default_factory=list)
+
+
+def _lr_lambda(total_steps: int, warmup_steps: int):
+    def fn(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    return fn
+
+
+def _trainable_state(model) -> dict:
+    return {name: param.detach().cpu().clone() for name, param in model.named_parameters() if param.requires_grad}
+
+
+def save_checkpoint(run_dir: Path, model, optimizer, scheduler, state: LoopState, best_weights: dict | None,
+                    keep: int) -> Path:
+    """Write the full training state to checkpoints/step-N atomically; keep the newest ``keep``."""
+    import hashlib
+
+    import numpy as np
+    import torch
+    from safetensors.torch import save_file
+
+    final = Path(run_dir) / CHECKPOINTS / f"step-{state.step:06d}"
+    with atomic_dir(final) as tmp:
+        save_file(_trainable_state(model), str(tmp / "trainable.safetensors"))
+        if best_weights is not None:
+            save_file(best_weights, str(tmp / "best.safetensors"))
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    "torch_rng": torch.get_rng_state(),
+                    "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+                   tmp / "optimizer.pt")
+        py_state = random.getstate()
+        np_state = np.random.get_state()
+        write_json_atomic(tmp / "loop_state.json", {
+            **state.__dict__,
+            "python_rng": [py_state[0], list(py_state[1]), py_state[2]],
+            "numpy_rng": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+        })
+        manifest = {}
+        for file in sorted(tmp.iterdir()):
+            data = file.read_bytes()
+            manifest[file.name] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+        write_json_atomic(tmp / "manifest.json", manifest)
+    checkpoints = sorted((Path(run_dir) / CHECKPOINTS).glob("step-*"))
+    for old in checkpoints[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def checkpoint_is_complete(path: Path) -> bool:
+    import hashlib
+
+    manifest_file = path / "manifest.json"
+    if not manifest_file.is_file():
+        return False
+    try:
+        manifest = json.loads(manifest_file.read_text())
+    except json.JSONDecodeError:
+        return False
+    for name, meta in manifest.items():
+        file = path / name
+        if not file.is_file() or file.stat().st_size != meta["bytes"]:
+            return False
+        if hashlib.sha256(file.read_bytes()).hexdigest() != meta["sha256"]:
+            return False
+    return True
+
+
+def latest_checkpoint(run_dir: Path, warn=print) -> Path | None:
+    for path in sorted((Path(run_dir) / CHECKPOINTS).glob("step-*"), reverse=True):
+        if checkpoint_is_complete(path):
+            return path
+        warn(f"warning: skipping incomplete or corrupt checkpoint {path}")
+    return None
+
+
+def load_checkpoint(path: Path, model, optimizer, scheduler) -> tuple[LoopState, dict | None]:
+    import numpy as np
+    import torch
+    from safetensors.torch import load_file
+
+    weights = load_file(str(path / "trainable.safetensors"))
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, tensor in weights.items():
+            params[name].copy_(tensor)
+    blob = torch.load(path / "optimizer.pt", weights_only=True)
+    optimizer.load_state_dict(blob["optimizer"])
+    scheduler.load_state_dict(blob["scheduler"])
+    torch.set_rng_state(blob["torch_rng"])
+    if blob["cuda_rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(blob["cuda_rng"])
+    raw = json.loads((path / "loop_state.json").read_text())
+    py_rng = raw.pop("python_rng")
+    random.setstate((py_rng[0], tuple(py_rng[1]), py_rng[2]))
+    np_rng = raw.pop("numpy_rng")
+    np.random.set_state((np_rng[0], np.array(np_rng[1], dtype=np.uint32), *np_rng[2:]))
+    best = load_file(str(path / "best.safetensors")) if (path / "best.safetensors").is_file() else None
+    return LoopState(**raw), best
+
+
+# ---------------------------------------------------------------------------- the loop
+
+class _StopRequest:
+    """Turns SIGINT/SIGTERM into a flag the loop checks between steps (then it checkpoints)."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread (e.g. inside a notebook worker)
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:  # second Ctrl-C: stop now
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def plot_loss(log_path: Path, out_png: Path) -> None:
+    """Training and validation loss against steps, from train_log.jsonl."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
+    train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
+    val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if train:
+        ax.plot(*zip(*train), label="train loss (assistant tokens)", alpha=0.8)
+    if val:
+        ax.plot(*zip(*val), "o-", label="validation loss")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.set_title("QLoRA fine-tuning")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = out_png.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(out_png)
+
+
+def train(cfg: PipelineConfig, run_dir: Path, resume: bool = False, stop_after_steps: int | None = None,
+          log=print) -> dict:
+    """Fine-tune LoRA adapters on RUN/data/train.jsonl; write RUN/adapter/ and return a summary.
+
+    ``stop_after_steps`` interrupts the run after that many optimizer steps, with a checkpoint,
+    as a preemption would (used by the resume test).
+    """
+    import torch
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from tqdm.auto import tqdm
+
+    from qlora_pipeline.model import (attach_lora, format_lora_report, load_base_for_training,
+                                      load_tokenizer, pick_device, resolve_base)
+
+    run_dir = Path(run_dir)
+    tcfg = cfg.train
+    device = pick_device(cfg.model.compute_dtype, tcfg.mixed_precision)
+    accelerator = Accelerator(mixed_precision=device.mixed_precision, cpu=device.name == "cpu")
+    is_main = accelerator.is_main_process
+    say = log if is_main else (lambda *a, **k: None)
+    set_seed(tcfg.seed)
+
+    # -- setup
+    base = resolve_base(cfg, log_fn=say)
+    tokenizer = load_tokenizer(base, cfg.model.revision)
+    encoder = ChatEncoder.from_hf(tokenizer)
+    train_examples, train_counts = tokenize_conversations(
+        encoder, read_split(run_dir, "train"), cfg.data.max_seq_len, cfg.data.overlong)
+    val_examples, _ = tokenize_conversations(encoder, read_split(run_dir, "val"), cfg.data.max_seq_len,
+                                             cfg.data.overlong)
+    if not train_examples:
+        raise PipelineError(f"every training conversation is longer than data.max_seq_len={cfg.data.max_seq_len}; "
+                            "raise it or use data.overlong=truncate")
+    model = load_base_for_training(cfg.model, base, device)
+    model, lora_report = attach_lora(model, cfg.lora, cfg.model, seed=tcfg.seed)
+    say(format_lora_report(lora_report))
+
+    per_epoch = len(pack_examples(train_examples, tcfg.batch_tokens, list(range(len(train_examples)))))
+    world = accelerator.num_processes
+    micro_per_step = tcfg.gradient_accumulation_steps * world
+    if tcfg.max_steps is not None:
+        total_steps = tcfg.max_steps
+    else:
+        total_steps = max(1, math.ceil(tcfg.epochs * per_epoch / micro_per_step))
+    epochs_needed = math.ceil(total_steps * micro_per_step / per_epoch) + 1
+    plan = batch_plan(train_examples, tcfg, epochs_needed)
+    warmup = max(1, int(tcfg.warmup_ratio * total_steps))
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer_name = tcfg.optimizer
+    if optimizer_name == "auto":
+        optimizer_name = "paged_adamw_8bit" if device.name == "cuda" else "adamw"
+    if optimizer_name == "paged_adamw_8bit":
+        import bitsandbytes as bnb
+
+        optimizer = bnb.optim.PagedAdamW8bit(params, lr=tcfg.learning_rate, weight_decay=tcfg.weight_decay)
+    else:
+        optimizer = torch.optim.AdamW(params, lr=tcfg.learning_rate, weight_decay=tcfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(total_steps, warmup))
+    model, optimizer = accelerator.prepare(model, optimizer)
+    unwrapped = accelerator.unwrap_model(model)
+
+    state, best_weights = LoopState(), None
+    log_path = run_dir / "train_log.jsonl"
+    if resume:
+        checkpoint = latest_checkpoint(run_dir, warn=say)
+        if checkpoint is None:
+            raise PipelineError(f"--resume: no complete checkpoint in {run_dir / CHECKPOINTS}; "
+                                "run without --resume to start over")
+        state, best_weights = load_checkpoint(checkpoint, unwrapped, optimizer, scheduler)
+        say(f"resuming from {checkpoint.name} (step {state.step} of {total_steps})")
+    else:
+        shutil.rmtree(run_dir / CHECKPOINTS, ignore_errors=True)
+    if is_main:  # the log holds exactly the steps done so far
+        log_path.write_text("".join(json.dumps(r) + "\n" for r in state.history))
+
+    def record(row: dict) -> None:
+        state.history.append(row)
+        if is_main:
+            with open(log_path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+    def run_eval() -> float:
+        val_loss = evaluate_loss(unwrapped, val_examples, tcfg.batch_tokens, accelerator.device,
+                                 tcfg.eval_max_batches)
+        improved = state.best_val_loss is None or val_loss < state.best_val_loss - 1e-6
+        if improved:
+            state.best_val_loss, state.best_step = val_loss, state.step
+            state.evals_without_improvement = 0
+        else:
+            state.evals_without_improvement += 1
+        record({"step": state.step, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50))})
+        return val_loss
+
+    nonlocal_best = {"weights": best_weights}
+    keep_best = tcfg.early_stopping_patience is not None
+
+    if state.step == 0 and not resume:
+        base_val = run_eval()  # LoRA's B starts at zero: this is the base model's loss
+        if keep_best:
+            nonlocal_best["weights"] = _trainable_state(unwrapped)
+        say(f"validation loss before training: {base_val:.4f} (perplexity {math.exp(base_val):.2f})")
+
+    # -- train
+    model.train()
+    rank = accelerator.process_index
+    started = time.time()
+    tokens_at_start = state.tokens_seen
+    bar = tqdm(total=total_steps, initial=state.step, desc="fine-tuning", unit="step", disable=not is_main)
+    with _StopRequest() as stop:
+        while state.step < total_steps and not state.stopped_early:
+            first = state.step * micro_per_step
+            group = plan[first: first + micro_per_step]
+            mine = group[rank::world]
+            group_labels = sum(label_count(train_examples, idx) for idx in mine)
+            step_loss = 0.0
+            for j, indices in enumerate(mine):
+                ids, labels, pos = (t.to(accelerator.device) for t in collate_packed(train_examples, indices))
+                sync = contextlib.nullcontext() if j == len(mine) - 1 else accelerator.no_sync(model)
+                with sync, accelerator.autocast():
+                    loss_sum, _ = token_losses(model, ids, labels, pos)
+                    loss = loss_sum / max(1, group_labels)
+                    accelerator.backward(loss)
+                step_loss += float(loss)
+                state.tokens_seen += ids.numel() * world
+            if tcfg.max_grad_norm > 0:
+                accelerator.clip_grad_norm_(params, tcfg.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            state.step += 1
+            bar.update(1)
+            elapsed = time.time() - started
+            tokens_per_s = (state.tokens_seen - tokens_at_start) / max(elapsed, 1e-9)
+            bar.set_postfix(loss=f"{step_loss:.3f}", tok_s=f"{tokens_per_s:.0f}")
+            if state.step % tcfg.log_every == 0 or state.step == total_steps:
+                record({"step": state.step, "loss": step_loss, "lr": scheduler.get_last_lr()[0],
+                        "tokens": state.tokens_seen, "tokens_per_s": round(tokens_per_s, 1)})
+            if state.step % tcfg.eval_every == 0 or state.step == total_steps:
+                val_loss = run_eval()
+                bar.write(f"step {state.step}: validation loss {val_loss:.4f}")
+                if keep_best and state.best_step == state.step:
+                    nonlocal_best["weights"] = _trainable_state(unwrapped)
+                if keep_best and state.evals_without_improvement >= tcfg.early_stopping_patience:
+                    state.stopped_early = True
+                    bar.write(f"early stopping: no improvement in {tcfg.early_stopping_patience} evaluations")
+            interrupted = stop.requested or (stop_after_steps is not None and state.step >= stop_after_steps)
+            if is_main and (state.step % tcfg.checkpoint_every == 0 or interrupted):
+                save_checkpoint(run_dir, unwrapped, optimizer, scheduler, state, nonlocal_best["weights"],
+                                tcfg.keep_checkpoints)
+            accelerator.wait_for_everyone()
+            if interrupted and state.step < total_steps:
+                bar.close()
+                say(f"stopped at step {state.step}; resume with: qlora-pipeline train --run-dir {run_dir} --resume")
+                return {"interrupted": True, "step": state.step}
+    bar.close()
+
+    # -- save
+    if keep_best and nonlocal_best["weights"] is not None:
+        params_by_name = dict(unwrapped.named_parameters())
+        with torch.no_grad():
+            for name, tensor in nonlocal_best["weights"].items():
+                params_by_name[name].copy_(tensor)
+    train_seconds = time.time() - started
+    summary = {
+        "steps": state.step,
+        "total_steps": total_steps,
+        "stopped_early": state.stopped_early,
+        "best_step": state.best_step,
+        "best_val_loss": state.best_val_loss,
+        "base_val_loss_nf4": next((r["val_loss"] for r in state.history if r.get("step") == 0 and "val_loss" in r), None),
+        "final_val_loss": next((r["val_loss"] for r in reversed(state.history) if "val_loss" in r), None),
+        "tokens_seen": state.tokens_seen,
+        "train_seconds_this_process": round(train_seconds, 1),
+        "tokens_per_s": round((state.tokens_seen - tokens_at_start) / max(train_seconds, 1e-9), 1),
+        "examples": dict(train_counts),
+        "lora": lora_report,
+        "world_size": world,
+    }
+    if is_main:
+        with atomic_dir(run_dir / ADAPTER) as tmp:
+            unwrapped.save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+            write_json_atomic(tmp / "training_summary.json", summary)
+        plot_loss(log_path, run_dir / "loss.png")
+        say(f"adapter saved to {run_dir / ADAPTER} after {state.step} steps "
+            f"({summary['tokens_per_s']:.0f} tokens/s); validation loss "
+            f"{summary['base_val_loss_nf4']:.4f} -> {summary['best_val_loss']:.4f}")
+    accelerator.wait_for_everyone()
+    return summary

@@ -63,7 +63,7 @@ def resolve_config(args):
 
 
 def _setup_logging() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
     for noisy in ("httpx", "urllib3", "filelock", "transformers", "accelerate", "peft"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -72,6 +72,9 @@ def _setup_logging() -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _setup_logging()
+    from qlora_pipeline.runtime import tune_allocator
+
+    tune_allocator()
     try:
         return _dispatch(args)
     except PipelineError as exc:

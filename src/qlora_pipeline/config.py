@@ -14,6 +14,7 @@ import dataclasses
 import difflib
 import json
 import os
+import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
@@ -45,9 +46,9 @@ class TinyConfig:
     """Attention heads (head size = hidden_size / num_heads)."""
     max_position_embeddings: int = 4096
     """Context length written into the config (and later the GGUF)."""
-    pretrain_steps: int = 120
+    pretrain_steps: int = 300
     """Steps of plain language-model pre-training on the bundled prose; 0 keeps random weights."""
-    pretrain_seq_len: int = 128
+    pretrain_seq_len: int = 64
     """Tokens per pre-training sequence (the prose is packed)."""
     pretrain_batch_size: int = 8
     """Sequences per pre-training step."""
@@ -107,7 +108,7 @@ class DataConfig:
         _check(self.overlong in ("truncate", "drop"), "data.overlong", self.overlong, "use truncate or drop")
         _check(len(self.languages) > 0, "data.languages", self.languages, "list at least one language code")
         for lang in self.languages:
-            _check(isinstance(lang, str) and 2 <= len(lang) <= 8 and lang.replace("-", "").isalpha(),
+            _check(isinstance(lang, str) and re.fullmatch(r"[a-z]{2,3}(-[A-Z]{2})?", lang) is not None,
                    "data.languages", lang, "use oasst1 language codes such as en, de, es, pt-BR")
 
 

@@ -154,4 +154,7 @@ def ensure_tiny_base(cfg: TinyConfig, log=print) -> Path:
 
 
 if __name__ == "__main__":
+    from qlora_pipeline.runtime import tune_allocator
+
+    tune_allocator()
     print(ensure_tiny_base(TinyConfig()))

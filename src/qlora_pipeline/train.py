@@ -288,11 +288,12 @@ def plot_loss(log_path: Path, out_png: Path) -> None:
 
 
 def train(cfg: PipelineConfig, run_dir: Path, resume: bool = False, stop_after_steps: int | None = None,
-          log=print) -> dict:
+          log=print, rank_state_dir: Path | None = None) -> dict:
     """Fine-tune LoRA adapters on RUN/data/train.jsonl; write RUN/adapter/ and return a summary.
 
     ``stop_after_steps`` interrupts the run after that many optimizer steps, with a checkpoint,
-    as a preemption would (used by the resume test).
+    as a preemption would (used by the resume test). ``rank_state_dir`` makes every process
+    write its final LoRA weights there (the data-parallel test compares them).
     """
     import torch
     from accelerate import Accelerator
@@ -310,14 +311,16 @@ def train(cfg: PipelineConfig, run_dir: Path, resume: bool = False, stop_after_s
     say = log if is_main else (lambda *a, **k: None)
     set_seed(tcfg.seed)
 
-    # -- setup
+    # -- setup (cheap checks first: a missing split should not wait for a model to load)
+    train_convs, val_convs = read_split(run_dir, "train"), read_split(run_dir, "val")
+    if resume and latest_checkpoint(run_dir, warn=say) is None:
+        raise PipelineError(f"--resume: no complete checkpoint in {run_dir / CHECKPOINTS}; "
+                            "run without --resume to start over")
     base = resolve_base(cfg, log_fn=say)
     tokenizer = load_tokenizer(base, cfg.model.revision)
     encoder = ChatEncoder.from_hf(tokenizer)
-    train_examples, train_counts = tokenize_conversations(
-        encoder, read_split(run_dir, "train"), cfg.data.max_seq_len, cfg.data.overlong)
-    val_examples, _ = tokenize_conversations(encoder, read_split(run_dir, "val"), cfg.data.max_seq_len,
-                                             cfg.data.overlong)
+    train_examples, train_counts = tokenize_conversations(encoder, train_convs, cfg.data.max_seq_len, cfg.data.overlong)
+    val_examples, _ = tokenize_conversations(encoder, val_convs, cfg.data.max_seq_len, cfg.data.overlong)
     if not train_examples:
         raise PipelineError(f"every training conversation is longer than data.max_seq_len={cfg.data.max_seq_len}; "
                             "raise it or use data.overlong=truncate")
@@ -353,10 +356,7 @@ def train(cfg: PipelineConfig, run_dir: Path, resume: bool = False, stop_after_s
     state, best_weights = LoopState(), None
     log_path = run_dir / "train_log.jsonl"
     if resume:
-        checkpoint = latest_checkpoint(run_dir, warn=say)
-        if checkpoint is None:
-            raise PipelineError(f"--resume: no complete checkpoint in {run_dir / CHECKPOINTS}; "
-                                "run without --resume to start over")
+        checkpoint = latest_checkpoint(run_dir, warn=lambda *a: None)
         state, best_weights = load_checkpoint(checkpoint, unwrapped, optimizer, scheduler)
         say(f"resuming from {checkpoint.name} (step {state.step} of {total_steps})")
     else:
@@ -411,7 +411,7 @@ def train(cfg: PipelineConfig, run_dir: Path, resume: bool = False, stop_after_s
                     loss_sum, _ = token_losses(model, ids, labels, pos)
                     loss = loss_sum / max(1, group_labels)
                     accelerator.backward(loss)
-                step_loss += float(loss)
+                step_loss += float(loss.detach())
                 state.tokens_seen += ids.numel() * world
             if tcfg.max_grad_norm > 0:
                 accelerator.clip_grad_norm_(params, tcfg.max_grad_norm)
@@ -451,6 +451,11 @@ def train(cfg: PipelineConfig, run_dir: Path, resume: bool = False, stop_after_s
         with torch.no_grad():
             for name, tensor in nonlocal_best["weights"].items():
                 params_by_name[name].copy_(tensor)
+    if rank_state_dir is not None:
+        from safetensors.torch import save_file
+
+        Path(rank_state_dir).mkdir(parents=True, exist_ok=True)
+        save_file(_trainable_state(unwrapped), str(Path(rank_state_dir) / f"rank-{rank}.safetensors"))
     train_seconds = time.time() - started
     summary = {
         "steps": state.step,

@@ -1,0 +1,116 @@
+"""Training: LoRA target checks, the loop's outputs, exact resume, data-parallel agreement."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import REPO, copy_run, make_config
+from qlora_pipeline.errors import ModelError, PipelineError
+from qlora_pipeline.pipeline import save_run_config
+from qlora_pipeline.train import pack_examples, train
+
+
+def _adapter_tensors(run_dir: Path) -> dict:
+    return load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
+
+
+def test_wrong_lora_targets_fail_with_the_real_module_names(test_config, tiny_base):
+    from qlora_pipeline.model import attach_lora, load_base_for_training, pick_device
+
+    # The original course's list: Phi-3 fuses q/k/v and gate/up, so these never match.
+    cfg = make_config("lora.target_modules=[q_proj,k_proj,v_proj,gate_proj,up_proj]")
+    model = load_base_for_training(cfg.model, str(tiny_base), pick_device())
+    with pytest.raises(ModelError) as info:
+        attach_lora(model, cfg.lora, cfg.model)
+    message = str(info.value)
+    assert "'q_proj' matches no module in any layer" in message
+    assert "qkv_proj" in message and "gate_up_proj" in message
+
+
+def test_default_targets_match_every_layer(test_config, tiny_base):
+    from qlora_pipeline.model import attach_lora, load_base_for_training, pick_device
+
+    model = load_base_for_training(test_config.model, str(tiny_base), pick_device())
+    assert type(model.model.layers[0].self_attn.qkv_proj).__name__ == "Linear4bit"  # QLoRA: NF4 base
+    model, report = attach_lora(model, test_config.lora, test_config.model)
+    layers = test_config.tiny.num_layers
+    assert {t: v["layers"] for t, v in report["targets"].items()} == {
+        "qkv_proj": layers, "o_proj": layers, "gate_up_proj": layers, "down_proj": layers}
+    r = test_config.lora.r
+    h, f = test_config.tiny.hidden_size, test_config.tiny.intermediate_size
+    assert report["targets"]["o_proj"]["trainable_params"] == layers * r * (h + h)
+    assert report["targets"]["gate_up_proj"]["trainable_params"] == layers * r * (h + 2 * f)
+
+
+def test_packing_respects_the_token_budget():
+    examples = [{"input_ids": [0] * n} for n in (100, 120, 50, 300, 10)]
+    batches = pack_examples(examples, 256, list(range(5)))
+    assert batches == [[0, 1], [2], [3], [4]]
+    assert sorted(i for b in batches for i in b) == list(range(5))
+
+
+def test_training_writes_a_peft_adapter_log_and_plot(trained_run, tiny_base):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    adapter = trained_run / "adapter"
+    assert (adapter / "adapter_model.safetensors").is_file()
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert sorted(config["target_modules"]) == sorted(["qkv_proj", "o_proj", "gate_up_proj", "down_proj"])
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(tiny_base)), str(adapter))
+    assert any("lora_B" in name for name, _ in model.named_parameters())
+    # LoRA B starts at zero; training must have moved it.
+    assert any(t.abs().max() > 0 for name, t in _adapter_tensors(trained_run).items() if "lora_B" in name)
+    log = [json.loads(line) for line in (trained_run / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log if "loss" in r] == list(range(1, 7))
+    assert [r["step"] for r in log if "val_loss" in r] == [0, 3, 6]
+    assert (trained_run / "loss.png").stat().st_size > 1000
+
+
+def test_resume_gives_the_same_adapter_as_an_uninterrupted_run(prepared_run, tmp_path, test_config):
+    cfg = make_config("lora.dropout=0.1")  # dropout makes the RNG state matter
+    straight = copy_run(prepared_run, tmp_path / "straight")
+    train(cfg, straight, log=lambda *a, **k: None)
+    interrupted = copy_run(prepared_run, tmp_path / "interrupted")
+    result = train(cfg, interrupted, stop_after_steps=3, log=lambda *a, **k: None)
+    assert result == {"interrupted": True, "step": 3}
+    assert not (interrupted / "adapter").exists()
+    train(cfg, interrupted, resume=True, log=lambda *a, **k: None)
+    a, b = _adapter_tensors(straight), _adapter_tensors(interrupted)
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-6, msg=name)
+    log_a = (straight / "train_log.jsonl").read_text().splitlines()
+    log_b = (interrupted / "train_log.jsonl").read_text().splitlines()
+    assert len(log_a) == len(log_b)
+
+
+def test_resume_without_a_checkpoint_is_a_clear_error(prepared_run, tmp_path, test_config):
+    run = copy_run(prepared_run, tmp_path / "run")
+    with pytest.raises(PipelineError, match="no complete checkpoint"):
+        train(test_config, run, resume=True, log=lambda *a, **k: None)
+
+
+def test_two_process_data_parallel_run_ends_with_identical_weights(prepared_run, tmp_path, test_config):
+    run = copy_run(prepared_run, tmp_path / "ddp")
+    save_run_config(make_config("train.max_steps=4"), run)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "tests")}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+           str(REPO / "tests" / "ddp_train.py"), str(run), str(tmp_path / "ranks")]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rank0 = load_file(str(tmp_path / "ranks" / "rank-0.safetensors"))
+    rank1 = load_file(str(tmp_path / "ranks" / "rank-1.safetensors"))
+    assert rank0.keys() == rank1.keys() and rank0
+    for name in rank0:
+        assert torch.equal(rank0[name], rank1[name]), name
+    summary = json.loads((run / "adapter" / "training_summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["steps"] == 4

@@ -67,6 +67,10 @@ def _setup_logging() -> None:
     for noisy in ("httpx", "urllib3", "filelock", "transformers", "accelerate", "peft"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # Deprecation notices from inside transformers/peft say nothing a user can act on.
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,6 +15,11 @@ assistant content and the end-of-turn token that closes it.
 The same encoder runs on a transformers tokenizer (training, evaluation) and on a llama.cpp
 model (chat, app) through two small adapters, so both see identical ids; the evaluate stage
 checks that they do.
+
+No BOS is added beyond what the template writes, as transformers' ``apply_chat_template`` and
+llama-cpp-python's chat handler both do (llama-cpp-python PR #1439): Phi-3.5's template writes
+none. Text tokenized outside a template (llama.cpp's plain ``tokenize``) does get BOS; compare
+ids, not strings.
 """
 
 from __future__ import annotations
@@ -43,8 +48,6 @@ class ChatEncoder:
     """Renders messages with the model's chat template: (messages, add_generation_prompt) -> text."""
     encode_text: Callable[[str, bool], list[int]]
     """Tokenizes text without BOS: (text, parse_special_tokens) -> ids."""
-    bos_id: int | None
-    """Prepended to every sequence when the tokenizer adds BOS (llama.cpp does for Phi-3)."""
     end_of_turn_id: int
     """The token that closes a turn (``<|end|>`` for Phi-3.5); labelled, and a stop token."""
 
@@ -57,9 +60,6 @@ class ChatEncoder:
         eot = tokenizer.convert_tokens_to_ids(END_OF_TURN)
         if eot is None or eot == tokenizer.unk_token_id:
             raise ChatFormatError(f"the tokenizer has no {END_OF_TURN} token; this pipeline expects Phi-3.5's template")
-        probe = tokenizer("a")["input_ids"]
-        adds_bos = tokenizer.bos_token_id is not None and probe[:1] == [tokenizer.bos_token_id]
-
         def render(messages: list[dict], add_generation_prompt: bool) -> str:
             return tokenizer.apply_chat_template(messages, tokenize=False,
                                                  add_generation_prompt=add_generation_prompt)
@@ -70,7 +70,7 @@ class ChatEncoder:
             return tokenizer(text, add_special_tokens=False,
                              split_special_tokens=not parse_special)["input_ids"]
 
-        return cls(render, encode_text, tokenizer.bos_token_id if adds_bos else None, eot)
+        return cls(render, encode_text, eot)
 
     def _segments(self, messages: Sequence[dict], add_generation_prompt: bool) -> list[tuple[str, int | None]]:
         """The rendered conversation as (text, message index or None for template text) pieces."""
@@ -101,8 +101,8 @@ class ChatEncoder:
 
     def encode_with_labels(self, messages: Sequence[dict]) -> tuple[list[int], list[int]]:
         """Token ids of a whole conversation and labels that train on assistant turns only."""
-        ids: list[int] = [self.bos_id] if self.bos_id is not None else []
-        labels: list[int] = [IGNORE_INDEX] * len(ids)
+        ids: list[int] = []
+        labels: list[int] = []
         label_until_end_of_turn = False
         for text, index in self._segments(messages, add_generation_prompt=False):
             if index is not None:
@@ -128,7 +128,7 @@ class ChatEncoder:
 
     def encode_prompt(self, messages: Sequence[dict]) -> list[int]:
         """Token ids that ask the model for the next assistant turn."""
-        ids: list[int] = [self.bos_id] if self.bos_id is not None else []
+        ids: list[int] = []
         for text, index in self._segments(messages, add_generation_prompt=True):
             ids += self.encode_text(text, index is None)
         return ids

@@ -2,8 +2,9 @@
 
     qlora-pipeline run --preset tiny --run-dir runs/demo          # every stage, skipping done ones
     qlora-pipeline run --preset phi35-colab-t4 train.epochs=2     # key=value overrides
-    qlora-pipeline prepare|train|merge|evaluate --run-dir runs/demo
+    qlora-pipeline prepare|train|merge|export|evaluate --run-dir runs/demo
     qlora-pipeline train --run-dir runs/demo --resume            # continue from the last checkpoint
+    qlora-pipeline chat --model runs/demo/gguf/model-Q4_K_M.gguf  # talk to a GGUF (llama-cpp-python)
 
 Errors a user can cause print one line and exit with status 2; ``--debug`` shows the traceback.
 """
@@ -39,12 +40,34 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--force", action="append", default=[], metavar="STAGE",
                      help="run this stage (and the ones after it) again")
     for name, text in (("prepare", "oasst1 trees -> conversations"), ("train", "QLoRA fine-tuning"),
-                       ("merge", "merge the adapter into the base"), ("evaluate", "measure base vs adapter vs merged")):
+                       ("merge", "merge the adapter into the base"),
+                       ("export", "GGUF F16 and quantized files (llama.cpp)"),
+                       ("evaluate", "scorecard: base, adapter, merged and every GGUF variant")):
         stage = sub.add_parser(name, help=text)
         _common(stage, None)
         if name == "train":
             stage.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    chat = sub.add_parser("chat", help="chat with a GGUF model in the terminal")
+    defaults = _sampling_defaults()
+    chat.add_argument("--model", required=True, type=Path, help="a .gguf file")
+    chat.add_argument("--system", default=None, help="system prompt")
+    chat.add_argument("--prompt", default=None, help="answer this one message and exit")
+    chat.add_argument("--temperature", type=float, default=defaults.temperature)
+    chat.add_argument("--top-p", type=float, default=defaults.top_p)
+    chat.add_argument("--top-k", type=int, default=defaults.top_k)
+    chat.add_argument("--repeat-penalty", type=float, default=defaults.repeat_penalty)
+    chat.add_argument("--max-tokens", type=int, default=defaults.max_tokens)
+    chat.add_argument("--n-ctx", type=int, default=2048, help="context length (always explicit: see DESIGN.md)")
+    chat.add_argument("--n-gpu-layers", type=int, default=0, help="layers to offload when built with a GPU backend")
+    chat.add_argument("--threads", type=int, default=None, help="CPU threads (default: llama.cpp's choice)")
+    chat.add_argument("--debug", action="store_true", help="show tracebacks")
     return parser
+
+
+def _sampling_defaults():
+    from qlora_pipeline.chat import SamplingParams
+
+    return SamplingParams()
 
 
 def resolve_config(args):
@@ -94,6 +117,11 @@ def main(argv: list[str] | None = None) -> int:
 def _dispatch(args) -> int:
     from qlora_pipeline.pipeline import check_run_dir, run_pipeline, run_stage, save_run_config
 
+    if args.command == "chat":
+        from qlora_pipeline.chat import chat_main
+
+        return chat_main(args)
+
     cfg = resolve_config(args)
     run_dir = Path(args.run_dir or f"runs/{cfg.preset}")
     started = time.time()
@@ -128,7 +156,19 @@ def print_summary(run_dir: Path, timings: dict, seconds: float) -> None:
         print(f"validation loss (assistant tokens): base {hf['base_val_loss']:.4f} -> adapter "
               f"{hf['adapter_val_loss']:.4f} ({100 * hf['val_loss_reduction']:.1f}% lower)")
         print(f"test perplexity: base {hf['base_ppl']:.2f}, adapter {hf['adapter_ppl']:.2f}, merged {hf['merged_ppl']:.2f}")
-    print(f"outputs in {run_dir}: adapter/, merged/, report.md, loss.png")
+    if report.get("gguf"):
+        from qlora_pipeline.evaluate import scorecard_table
+
+        print("quantization scorecard (test split, assistant tokens):")
+        print(scorecard_table(report["gguf"]))
+        parity = report.get("parity", {})
+        print(f"F16 GGUF vs transformers: max |logit diff| {parity.get('f16_vs_hf_max_abs_logit_diff', float('nan')):.2e}, "
+              f"top-1 {100 * parity.get('f16_vs_hf_top1', 0):.2f}%; chat prompt ids identical: "
+              f"{parity.get('chat_prompt_ids_identical')}")
+    print(f"outputs in {run_dir}: adapter/, merged/, gguf/, report.md, loss.png, scorecard.png")
+    q4 = run_dir / "gguf" / "model-Q4_K_M.gguf"
+    if q4.is_file():
+        print(f"chat with it: qlora-pipeline chat --model {q4}")
 
 
 if __name__ == "__main__":

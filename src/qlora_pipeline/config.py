@@ -232,6 +232,55 @@ class MergeConfig:
 
 
 @dataclass(frozen=True)
+class ExportConfig:
+    """GGUF conversion and quantization (llama.cpp)."""
+
+    quant_types: tuple[str, ...] = ("Q8_0", "Q5_K_M", "Q4_K_M")
+    """Quantized files to make from the F16 GGUF; any type llama.cpp knows (Q4_K_M, Q6_K, IQ4_XS, ...)."""
+    model_name: str | None = None
+    """``general.name`` written into the GGUF; None derives it from the base (it must contain Phi-3)."""
+    threads: int = 2
+    """CPU threads for quantization."""
+
+    def __post_init__(self) -> None:
+        _check(len(self.quant_types) > 0, "export.quant_types", self.quant_types, "list at least one type, e.g. [Q4_K_M]")
+        _check(self.threads >= 1, "export.threads", self.threads, "use at least 1")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Measuring every variant and running GGUF files."""
+
+    n_ctx: int = 2048
+    """Context length for every llama.cpp model opened; Phi-3.5 GGUFs otherwise default to 131,072 and run out of memory."""
+    threads: int = 2
+    """CPU threads for llama.cpp evaluation and the speed measurement."""
+    kld_max_tokens: int = 4000
+    """Tokens of the test split used for perplexity, KL divergence and top-1 agreement of GGUF variants."""
+    parity_tokens: int = 2000
+    """Tokens of the test split on which F16 GGUF logits are compared with transformers' merged model."""
+    speed_prompt_tokens: int = 64
+    """Length of the fixed prompt for the speed measurement."""
+    speed_new_tokens: int = 64
+    """Tokens generated (greedy) per speed run."""
+    speed_runs: int = 5
+    """Speed runs per variant; the median is reported."""
+    samples: int = 4
+    """Held-out prompts answered by every variant, side by side."""
+    f32_parity: bool = False
+    """Also convert to a temporary F32 GGUF and compare it with transformers (proves the converter exact; 4x the F16 size)."""
+    sample_max_tokens: int = 48
+    """Longest sample answer."""
+
+    def __post_init__(self) -> None:
+        _check(self.n_ctx >= 64, "eval.n_ctx", self.n_ctx, "use at least 64 tokens")
+        for name in ("threads", "kld_max_tokens", "parity_tokens", "speed_prompt_tokens", "speed_new_tokens",
+                     "speed_runs", "sample_max_tokens"):
+            _check(getattr(self, name) >= 1, f"eval.{name}", getattr(self, name), "use at least 1")
+        _check(self.samples >= 0, "eval.samples", self.samples, "use 0 or more")
+
+
+@dataclass(frozen=True)
 class PipelineConfig:
     """One run of the pipeline: every section, as resolved from a preset and overrides."""
 
@@ -243,6 +292,8 @@ class PipelineConfig:
     lora: LoraConfig = field(default_factory=LoraConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     merge: MergeConfig = field(default_factory=MergeConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -32,7 +32,9 @@ STAGES = (
     Stage("prepare", ("data",), ("data/train.jsonl", "data/val.jsonl", "data/test.jsonl", "data/stats.json")),
     Stage("train", ("data", "tiny", "model", "lora", "train"), ("adapter/adapter_config.json",)),
     Stage("merge", ("data", "tiny", "model", "lora", "train", "merge"), ("merged/config.json", "merge_check.json")),
-    Stage("evaluate", ("data", "tiny", "model", "lora", "train", "merge"), ("report.json",)),
+    Stage("export", ("data", "tiny", "model", "lora", "train", "merge", "export"), ("gguf/manifest.json",)),
+    Stage("evaluate", ("data", "tiny", "model", "lora", "train", "merge", "export", "eval"),
+          ("report.json", "scorecard.png")),
 )
 STAGE_NAMES = tuple(s.name for s in STAGES)
 
@@ -88,7 +90,8 @@ def mark_done(cfg: PipelineConfig, run_dir: Path, stage: Stage, seconds: float) 
 
 def stage_functions() -> dict[str, Callable]:
     from qlora_pipeline.data import prepare
-    from qlora_pipeline.evaluate import evaluate_hf
+    from qlora_pipeline.evaluate import evaluate
+    from qlora_pipeline.export import export
     from qlora_pipeline.merge import merge
     from qlora_pipeline.train import train
 
@@ -96,12 +99,17 @@ def stage_functions() -> dict[str, Callable]:
         "prepare": lambda cfg, run_dir, log, resume: prepare(cfg.data, run_dir),
         "train": lambda cfg, run_dir, log, resume: train(cfg, run_dir, resume=resume, log=log),
         "merge": lambda cfg, run_dir, log, resume: merge(cfg, run_dir, log=log),
-        "evaluate": lambda cfg, run_dir, log, resume: evaluate_hf(cfg, run_dir, log=log),
+        "export": lambda cfg, run_dir, log, resume: export(cfg, run_dir, log=log),
+        "evaluate": lambda cfg, run_dir, log, resume: evaluate(cfg, run_dir, log=log),
     }
 
 
 def run_stage(name: str, cfg: PipelineConfig, run_dir: Path, log=print, resume: bool = False):
     stage = next(s for s in STAGES if s.name == name)
+    # This stage's outputs are about to change: neither it nor any later stage counts as done
+    # until it finishes again, even if this run is interrupted.
+    for later in STAGES[STAGE_NAMES.index(name):]:
+        _record_path(run_dir, later).unlink(missing_ok=True)
     started = time.time()
     result = stage_functions()[name](cfg, run_dir, log, resume)
     if isinstance(result, dict) and result.get("interrupted"):

@@ -1,0 +1,223 @@
+"""Chatting with a GGUF through llama-cpp-python: one module for the CLI, the evaluation and the app.
+
+    qlora-pipeline chat --model runs/demo/gguf/model-Q4_K_M.gguf
+    qlora-pipeline chat --model runs/demo/gguf/model-Q4_K_M.gguf --prompt "What is the capital of Peru?"
+
+The prompt is built with the GGUF's own chat template through ``chat_format.ChatEncoder``, so
+the ids are those of training (a test and the evaluate stage check it), and user text is never
+parsed for control tokens. Generation goes through ``Llama.create_completion(stream=True)``,
+which stops at any end-of-generation token: ``<|end|>`` is one (the export stage marks it as
+end-of-turn in the GGUF).
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+from qlora_pipeline.chat_format import END_OF_TURN, ChatEncoder
+from qlora_pipeline.errors import ConfigError, ModelError
+
+GGUF_MAGIC = b"GGUF"
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Sampling settings, validated: a bad value is one clear error, never a crash deep inside."""
+
+    temperature: float = 0.7
+    """0 is greedy; Phi-3.5's own examples use 0 to 0.7."""
+    top_p: float = 0.9
+    """Nucleus sampling: keep the smallest set of tokens whose probability sums to top_p."""
+    top_k: int = 40
+    """Keep the k most likely tokens (0 turns the filter off)."""
+    repeat_penalty: float = 1.1
+    """Penalty on recently generated tokens (1.0 = none)."""
+    max_tokens: int = 256
+    """Most tokens in one answer."""
+
+    def __post_init__(self) -> None:
+        checks = (
+            (isinstance(self.temperature, (int, float)) and 0 <= self.temperature <= 5, "temperature", "use 0 to 5"),
+            (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1, "top_p", "use a value in (0, 1]"),
+            (isinstance(self.top_k, int) and not isinstance(self.top_k, bool) and 0 <= self.top_k <= 1000,
+             "top_k", "use a whole number from 0 (off) to 1000"),
+            (isinstance(self.repeat_penalty, (int, float)) and 0.5 <= self.repeat_penalty <= 3,
+             "repeat_penalty", "use 0.5 to 3 (1.0 = no penalty)"),
+            (isinstance(self.max_tokens, int) and not isinstance(self.max_tokens, bool) and 1 <= self.max_tokens <= 32768,
+             "max_tokens", "use a whole number from 1 to 32768"),
+        )
+        for ok, name, allowed in checks:
+            if not ok:
+                raise ConfigError(f"{name}={getattr(self, name)!r} is invalid: {allowed}")
+
+
+def check_gguf_file(path: Path) -> Path:
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError(f"model file {path} does not exist; give a .gguf file (e.g. runs/demo/gguf/model-Q4_K_M.gguf)")
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head != GGUF_MAGIC:
+        raise ModelError(f"{path} is not a GGUF file (it does not start with 'GGUF'); export one with "
+                         "`qlora-pipeline export`")
+    return path
+
+
+def _llama_encoder(llm) -> ChatEncoder:
+    """A ChatEncoder over a llama.cpp model, rendering the GGUF's own chat template."""
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    template_text = llm.metadata.get("tokenizer.chat_template")
+    if not template_text:
+        raise ModelError("the GGUF has no chat template (tokenizer.chat_template); re-export it with "
+                         "`qlora-pipeline export`, which copies the tokenizer's template")
+    # The same environment llama-cpp-python's Jinja2ChatFormatter uses.
+    template = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True).from_string(template_text)
+    vocab_eos = llm.detokenize([llm.token_eos()], special=True).decode("utf-8", "replace")
+    vocab_bos = llm.detokenize([llm.token_bos()], special=True).decode("utf-8", "replace")
+
+    def render(messages: list[dict], add_generation_prompt: bool) -> str:
+        return template.render(messages=messages, add_generation_prompt=add_generation_prompt,
+                               eos_token=vocab_eos, bos_token=vocab_bos)
+
+    def encode_text(text: str, parse_special: bool) -> list[int]:
+        if not text:
+            return []
+        return llm.tokenize(text.encode("utf-8"), add_bos=False, special=parse_special)
+
+    eot = llm.tokenize(END_OF_TURN.encode(), add_bos=False, special=True)
+    if len(eot) != 1:
+        raise ModelError(f"the GGUF's vocabulary has no single {END_OF_TURN} token; this pipeline serves Phi-3.5 models")
+    return ChatEncoder(render, encode_text, eot[0])
+
+
+class LlamaChat:
+    """One llama.cpp model, safe to share between threads (one generation at a time)."""
+
+    def __init__(self, model_path: Path, n_ctx: int = 2048, n_threads: int | None = 2, n_gpu_layers: int = 0,
+                 logits_all: bool = False, f32_kv_cache: bool = False):
+        from llama_cpp import Llama
+
+        self.model_path = check_gguf_file(model_path)
+        if n_ctx < 64:
+            raise ConfigError(f"n_ctx={n_ctx} is invalid: use at least 64 tokens")
+        # The KV cache is F16 by default; parity checks keep it F32 so that they measure the
+        # model file, not the cache's rounding.
+        kv_types = {"type_k": 0, "type_v": 0} if f32_kv_cache else {}  # 0 = GGML_TYPE_F32
+        try:
+            # n_ctx is always explicit: a Phi-3.5 GGUF would otherwise ask for its 131,072-token
+            # training context and run out of memory.
+            self.llm = Llama(model_path=str(self.model_path), n_ctx=n_ctx, n_threads=n_threads,
+                             n_threads_batch=n_threads, n_gpu_layers=n_gpu_layers, logits_all=logits_all,
+                             verbose=False, **kv_types)
+        except (ValueError, RuntimeError) as exc:
+            raise ModelError(f"llama.cpp could not load {self.model_path} ({str(exc)[:160]}); the file may be "
+                             "truncated or from an incompatible llama.cpp version") from None
+        self.n_ctx = n_ctx
+        self.encoder = _llama_encoder(self.llm)
+        self.lock = threading.Lock()
+
+    def close(self) -> None:
+        """Free the llama.cpp model now (relying on garbage collection at exit can crash)."""
+        llm = getattr(self, "llm", None)
+        if llm is not None:
+            llm.close()
+            self.llm = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def prompt_ids(self, messages: list[dict], max_new_tokens: int) -> tuple[list[int], int]:
+        """Prompt ids that fit the context with room for the answer; and how many turns were dropped.
+
+        Oldest user/assistant pairs go first; a system turn is always kept.
+        """
+        budget = self.n_ctx - max_new_tokens
+        head = [m for m in messages[:1] if m["role"] == "system"]
+        turns = messages[len(head):]
+        dropped = 0
+        while True:
+            ids = self.encoder.encode_prompt(head + turns)
+            if len(ids) <= budget:
+                return ids, dropped
+            if len(turns) <= 1:
+                raise ConfigError(f"the message is too long for the context: {len(ids)} prompt tokens + "
+                                  f"{max_new_tokens} new tokens > n_ctx={self.n_ctx}; shorten it or raise n_ctx")
+            turns = turns[2:] if len(turns) > 2 else turns[1:]
+            dropped += 2
+
+    def stream(self, messages: list[dict], params: SamplingParams, stats: dict | None = None) -> Iterator[str]:
+        """Yield the answer's text as it is generated; fills ``stats`` (tokens, seconds, dropped turns)."""
+        max_tokens = min(params.max_tokens, self.n_ctx - 16)
+        ids, dropped = self.prompt_ids(messages, max_tokens)
+        with self.lock:  # a llama context must never run two generations at once
+            started = time.perf_counter()
+            first = None
+            count = 0
+            chunks = self.llm.create_completion(
+                prompt=ids, max_tokens=max_tokens, temperature=params.temperature, top_p=params.top_p,
+                top_k=params.top_k, repeat_penalty=params.repeat_penalty, stream=True, stop=[END_OF_TURN])
+            for chunk in chunks:
+                text = chunk["choices"][0]["text"]
+                count += 1
+                if first is None:
+                    first = time.perf_counter()
+                if text:
+                    yield text
+            ended = time.perf_counter()
+        if stats is not None:
+            stats.update({"prompt_tokens": len(ids), "completion_chunks": count, "dropped_turns": dropped,
+                          "seconds": ended - started,
+                          "time_to_first_token": (first - started) if first else None,
+                          "tokens_per_s": (count - 1) / (ended - first) if first and count > 1 and ended > first else None})
+
+    def answer(self, messages: list[dict], params: SamplingParams, stats: dict | None = None) -> str:
+        return "".join(self.stream(messages, params, stats))
+
+
+def chat_main(args) -> int:
+    """The interactive terminal chat (or one answer with --prompt)."""
+    params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                            repeat_penalty=args.repeat_penalty, max_tokens=args.max_tokens)
+    chat = LlamaChat(args.model, n_ctx=args.n_ctx, n_threads=args.threads, n_gpu_layers=args.n_gpu_layers)
+    history: list[dict] = [{"role": "system", "content": args.system}] if args.system else []
+
+    def reply(user_text: str) -> None:
+        history.append({"role": "user", "content": user_text})
+        stats: dict = {}
+        parts = []
+        for piece in chat.stream(history, params, stats):
+            parts.append(piece)
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        history.append({"role": "assistant", "content": "".join(parts)})
+        if stats.get("dropped_turns"):
+            print(f"[{stats['dropped_turns']} oldest turns dropped to fit n_ctx={chat.n_ctx}]", file=sys.stderr)
+
+    if args.prompt is not None:
+        reply(args.prompt)
+        return 0
+    print(f"chatting with {chat.model_path.name} (n_ctx {chat.n_ctx}); Ctrl-D or Ctrl-C to quit", file=sys.stderr)
+    try:
+        while True:
+            try:
+                user_text = input("you> ")
+            except EOFError:
+                print(file=sys.stderr)
+                return 0
+            if not user_text.strip():
+                continue
+            sys.stdout.write("assistant> ")
+            reply(user_text)
+    except KeyboardInterrupt:
+        print("\nbye", file=sys.stderr)
+        return 0

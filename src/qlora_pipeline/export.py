@@ -1,0 +1,193 @@
+"""The ``export`` stage: merged model -> GGUF F16 -> quantized GGUFs, with llama.cpp's own tools.
+
+    qlora-pipeline export --run-dir runs/demo                       # F16, Q8_0, Q5_K_M, Q4_K_M
+    qlora-pipeline export --run-dir runs/demo export.quant_types=[Q4_K_M,Q6_K]
+
+Conversion runs llama.cpp's ``convert_hf_to_gguf.py`` (taken from the llama-cpp-python sources of
+the installed version, see ``llamacpp``); quantization calls ``llama_cpp.llama_model_quantize``,
+the same code as the ``llama-quantize`` binary. Each file is written under a temporary name and
+renamed when complete; files already complete (their record in ``gguf/manifest.json`` matches
+the merged model) are skipped.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from qlora_pipeline.config import PipelineConfig
+from qlora_pipeline.errors import ConfigError, PipelineError, StageOrderError
+from qlora_pipeline.llamacpp import ensure_llama_cpp
+from qlora_pipeline.paths import write_json_atomic
+
+GGUF_DIR = "gguf"
+F16 = "F16"
+END_OF_TURN = "<|end|>"
+
+
+def gguf_path(run_dir: Path, quant: str) -> Path:
+    return Path(run_dir) / GGUF_DIR / f"model-{quant}.gguf"
+
+
+def quant_types() -> dict[str, int]:
+    """Every file type llama.cpp can quantize to, by its usual name (Q4_K_M, Q8_0, F16, ...)."""
+    import llama_cpp
+
+    types = {name[len("LLAMA_FTYPE_MOSTLY_"):]: getattr(llama_cpp, name)
+             for name in dir(llama_cpp) if name.startswith("LLAMA_FTYPE_MOSTLY_")}
+    types["F32"] = llama_cpp.LLAMA_FTYPE_ALL_F32
+    return types
+
+
+def check_quant_types(names: tuple[str, ...]) -> None:
+    valid = quant_types()
+    unknown = [n for n in names if n not in valid]
+    if unknown:
+        raise ConfigError(f"unknown quantization type {', '.join(unknown)}; llama.cpp knows "
+                          f"{', '.join(sorted(valid))}")
+
+
+def merged_identity(merged_dir: Path) -> str:
+    """Identity of a merged model: name, size and modification time of its weight files.
+
+    The merge stage replaces the whole folder, so every new merge changes it; hashing the
+    content instead would read 7.6 GB for Phi-3.5 on every run.
+    """
+    digest = hashlib.sha256()
+    for file in sorted(merged_dir.glob("*.safetensors")):
+        stat = file.stat()
+        digest.update(f"{file.name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    return digest.hexdigest()[:16]
+
+
+def default_model_name(cfg: PipelineConfig) -> str:
+    # llama.cpp turns on Phi-3's whitespace handling of special tokens only when general.name
+    # contains "phi-3" or "phi3" (llama-vocab.cpp); without it, prompts tokenize differently.
+    if cfg.model.name_or_path == "tiny":
+        return "Phi-3.5 tiny (qlora-pipeline, oasst1 fine-tune)"
+    base = cfg.model.name_or_path.rstrip("/").split("/")[-1]
+    return f"{base} (qlora-pipeline, oasst1 fine-tune)"
+
+
+def _run(cmd: list[str], what: str) -> None:
+    env = {**os.environ, "PYTHONIOENCODING": "utf-8"}
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if result.returncode != 0:
+        lines = [line for line in (result.stderr or result.stdout).strip().splitlines() if line.strip()]
+        detail = lines[-1] if lines else f"exit status {result.returncode}"
+        if "No space left" in (result.stderr or ""):
+            detail = "no space left on the device"
+        raise PipelineError(f"{what} failed: {detail[:300]}")
+
+
+def convert_to_gguf(merged_dir: Path, out_path: Path, model_name: str, end_of_turn_id: int,
+                    outtype: str = "f16") -> None:
+    """llama.cpp's converter (F16 by default), then its metadata tool to mark <|end|> as end-of-turn."""
+    files = ensure_llama_cpp()
+    tmp = out_path.with_name(f".{out_path.name}.convert.tmp")
+    tmp2 = out_path.with_name(f".{out_path.name}.meta.tmp")
+    try:
+        _run([sys.executable, str(files.converter), str(merged_dir), "--outfile", str(tmp), "--outtype", outtype,
+              "--model-name", model_name], f"converting {merged_dir} to GGUF")
+        # The Phi-3 converter writes BOS/EOS but no end-of-turn id; llama.cpp would guess it from
+        # the token text at load time. We write it, so every runtime reads the same stop token.
+        new_metadata = files.root / "gguf-py" / "gguf" / "scripts" / "gguf_new_metadata.py"
+        _run([sys.executable, str(new_metadata), str(tmp), str(tmp2), "--special-token-by-id", "eot",
+              str(end_of_turn_id), "--force"], "writing GGUF metadata")
+        with open(tmp2, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp2, out_path)
+    finally:
+        for leftover in (tmp, tmp2):
+            leftover.unlink(missing_ok=True)
+
+
+def quantize_gguf(src: Path, dst: Path, quant: str, threads: int) -> None:
+    """llama.cpp's quantizer (``llama_model_quantize``), written to a temporary name first."""
+    import llama_cpp
+    from llama_cpp._utils import suppress_stdout_stderr
+
+    ftype = quant_types()[quant]
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = ftype
+    params.nthread = threads
+    tmp = dst.with_name(f".{dst.name}.tmp")
+    try:
+        with suppress_stdout_stderr(disable=False):  # llama.cpp logs a line per tensor
+            rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params))
+        if rc != 0 or not tmp.is_file():
+            raise PipelineError(f"llama.cpp could not quantize {src} to {quant} (status {rc}); "
+                                "check free disk space and that the F16 file is complete")
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, dst)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def read_gguf_metadata(path: Path) -> dict:
+    """The scalar and string key/values of a GGUF (token lists left out)."""
+    from gguf import GGUFReader
+    from gguf.constants import GGUFValueType
+
+    try:
+        reader = GGUFReader(str(path))
+    except (ValueError, OSError) as exc:
+        raise PipelineError(f"{path} is not a readable GGUF file ({str(exc)[:120]}); re-run the export stage") from None
+    out = {}
+    for key, field in reader.fields.items():
+        if not field.types or field.types[0] == GGUFValueType.ARRAY:
+            continue
+        value = field.parts[field.data[0]]
+        out[key] = bytes(value).decode("utf-8") if field.types[0] == GGUFValueType.STRING else value.tolist()[0]
+    return out
+
+
+def export(cfg: PipelineConfig, run_dir: Path, log=print) -> dict:
+    """Write RUN/gguf/model-F16.gguf and one file per configured quantization type."""
+    from tqdm.auto import tqdm
+
+    run_dir = Path(run_dir)
+    merged = run_dir / "merged"
+    if not (merged / "config.json").is_file():
+        raise StageOrderError(f"{merged} is missing; run `qlora-pipeline merge --run-dir {run_dir}` first")
+    check_quant_types(cfg.export.quant_types)
+    out_dir = run_dir / GGUF_DIR
+    out_dir.mkdir(parents=True, exist_ok=True)
+    manifest_path = out_dir / "manifest.json"
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
+    source = merged_identity(merged)
+    name = cfg.export.model_name or default_model_name(cfg)
+    if manifest.get("source") != source or manifest.get("model_name") != name:
+        manifest = {"source": source, "model_name": name, "files": {}}
+
+    from transformers import AutoTokenizer
+
+    eot = AutoTokenizer.from_pretrained(str(merged)).convert_tokens_to_ids(END_OF_TURN)
+    todo = [F16] + [q for q in cfg.export.quant_types if q != F16]
+    bar = tqdm(todo, desc="GGUF export", unit="file")
+    for quant in bar:
+        path = gguf_path(run_dir, quant)
+        record = manifest["files"].get(quant)
+        if record and path.is_file() and path.stat().st_size == record["bytes"]:
+            bar.write(f"{path.name}: already exported")
+            continue
+        bar.set_postfix(file=path.name)
+        if quant == F16:
+            convert_to_gguf(merged, path, name, eot)
+        else:
+            quantize_gguf(gguf_path(run_dir, F16), path, quant, cfg.export.threads)
+        manifest["files"][quant] = {"path": str(path), "bytes": path.stat().st_size}
+        write_json_atomic(manifest_path, manifest)
+    for stale in set(manifest["files"]) - set(todo):
+        gguf_path(run_dir, stale).unlink(missing_ok=True)
+        manifest["files"].pop(stale)
+    write_json_atomic(manifest_path, manifest)
+    sizes = ", ".join(f"{q} {manifest['files'][q]['bytes'] / 1e6:.1f} MB" for q in todo)
+    log(f"GGUF files in {out_dir}: {sizes}")
+    return manifest

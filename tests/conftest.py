@@ -31,6 +31,12 @@ TEST_OVERRIDES = [
     "train.learning_rate=0.005",
     "data.max_seq_len=128",
     "merge.check_samples=4",
+    "export.quant_types=[Q8_0,Q4_K_M]",
+    "eval.speed_runs=1",
+    "eval.speed_new_tokens=8",
+    "eval.samples=1",
+    "eval.kld_max_tokens=600",
+    "eval.parity_tokens=300",
 ]
 
 
@@ -82,3 +88,27 @@ def trained_run(tmp_path_factory, test_config, tiny_base) -> Path:
 def copy_run(src: Path, dest: Path) -> Path:
     shutil.copytree(src, dest)
     return dest
+
+
+@pytest.fixture(scope="session")
+def memorized_run(tmp_path_factory) -> Path:
+    """A model that has learned one answer ("Hello there.") and to end it with <|end|>."""
+    import json
+
+    from qlora_pipeline.pipeline import run_pipeline
+
+    root = tmp_path_factory.mktemp("memorized")
+    rows = []
+    for i in range(40):
+        rows.append({"message_id": f"q{i}", "parent_id": None, "message_tree_id": f"q{i}", "role": "prompter",
+                     "text": f"Say hello number {i}", "lang": "en", "rank": None, "deleted": False,
+                     "review_result": True})
+        rows.append({"message_id": f"a{i}", "parent_id": f"q{i}", "message_tree_id": f"q{i}", "role": "assistant",
+                     "text": "Hello there.", "lang": "en", "rank": 0, "deleted": False, "review_result": True})
+    data = root / "hello.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = make_config("data.source=files", f"data.data_files=[{data}]", "train.max_steps=40",
+                      "train.learning_rate=0.01", "train.eval_every=40", "train.checkpoint_every=40",
+                      "export.quant_types=[Q8_0]")
+    run_pipeline(cfg, root / "run", log=lambda *a: None, until="export")
+    return root / "run"

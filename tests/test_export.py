@@ -1,0 +1,71 @@
+"""GGUF export: llama.cpp's converter and quantizer on the tiny model, metadata read back."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import copy_run, make_config
+from qlora_pipeline.errors import ConfigError
+from qlora_pipeline.export import export, gguf_path, quant_types, read_gguf_metadata
+from qlora_pipeline.llamacpp import ensure_llama_cpp
+
+
+def test_converter_and_quantizer_write_every_variant(trained_run):
+    sizes = {q: gguf_path(trained_run, q).stat().st_size for q in ("F16", "Q8_0", "Q4_K_M")}
+    assert sizes["Q4_K_M"] < sizes["Q8_0"] < sizes["F16"]
+    assert not list((trained_run / "gguf").glob(".*tmp"))  # nothing half-written left behind
+    for quant, expected in (("F16", "LLAMA_FTYPE_MOSTLY_F16"), ("Q8_0", "LLAMA_FTYPE_MOSTLY_Q8_0"),
+                            ("Q4_K_M", "LLAMA_FTYPE_MOSTLY_Q4_K_M")):
+        import llama_cpp
+
+        assert read_gguf_metadata(gguf_path(trained_run, quant))["general.file_type"] == getattr(llama_cpp, expected)
+
+
+@pytest.mark.parametrize("quant", ["F16", "Q4_K_M"])
+def test_metadata_carries_template_and_stop_tokens(trained_run, quant):
+    meta = read_gguf_metadata(gguf_path(trained_run, quant))
+    assert meta["general.architecture"] == "phi3"
+    # llama.cpp applies Phi-3's special-token whitespace rules only when the name says Phi-3.
+    assert "phi-3" in meta["general.name"].lower()
+    assert meta["tokenizer.chat_template"] == ensure_llama_cpp().phi35_chat_template.read_text()
+    assert meta["tokenizer.ggml.bos_token_id"] == 1
+    assert meta["tokenizer.ggml.eos_token_id"] == 32000
+    assert meta["tokenizer.ggml.eot_token_id"] == 32007
+
+
+def test_unknown_quant_type_lists_the_valid_ones(trained_run, tmp_path):
+    run = copy_run(trained_run, tmp_path / "run")
+    before = sorted(p.name for p in (run / "gguf").iterdir())
+    with pytest.raises(ConfigError) as info:
+        export(make_config("export.quant_types=[Q4_K_Z]"), run, log=lambda *a: None)
+    assert "unknown quantization type Q4_K_Z" in str(info.value)
+    assert "Q4_K_M" in str(info.value) and "Q8_0" in str(info.value)
+    assert sorted(p.name for p in (run / "gguf").iterdir()) == before
+
+
+def test_any_type_llama_cpp_knows_is_accepted():
+    assert {"Q4_K_M", "Q5_K_M", "Q8_0", "Q6_K", "IQ4_XS", "F16"} <= set(quant_types())
+
+
+def test_a_completed_export_is_skipped(trained_run, tmp_path):
+    run = copy_run(trained_run, tmp_path / "run")
+    mtimes = {p.name: p.stat().st_mtime_ns for p in (run / "gguf").glob("*.gguf")}
+    messages = []
+    export(make_config(), run, log=messages.append)
+    assert {p.name: p.stat().st_mtime_ns for p in (run / "gguf").glob("*.gguf")} == mtimes
+
+
+def test_report_has_the_scorecard_schema(trained_run):
+    report = json.loads((trained_run / "report.json").read_text())
+    assert set(report["gguf"]) == {"F16", "Q8_0", "Q4_K_M"}
+    for row in report["gguf"].values():
+        assert {"path", "bytes", "bits_per_weight", "ppl", "kld_vs_f16", "top1_vs_f16", "tokens_per_s"} <= row.keys()
+    assert report["gguf"]["F16"]["kld_vs_f16"] == 0.0
+    assert report["gguf"]["Q4_K_M"]["kld_vs_f16"] > 0  # quantization changes something measurable
+    assert 15 < report["gguf"]["F16"]["bits_per_weight"] < 17
+    assert report["parity"]["chat_prompt_ids_identical"] is True
+    assert report["parity"]["f16_vs_hf_top1"] > 0.9
+    assert report["samples"] and set(report["samples"][0]["answers"]) == {"F16", "Q8_0", "Q4_K_M"}
+    assert (trained_run / "scorecard.png").stat().st_size > 1000

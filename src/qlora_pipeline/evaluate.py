@@ -268,6 +268,7 @@ def plot_scorecard(gguf: dict, out_png: Path) -> None:
         x, y = row["bytes"] / 1e6, row["kld_vs_f16"]
         ax.scatter([x], [y], s=60)
         ax.annotate(f"{name}\nppl {row['ppl']:.3f}", (x, y), textcoords="offset points", xytext=(6, 4), fontsize=8)
+    ax.margins(x=0.12, y=0.2)  # room for the labels
     ax.set_xlabel("file size (MB)")
     ax.set_ylabel("mean KL divergence vs F16 (nats/token)")
     ax.set_title("What quantization cost on held-out conversations")

@@ -1,13 +1,16 @@
 # make setup  - create .venv and install the pinned set (first time ~10 min: llama-cpp-python compiles)
 # make demo   - setup, then the whole pipeline on the built-in tiny model (runs/demo)
-# make test   - setup, then the test suite
+# make test   - setup, then the test suite (the six notebooks included)
+# make notebooks - execute the notebooks into runs/notebooks/ with their outputs
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 RUN_DIR ?= runs/demo
 
-.PHONY: setup demo test clean-demo
+.PHONY: setup demo test notebooks clean-demo
+NOTEBOOKS := S29_finetuning_llm.ipynb S29_phi3_inference.ipynb S29_phi3_QuantizeLLMs_checkpoint.ipynb \
+             notebooks/lora_from_scratch.ipynb notebooks/nf4_from_scratch.ipynb notebooks/oasst1_trees.ipynb
 
 setup: $(STAMP)
 
@@ -28,6 +31,10 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest -q
+
+# Execute the six notebooks on the tiny preset into runs/notebooks/ (with outputs, for reading).
+notebooks: setup
+	$(PY) -m qlora_pipeline.notebook runs/notebooks $(NOTEBOOKS)
 
 clean-demo:
 	rm -rf $(RUN_DIR)

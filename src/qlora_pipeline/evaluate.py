@@ -46,6 +46,8 @@ def render_markdown(report: dict) -> str:
         for name, label in (("base", "base"), ("adapter", "base + adapter"), ("merged", "merged")):
             val = hf.get(f"{name}_val_loss")
             ppl = hf.get(f"{name}_ppl")
+            if ppl is None:
+                continue
             lines.append(f"| {label} | {val:.4f} | {ppl:.3f} |" if val is not None else
                          f"| {label} | – | {ppl:.3f} |")
         if hf.get("val_loss_reduction") is not None:
@@ -78,8 +80,8 @@ def render_markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def evaluate_hf(cfg: PipelineConfig, run_dir: Path, log=print) -> dict:
-    """Validation loss and test perplexity of base, base + adapter and merged model."""
+def evaluate_hf(cfg: PipelineConfig, run_dir: Path, log=print, with_merged: bool = True) -> dict:
+    """Validation loss and test perplexity of base, base + adapter and (unless told not to) merged model."""
     from qlora_pipeline.chat_format import ChatEncoder
     from qlora_pipeline.data import read_split, tokenize_conversations
     from qlora_pipeline.merge import load_adapter, merge_dtype
@@ -87,7 +89,8 @@ def evaluate_hf(cfg: PipelineConfig, run_dir: Path, log=print) -> dict:
     from qlora_pipeline.train import evaluate_loss
 
     run_dir = Path(run_dir)
-    for needed, stage in (("adapter/adapter_config.json", "train"), ("merged/config.json", "merge")):
+    needs = [("adapter/adapter_config.json", "train")] + ([("merged/config.json", "merge")] if with_merged else [])
+    for needed, stage in needs:
         if not (run_dir / needed).is_file():
             raise StageOrderError(f"{run_dir / needed} is missing; run `qlora-pipeline {stage} --run-dir {run_dir}` first")
     base = resolve_base(cfg, log_fn=log)
@@ -110,16 +113,19 @@ def evaluate_hf(cfg: PipelineConfig, run_dir: Path, log=print) -> dict:
     results.update(measure(model, "base"))
     results.update(measure(load_adapter(model, run_dir / "adapter"), "adapter"))
     del model
-    merged = load_base_full_precision(str(run_dir / "merged"), cfg.model, dtype=dtype)
-    results.update(measure(merged, "merged"))
+    if with_merged:
+        merged = load_base_full_precision(str(run_dir / "merged"), cfg.model, dtype=dtype)
+        results.update(measure(merged, "merged"))
     if results["base_val_loss"] and results["adapter_val_loss"] is not None:
         results["val_loss_reduction"] = 1 - results["adapter_val_loss"] / results["base_val_loss"]
     results["val_tokens_examples"] = len(splits["val"])
     results["test_examples"] = len(splits["test"])
-    update_report(run_dir, "hf", results)
+    if with_merged:
+        update_report(run_dir, "hf", results)
+    merged_text = f", merged {results['merged_ppl']:.2f}" if with_merged else ""
     log(f"validation loss: base {results['base_val_loss']:.4f} -> adapter {results['adapter_val_loss']:.4f} "
         f"({100 * results.get('val_loss_reduction', 0):.1f}% lower); test perplexity base "
-        f"{results['base_ppl']:.2f}, adapter {results['adapter_ppl']:.2f}, merged {results['merged_ppl']:.2f}")
+        f"{results['base_ppl']:.2f}, adapter {results['adapter_ppl']:.2f}{merged_text}")
     return results
 
 

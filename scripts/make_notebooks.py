@@ -1,0 +1,380 @@
+"""Write the six course notebooks (without outputs) and the README's notebook table.
+
+    python scripts/make_notebooks.py
+
+The notebooks are generated so that their cells stay thin calls into ``qlora_pipeline`` and the
+repository URL lives in one place (REPO below): the Colab bootstrap cell and the README's
+"Open in Colab" badges both take it from here.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import nbformat
+from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
+
+REPO = "your-org/qlora-gguf-course"  # change this one line when the repository moves
+BRANCH = "main"
+ROOT = Path(__file__).resolve().parents[1]
+
+BOOTSTRAP = f'''# Set-up. On Colab: fetch the course code and its pinned packages (Colab's own torch is kept).
+# Locally (`make setup`) the package is already installed and this does nothing.
+import importlib.util, os, subprocess, sys
+if importlib.util.find_spec("qlora_pipeline") is None:
+    subprocess.run(["git", "clone", "--depth", "1", "https://github.com/{REPO}", "course"], check=True)
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-r", "course/requirements.txt"], check=True)
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "-e", "course"], check=True)
+    sys.path.insert(0, os.path.abspath("course/src"))
+    os.chdir("course")
+from qlora_pipeline.notebook import environment_report
+ENV = environment_report()'''
+
+
+def code(source: str, *tags: str):
+    cell = new_code_cell(source.strip("\n"))
+    if tags:
+        cell.metadata["tags"] = list(tags)
+    return cell
+
+
+def md(source: str):
+    return new_markdown_cell(source.strip("\n"))
+
+
+def params(extra: str = "") -> object:
+    return code(f'''# Parameters (papermill fills these in). On Colab: PRESET = "phi35-colab-t4".
+# OVERRIDES takes key=value settings, for example ["train.epochs=2", "lora.r=8"].
+PRESET = "tiny"
+RUN_DIR = "runs/notebooks/s29"
+OVERRIDES = []
+{extra}''', "parameters")
+
+
+S29_FINETUNING = [
+    md('''# S29 · Fine-tuning Phi-3.5 with QLoRA on OpenAssistant
+
+**What you will do:** load `microsoft/Phi-3.5-mini-instruct` in 4-bit NF4, attach LoRA adapters,
+turn oasst1 message trees into conversations, train only the adapters, and measure what they
+changed. With `PRESET = "tiny"` the same code runs on a built-in 20M-parameter Phi-3.5 (real
+tokenizer and chat template) on any CPU in a few minutes.
+
+- **LoRA** freezes a weight matrix W and learns a low-rank update: W + (alpha/r)·B·A with
+  B (out × r) and A (r × in). For r = 16 that is well under 1% of the parameters.
+- **QLoRA** keeps the frozen base in 4 bits so it fits a small GPU; the adapters and the
+  computation stay in 16 bits.
+- **NF4** ("4-bit NormalFloat") puts its 16 levels at quantiles of a normal distribution, where
+  trained weights actually lie; block-wise scales (and scales of scales: double quantization)
+  cost about 0.13 extra bits per weight.'''),
+    params('PUSH_TO_HUB = False\n# HUB_REPO: for example "your-name/phi35-oasst1-qlora-adapter"\nHUB_REPO = None'),
+    code(BOOTSTRAP),
+    md("## The base model in 4 bits, and the LoRA check"),
+    code('''import pandas as pd
+from qlora_pipeline.config import load_config
+from qlora_pipeline.model import (attach_lora, format_lora_report, load_base_for_training, load_tokenizer,
+                                  pick_device, resolve_base)
+from qlora_pipeline.notebook import count_parameters, memory_table
+from qlora_pipeline.pipeline import check_run_dir, save_run_config
+
+cfg = load_config(PRESET, OVERRIDES)
+check_run_dir(RUN_DIR)
+save_run_config(cfg, RUN_DIR)  # the next two notebooks read the run's configuration from here
+base = resolve_base(cfg)
+tokenizer = load_tokenizer(base)
+n_params = count_parameters(base)
+print(f"base: {base} ({n_params / 1e6:.1f}M parameters)")
+pd.DataFrame(memory_table(n_params))'''),
+    code('''model_4bit = load_base_for_training(cfg.model, base, pick_device(cfg.model.compute_dtype))
+print(f"4-bit model in memory: {model_4bit.get_memory_footprint() / 1e6:.1f} MB "
+      f"(the embeddings and the output layer stay in 16/32 bits)")
+model_4bit, lora_report = attach_lora(model_4bit, cfg.lora, cfg.model)
+# Phi-3 fuses q/k/v into qkv_proj and gate/up into gate_up_proj: the usual
+# ["q_proj", "k_proj", "v_proj", ...] list matches nothing, and attach_lora says so.
+print(format_lora_report(lora_report))
+del model_4bit'''),
+    md("## oasst1: from message trees to conversations"),
+    code('''from qlora_pipeline.data import build_conversations, load_rows
+from qlora_pipeline.notebook import draw_tree, pick_branching_tree, tree_text
+from qlora_pipeline.pipeline import run_stage
+
+stats = run_stage("prepare", cfg, RUN_DIR)
+rows = load_rows(cfg.data)["train"]
+tree_id = pick_branching_tree(rows, cfg.data.languages)
+tree_rows = [r for r in rows if r["message_tree_id"] == tree_id]
+print(tree_text(rows, tree_id))
+conversation = build_conversations(tree_rows, cfg.data.languages, cfg.data.system_prompt).conversations
+kept_ids = [r["message_id"] for r in tree_rows if any(r["text"] == m["content"] for m in conversation[0]["messages"])]
+draw_tree(rows, tree_id, best_path=kept_ids)
+conversation[0]["messages"]'''),
+    code('''display(pd.DataFrame([stats["conversations"], stats["turns"]], index=["conversations", "turns"]))
+pd.Series(stats["dropped"], name="dropped").to_frame()'''),
+    md('''One training example as the model sees it. Only the text in **[[double brackets]]** is
+trained on: the assistant's words and the `<|end|>` that closes its turn (so the model learns to
+stop). User and system text and the template's tags are context, not targets.'''),
+    code('''from qlora_pipeline.chat_format import ChatEncoder
+from qlora_pipeline.data import read_split, tokenize_conversations
+from qlora_pipeline.notebook import label_mask_view
+
+examples, _ = tokenize_conversations(ChatEncoder.from_hf(tokenizer), read_split(RUN_DIR, "train")[:1],
+                                     cfg.data.max_seq_len)
+print(label_mask_view(tokenizer, examples[0]))'''),
+    md("## Training (packed batches, warm-up + cosine, checkpoints you can resume from)"),
+    code('''from IPython.display import Image
+
+summary = run_stage("train", cfg, RUN_DIR)
+Image(f"{RUN_DIR}/loss.png")'''),
+    code('''import torch
+print(f"peak GPU memory during training: {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")''', "gpu"),
+    md("## Did it help? Perplexity and answers before and after"),
+    code('''from qlora_pipeline.evaluate import evaluate_hf
+
+scores = evaluate_hf(cfg, RUN_DIR, with_merged=False)
+pd.DataFrame({"validation loss": [scores["base_val_loss"], scores["adapter_val_loss"]],
+              "test perplexity": [scores["base_ppl"], scores["adapter_ppl"]]}, index=["base", "base + adapter"])'''),
+    code('''from qlora_pipeline.merge import load_adapter
+from qlora_pipeline.model import load_base_full_precision
+from qlora_pipeline.notebook import hf_answers
+
+prompts = [c["messages"][0]["content"] for c in read_split(RUN_DIR, "test")[:4]]
+base_model = load_base_full_precision(base, cfg.model)
+before = hf_answers(base_model, tokenizer, prompts)
+after = hf_answers(load_adapter(base_model, f"{RUN_DIR}/adapter"), tokenizer, prompts)
+pd.DataFrame({"prompt": prompts, "base": before, "fine-tuned": after})'''),
+    md("The adapter is saved in `RUN_DIR/adapter` (PEFT format, safetensors). Optionally push it:"),
+    code('''from qlora_pipeline.hub import push_if_asked
+
+push_if_asked(f"{RUN_DIR}/adapter", HUB_REPO, PUSH_TO_HUB)'''),
+]
+
+S29_INFERENCE = [
+    md('''# S29 · Chat with the adapter, then merge it into the base
+
+Uses the adapter that `S29_finetuning_llm.ipynb` trained in the same `RUN_DIR`. The adapter is
+merged into the **16/32-bit** base (never into the 4-bit one, which would round the update
+away), and we check that the merged model computes what base + adapter computed.'''),
+    params('PUSH_TO_HUB = False\n# HUB_REPO: for example "your-name/phi35-oasst1-merged"\nHUB_REPO = None\nSYSTEM_PROMPT = None'),
+    code(BOOTSTRAP),
+    code('''import pandas as pd
+from qlora_pipeline.merge import load_adapter
+from qlora_pipeline.model import load_base_full_precision, load_tokenizer, resolve_base
+from qlora_pipeline.notebook import hf_answers
+from qlora_pipeline.pipeline import read_run_config, run_stage
+
+cfg = read_run_config(RUN_DIR)
+assert cfg is not None, f"{RUN_DIR} has no config.json: run S29_finetuning_llm.ipynb first"
+base = resolve_base(cfg)
+tokenizer = load_tokenizer(base)
+model = load_adapter(load_base_full_precision(base, cfg.model), f"{RUN_DIR}/adapter")
+questions = ["What is the capital of France?", "What sound does a cow make?", "What is the opposite of hot?"]
+pd.DataFrame({"question": questions, "answer": hf_answers(model, tokenizer, questions, system=SYSTEM_PROMPT)})'''),
+    md("## Merge, and check the merged model against base + adapter"),
+    code('''check = run_stage("merge", cfg, RUN_DIR)
+pd.Series(check, name="merged vs base + adapter").to_frame()'''),
+    code('''import os
+sorted(os.listdir(f"{RUN_DIR}/merged"))'''),
+    code('''from qlora_pipeline.hub import push_if_asked
+
+push_if_asked(f"{RUN_DIR}/merged", HUB_REPO, PUSH_TO_HUB)'''),
+]
+
+S29_QUANTIZE = [
+    md('''# S29 · GGUF, Q4/Q5 quantization, and what it cost
+
+Converts the merged model with llama.cpp's own `convert_hf_to_gguf.py`, quantizes it with
+llama.cpp's quantizer, and measures every variant on held-out conversations: perplexity, KL
+divergence and top-1 agreement against F16, file size, bits per weight and generation speed.
+Then the same prompt goes through each variant, and you chat with the one you choose.'''),
+    params('TEMPERATURE = 0.7\nREPEAT_PENALTY = 1.1\nMAX_TOKENS = 64\nCHOSEN = "Q4_K_M"\nN_GPU_LAYERS = 0'),
+    code(BOOTSTRAP),
+    code('''import pandas as pd
+from IPython.display import Image
+from qlora_pipeline.pipeline import read_run_config, run_stage
+
+cfg = read_run_config(RUN_DIR)
+assert cfg is not None, f"{RUN_DIR} has no config.json: run the first two notebooks first"
+manifest = run_stage("export", cfg, RUN_DIR)
+pd.DataFrame(manifest["files"]).T'''),
+    code('''report = run_stage("evaluate", cfg, RUN_DIR)
+columns = ["bytes", "bits_per_weight", "ppl", "kld_vs_f16", "top1_vs_f16", "tokens_per_s"]
+display(pd.DataFrame(report["gguf"]).T[columns])
+Image(f"{RUN_DIR}/scorecard.png")'''),
+    code('''pd.Series(report["parity"], name="parity checks").to_frame()'''),
+    md("## The same prompt through every variant"),
+    code('''from qlora_pipeline.chat import SamplingParams
+from qlora_pipeline.notebook import gguf_answers
+
+params = SamplingParams(temperature=TEMPERATURE, repeat_penalty=REPEAT_PENALTY, max_tokens=MAX_TOKENS)
+messages = [{"role": "user", "content": "What is the capital of Japan?"}]
+variants = ["F16"] + list(cfg.export.quant_types)
+answers = gguf_answers(RUN_DIR, variants, messages, params, n_ctx=cfg.eval.n_ctx)
+pd.DataFrame([{"variant": v, "answer": a, "tokens/s": s} for v, (a, s) in answers.items()])'''),
+    md("## Chat with the variant you chose"),
+    code('''from qlora_pipeline.chat import LlamaChat
+from qlora_pipeline.export import gguf_path
+
+chat = LlamaChat(gguf_path(RUN_DIR, CHOSEN), n_ctx=cfg.eval.n_ctx, n_gpu_layers=N_GPU_LAYERS)
+history = []
+for question in ["What is the capital of Italy?", "And what is the opposite of big?"]:
+    history.append({"role": "user", "content": question})
+    answer = chat.answer(history, params)
+    history.append({"role": "assistant", "content": answer})
+    print(f"you> {question}\\nassistant> {answer}")
+chat.close()'''),
+    md(f'''Chat in a terminal with `qlora-pipeline chat --model {{RUN_DIR}}/gguf/model-{{CHOSEN}}.gguf`.'''),
+]
+
+LORA_FROM_SCRATCH = [
+    md('''# LoRA from scratch
+
+A LoRA layer in a few lines of torch, shown to compute exactly what peft's does; what rank and
+alpha trade; and why a merged adapter costs nothing at inference.'''),
+    params(),
+    code(BOOTSTRAP),
+    code('''import inspect
+from qlora_pipeline.concepts import LoRALinear
+print(inspect.getsource(LoRALinear))'''),
+    code('''from qlora_pipeline.concepts import lora_matches_peft
+print(f"max |ours - peft| on the same weights: {lora_matches_peft():.2e}")'''),
+    md('''## Rank: capacity. A weight change of rank 4, fitted by adapters of rank 1 to 16
+
+Below the rank of the change the adapter cannot express it; at or above, the error vanishes.
+(alpha is set to 2·r, the usual choice, so the update's scale does not change with r.)'''),
+    code('''import matplotlib.pyplot as plt
+from qlora_pipeline.concepts import toy_rank_sweep
+
+sweep = toy_rank_sweep()
+plt.figure(figsize=(5, 3))
+plt.semilogy(list(sweep), list(sweep.values()), "o-")
+plt.xlabel("LoRA rank r"); plt.ylabel("final MSE"); plt.title("true update has rank 4")
+plt.grid(alpha=0.3); plt.show()
+sweep'''),
+    md("## Merging: W + (alpha/r)·B·A is one matrix, so inference costs what the base did"),
+    code('''from qlora_pipeline.concepts import merge_check
+merge_check()'''),
+]
+
+NF4_FROM_SCRATCH = [
+    md('''# NF4 from scratch
+
+The 16 NormalFloat-4 levels built from normal quantiles, block-wise absmax quantization of a
+real weight matrix (the tiny model's), compared with bitsandbytes; what double quantization
+saves; and NF4 against FP4 and int4 on the same weights.'''),
+    params(),
+    code(BOOTSTRAP),
+    code('''import bitsandbytes.functional as bnbf
+import torch
+from qlora_pipeline.concepts import nf4_levels
+
+ours = nf4_levels()
+theirs = bnbf.get_4bit_type("nf4", device="cpu")
+print("our levels:        ", [round(v, 4) for v in ours.tolist()])
+print("max |ours - bnb|:  ", float((ours - theirs).abs().max()))'''),
+    code('''from pathlib import Path
+from safetensors import safe_open
+from qlora_pipeline.concepts import quantize_blockwise, unpack_bnb_codes
+from qlora_pipeline.config import load_config
+from qlora_pipeline.model import resolve_base
+
+base = Path(resolve_base(load_config(PRESET, OVERRIDES)))
+with safe_open(str(next(base.glob("*.safetensors"))), framework="pt") as f:
+    name = next(k for k in f.keys() if k.endswith("layers.0.self_attn.qkv_proj.weight"))
+    weight = f.get_tensor(name).float()
+codes, absmax = quantize_blockwise(weight, ours, blocksize=64)
+packed, state = bnbf.quantize_4bit(weight, blocksize=64, quant_type="nf4")
+same = (unpack_bnb_codes(packed) == codes.reshape(-1)).float().mean()
+print(f"{name} {tuple(weight.shape)}: {100 * float(same):.3f}% of codes identical to bitsandbytes; "
+      f"max |absmax difference| {float((absmax - state.absmax).abs().max()):.1e}")'''),
+    code('''from qlora_pipeline.concepts import bits_per_parameter
+print(f"NF4, block 64, fp32 scales:        {bits_per_parameter(64):.3f} bits per parameter")
+print(f"NF4 + double quantization (8-bit scales, block 256): {bits_per_parameter(64, True):.3f}")'''),
+    code('''import matplotlib.pyplot as plt
+from qlora_pipeline.concepts import quantization_errors
+
+errors = quantization_errors(weight)
+plt.figure(figsize=(4.5, 3))
+plt.bar(list(errors), list(errors.values()), color=["tab:green", "tab:orange", "tab:red"])
+plt.ylabel("mean |error|"); plt.title("4-bit formats on the same weights (block 64)")
+plt.show()
+errors'''),
+]
+
+OASST1_TREES = [
+    md('''# oasst1 trees
+
+OpenAssistant stores messages, not conversations: every prompt has ranked replies, each with
+follow-ups. Here is one tree, the path the `prepare` stage takes through it (best rank at each
+step), and what the filters drop.'''),
+    params(),
+    code(BOOTSTRAP),
+    code('''from qlora_pipeline.config import load_config
+from qlora_pipeline.data import build_conversations, load_rows
+from qlora_pipeline.notebook import draw_tree, pick_branching_tree, tree_text
+
+cfg = load_config(PRESET, OVERRIDES)
+rows = load_rows(cfg.data)["train"]
+tree_id = pick_branching_tree(rows, cfg.data.languages)
+print(tree_text(rows, tree_id))'''),
+    code('''tree_rows = [r for r in rows if r["message_tree_id"] == tree_id]
+conversation = build_conversations(tree_rows, cfg.data.languages).conversations[0]["messages"]
+kept = [r["message_id"] for r in tree_rows if any(r["text"] == m["content"] for m in conversation)]
+draw_tree(rows, tree_id, best_path=kept)
+conversation'''),
+    code('''import json
+import matplotlib.pyplot as plt
+from qlora_pipeline.pipeline import check_run_dir, run_stage
+
+check_run_dir(RUN_DIR)
+stats = run_stage("prepare", cfg, RUN_DIR)
+plt.figure(figsize=(6, 3))
+plt.barh(list(stats["dropped"]), list(stats["dropped"].values()))
+plt.xlabel("count"); plt.title("what the filters dropped (stats.json)"); plt.show()
+print(json.dumps(stats["conversations"]))'''),
+]
+
+NOTEBOOKS = {
+    "S29_finetuning_llm.ipynb": (S29_FINETUNING, "QLoRA on oasst1: NF4 base, LoRA check, data, training, before/after"),
+    "S29_phi3_inference.ipynb": (S29_INFERENCE, "chat with base + adapter, merge into the 16-bit base, check it"),
+    "S29_phi3_QuantizeLLMs_checkpoint.ipynb": (S29_QUANTIZE, "GGUF F16 → Q8_0/Q5_K_M/Q4_K_M, the scorecard, chat"),
+    "notebooks/lora_from_scratch.ipynb": (LORA_FROM_SCRATCH, "a LoRA layer in torch vs peft, rank/alpha, merging"),
+    "notebooks/nf4_from_scratch.ipynb": (NF4_FROM_SCRATCH, "NF4 levels, block-wise quantization vs bitsandbytes"),
+    "notebooks/oasst1_trees.ipynb": (OASST1_TREES, "oasst1 trees, ranked paths, what the filters drop"),
+}
+
+
+def write_notebooks() -> None:
+    for rel, (cells, _) in NOTEBOOKS.items():
+        nb = new_notebook(cells=cells)
+        stem = Path(rel).stem.replace("_", "-")
+        for i, cell in enumerate(nb.cells):
+            cell.id = f"{stem}-{i:02d}"  # stable ids: regenerating gives the same file
+        nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+        nb.metadata["language_info"] = {"name": "python"}
+        nb.metadata["accelerator"] = "GPU"
+        nb.metadata["colab"] = {"provenance": [], "gpuType": "T4"}
+        path = ROOT / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        nbformat.write(nb, str(path))
+
+
+def readme_table(timings: dict[str, str]) -> str:
+    lines = ["| notebook | what it teaches | T4 | CPU (tiny) |", "| --- | --- | --- | --- |"]
+    for rel, (_, what) in NOTEBOOKS.items():
+        badge = (f"[![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)]"
+                 f"(https://colab.research.google.com/github/{REPO}/blob/{BRANCH}/{rel})")
+        t4, cpu = timings.get(rel, ("not measured", "not measured"))
+        lines.append(f"| `{rel}` {badge} | {what} | {t4} | {cpu} |")
+    return "\n".join(lines)
+
+
+def update_readme(timings: dict[str, str]) -> None:
+    readme = ROOT / "README.md"
+    text = readme.read_text(encoding="utf-8")
+    block = f"<!-- notebooks:start -->\n{readme_table(timings)}\n<!-- notebooks:end -->"
+    text = re.sub(r"<!-- notebooks:start -->.*<!-- notebooks:end -->", block, text, flags=re.S)
+    readme.write_text(text, encoding="utf-8")
+
+
+if __name__ == "__main__":
+    write_notebooks()
+    print(f"wrote {len(NOTEBOOKS)} notebooks")

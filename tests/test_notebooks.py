@@ -1,0 +1,129 @@
+"""The six notebooks: committed clean, in sync with their generator, and run top to bottom here."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import nbformat
+import pytest
+
+from conftest import REPO, TEST_OVERRIDES
+
+ORDER = ["S29_finetuning_llm.ipynb", "S29_phi3_inference.ipynb", "S29_phi3_QuantizeLLMs_checkpoint.ipynb",
+         "notebooks/lora_from_scratch.ipynb", "notebooks/nf4_from_scratch.ipynb", "notebooks/oasst1_trees.ipynb"]
+
+
+def _generator():
+    spec = importlib.util.spec_from_file_location("make_notebooks", REPO / "scripts" / "make_notebooks.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("name", ORDER)
+def test_committed_without_outputs_and_with_a_parameters_cell(name):
+    nb = nbformat.read(str(REPO / name), as_version=4)
+    for cell in nb.cells:
+        if cell.cell_type == "code":
+            assert cell.outputs == [] and cell.execution_count is None, f"{name} has outputs"
+    params = [c for c in nb.cells if "parameters" in c.get("metadata", {}).get("tags", [])]
+    assert len(params) == 1 and "PRESET = " in params[0].source and "RUN_DIR = " in params[0].source
+
+
+def test_notebooks_equal_their_generator(tmp_path, monkeypatch):
+    gen = _generator()
+    assert set(gen.NOTEBOOKS) == set(ORDER)
+    monkeypatch.setattr(gen, "ROOT", tmp_path)
+    gen.write_notebooks()
+    for name in ORDER:
+        assert (tmp_path / name).read_text() == (REPO / name).read_text(), f"{name}: run scripts/make_notebooks.py"
+
+
+def _outputs(path: Path) -> str:
+    """Every text and HTML output of an executed notebook, joined."""
+    nb = nbformat.read(str(path), as_version=4)
+    parts = []
+    for cell in nb.cells:
+        for out in cell.get("outputs", []):
+            if out.output_type == "stream":
+                parts.append(out.text)
+            elif out.output_type in ("execute_result", "display_data"):
+                parts += [str(out.data.get("text/plain", "")), str(out.data.get("text/html", ""))]
+                if "image/png" in out.data:
+                    parts.append("<<image/png>>")
+    return "\n".join(parts)
+
+
+@pytest.fixture(scope="module")
+def executed(tmp_path_factory) -> dict[str, str]:
+    from qlora_pipeline.notebook import run_notebook
+
+    out_dir = tmp_path_factory.mktemp("executed")
+    run_dir = out_dir / "run"
+    outputs = {}
+    for name in ORDER:  # in order: the S29 notebooks chain through RUN_DIR
+        result = run_notebook(REPO / name, out_dir / name, parameters={"RUN_DIR": str(run_dir), "OVERRIDES": TEST_OVERRIDES},
+                              cwd=REPO)
+        outputs[name] = _outputs(result)
+    return outputs
+
+
+def test_finetuning_notebook_shows_check_curve_and_before_after(executed):
+    text = executed["S29_finetuning_llm.ipynb"]
+    assert "LoRA target check (every layer must match)" in text and "qkv_proj" in text
+    assert "[[" in text and "<|end|>]]" in text  # the label mask, made visible
+    assert "<<image/png>>" in text  # tree drawing and loss curve
+    assert "test perplexity" in text and "base + adapter" in text
+    assert "fine-tuned" in text
+
+
+def test_inference_notebook_shows_merge_agreement(executed):
+    text = executed["S29_phi3_inference.ipynb"]
+    assert "max_abs_logit_diff" in text and "argmax_agreement" in text
+    assert "model.safetensors" in text and "tokenizer.model" in text
+
+
+def test_quantize_notebook_shows_scorecard_and_plot(executed):
+    text = executed["S29_phi3_QuantizeLLMs_checkpoint.ipynb"]
+    assert "kld_vs_f16" in text and "bits_per_weight" in text and "Q4_K_M" in text
+    assert "<<image/png>>" in text
+    assert "chat_prompt_ids_identical" in text
+    assert "assistant>" in text
+
+
+def test_concept_notebooks_show_their_comparisons(executed):
+    assert "max |ours - peft| on the same weights: 0.00e+00" in executed["notebooks/lora_from_scratch.ipynb"]
+    nf4 = executed["notebooks/nf4_from_scratch.ipynb"]
+    assert "100.000% of codes identical to bitsandbytes" in nf4 and "4.127" in nf4
+    assert '"train": ' in executed["notebooks/oasst1_trees.ipynb"]  # the split sizes printed after the drop chart
+
+
+def test_a_failing_cell_fails_the_run(tmp_path):
+    from papermill.exceptions import PapermillExecutionError
+
+    from qlora_pipeline.notebook import run_notebook
+
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("x = 1"),
+                                         nbformat.v4.new_code_cell("raise ValueError('broken cell')")])
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    path = tmp_path / "broken.ipynb"
+    nbformat.write(nb, str(path))
+    with pytest.raises(PapermillExecutionError, match="broken cell"):
+        run_notebook(path, tmp_path / "out.ipynb")
+
+
+def test_gpu_cells_are_skipped_without_cuda(tmp_path):
+    import torch
+
+    from qlora_pipeline.notebook import run_notebook
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("import torch\ntorch.cuda.current_device()")])
+    nb.cells[0].metadata["tags"] = ["gpu"]
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(nb, str(tmp_path / "gpu.ipynb"))
+    out = run_notebook(tmp_path / "gpu.ipynb", tmp_path / "out.ipynb")
+    assert "skipped on this machine" in _outputs(out)

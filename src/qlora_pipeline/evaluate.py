@@ -17,7 +17,7 @@ from pathlib import Path
 from qlora_pipeline.chat_format import ChatEncoder
 from qlora_pipeline.config import PipelineConfig
 from qlora_pipeline.errors import StageOrderError
-from qlora_pipeline.paths import write_json_atomic, write_text_atomic
+from qlora_pipeline.paths import save_figure_atomic, write_json_atomic, write_text_atomic
 
 REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
@@ -280,10 +280,7 @@ def plot_scorecard(gguf: dict, out_png: Path) -> None:
     ax.set_title("What quantization cost on held-out conversations")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    tmp = out_png.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(out_png)
+    save_figure_atomic(fig, out_png)
 
 
 def scorecard_table(gguf: dict) -> str:

@@ -26,7 +26,7 @@ from qlora_pipeline.chat_format import IGNORE_INDEX, ChatEncoder
 from qlora_pipeline.config import PipelineConfig, TrainConfig
 from qlora_pipeline.data import read_split, tokenize_conversations
 from qlora_pipeline.errors import PipelineError
-from qlora_pipeline.paths import atomic_dir, write_json_atomic
+from qlora_pipeline.paths import atomic_dir, save_figure_atomic, write_json_atomic
 
 CHECKPOINTS = "checkpoints"
 ADAPTER = "adapter"
@@ -281,10 +281,7 @@ def plot_loss(log_path: Path, out_png: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    tmp = out_png.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(out_png)
+    save_figure_atomic(fig, out_png)
 
 
 def train(cfg: PipelineConfig, run_dir: Path, resume: bool = False, stop_after_steps: int | None = None,
@@ -313,7 +310,8 @@ def train(cfg: PipelineConfig, run_dir: Path, resume: bool = False, stop_after_s
 
     # -- setup (cheap checks first: a missing split should not wait for a model to load)
     train_convs, val_convs = read_split(run_dir, "train"), read_split(run_dir, "val")
-    if resume and latest_checkpoint(run_dir, warn=say) is None:
+    checkpoint = latest_checkpoint(run_dir, warn=say) if resume else None
+    if resume and checkpoint is None:
         raise PipelineError(f"--resume: no complete checkpoint in {run_dir / CHECKPOINTS}; "
                             "run without --resume to start over")
     base = resolve_base(cfg, log_fn=say)
@@ -356,7 +354,6 @@ def train(cfg: PipelineConfig, run_dir: Path, resume: bool = False, stop_after_s
     state, best_weights = LoopState(), None
     log_path = run_dir / "train_log.jsonl"
     if resume:
-        checkpoint = latest_checkpoint(run_dir, warn=lambda *a: None)
         state, best_weights = load_checkpoint(checkpoint, unwrapped, optimizer, scheduler)
         say(f"resuming from {checkpoint.name} (step {state.step} of {total_steps})")
     else:
@@ -382,13 +379,12 @@ def train(cfg: PipelineConfig, run_dir: Path, resume: bool = False, stop_after_s
         record({"step": state.step, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50))})
         return val_loss
 
-    nonlocal_best = {"weights": best_weights}
     keep_best = tcfg.early_stopping_patience is not None
 
     if state.step == 0 and not resume:
         base_val = run_eval()  # LoRA's B starts at zero: this is the base model's loss
         if keep_best:
-            nonlocal_best["weights"] = _trainable_state(unwrapped)
+            best_weights = _trainable_state(unwrapped)
         say(f"validation loss before training: {base_val:.4f} (perplexity {math.exp(base_val):.2f})")
 
     # -- train
@@ -430,13 +426,13 @@ def train(cfg: PipelineConfig, run_dir: Path, resume: bool = False, stop_after_s
                 val_loss = run_eval()
                 bar.write(f"step {state.step}: validation loss {val_loss:.4f}")
                 if keep_best and state.best_step == state.step:
-                    nonlocal_best["weights"] = _trainable_state(unwrapped)
+                    best_weights = _trainable_state(unwrapped)
                 if keep_best and state.evals_without_improvement >= tcfg.early_stopping_patience:
                     state.stopped_early = True
                     bar.write(f"early stopping: no improvement in {tcfg.early_stopping_patience} evaluations")
             interrupted = stop.requested or (stop_after_steps is not None and state.step >= stop_after_steps)
             if is_main and (state.step % tcfg.checkpoint_every == 0 or interrupted):
-                save_checkpoint(run_dir, unwrapped, optimizer, scheduler, state, nonlocal_best["weights"],
+                save_checkpoint(run_dir, unwrapped, optimizer, scheduler, state, best_weights,
                                 tcfg.keep_checkpoints)
             accelerator.wait_for_everyone()
             if interrupted and state.step < total_steps:
@@ -446,10 +442,10 @@ def train(cfg: PipelineConfig, run_dir: Path, resume: bool = False, stop_after_s
     bar.close()
 
     # -- save
-    if keep_best and nonlocal_best["weights"] is not None:
+    if keep_best and best_weights is not None:
         params_by_name = dict(unwrapped.named_parameters())
         with torch.no_grad():
-            for name, tensor in nonlocal_best["weights"].items():
+            for name, tensor in best_weights.items():
                 params_by_name[name].copy_(tensor)
     if rank_state_dir is not None:
         from safetensors.torch import save_file

@@ -166,18 +166,23 @@ class LlamaChat:
                 prompt=ids, max_tokens=max_tokens, temperature=params.temperature, top_p=params.top_p,
                 top_k=params.top_k, repeat_penalty=params.repeat_penalty, stream=True, stop=[END_OF_TURN])
             emitted = False
-            for chunk in chunks:
-                text = chunk["choices"][0]["text"]
-                count += 1
-                if first is None:
-                    first = time.perf_counter()
-                if text and not emitted:
-                    # SentencePiece marks a word start with a space; the answer's first word is
-                    # not preceded by one (transformers' decoder strips it the same way).
-                    text = text[1:] if text.startswith(" ") else text
-                    emitted = bool(text)
-                if text:
-                    yield text
+            try:
+                for chunk in chunks:
+                    text = chunk["choices"][0]["text"]
+                    count += 1
+                    if first is None:
+                        first = time.perf_counter()
+                    if text and not emitted:
+                        # SentencePiece marks a word start with a space; the answer's first word is
+                        # not preceded by one (transformers' decoder strips it the same way).
+                        text = text[1:] if text.startswith(" ") else text
+                        emitted = bool(text)
+                    if text:
+                        yield text
+            finally:
+                # A stopped answer (the app's stop button closes this generator) ends llama.cpp's
+                # generation here, before the lock is released for the next request.
+                chunks.close()
             ended = time.perf_counter()
         if stats is not None:
             stats.update({"prompt_tokens": len(ids), "completion_chunks": count, "dropped_turns": dropped,

@@ -5,6 +5,8 @@
     qlora-pipeline prepare|train|merge|export|evaluate --run-dir runs/demo
     qlora-pipeline train --run-dir runs/demo --resume            # continue from the last checkpoint
     qlora-pipeline chat --model runs/demo/gguf/model-Q4_K_M.gguf  # talk to a GGUF (llama-cpp-python)
+    qlora-pipeline app --model runs/demo/gguf/model-Q4_K_M.gguf   # the Gradio chat app on 127.0.0.1:7860
+    qlora-pipeline space --out runs/space [--push you/my-space]   # the app as a Hugging Face Space folder
 
 Errors a user can cause print one line and exit with status 2; ``--debug`` shows the traceback.
 """
@@ -61,6 +63,15 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--n-gpu-layers", type=int, default=0, help="layers to offload when built with a GPU backend")
     chat.add_argument("--threads", type=int, default=None, help="CPU threads (default: llama.cpp's choice)")
     chat.add_argument("--debug", action="store_true", help="show tracebacks")
+    app = sub.add_parser("app", help="serve the Gradio chat app (local GGUF, Hub GGUF or OpenAI-compatible server)")
+    from qlora_pipeline.chat_app import add_app_arguments
+
+    add_app_arguments(app)
+    app.add_argument("--debug", action="store_true", help="show tracebacks")
+    space = sub.add_parser("space", help="write the app as a Hugging Face Space folder (and push it)")
+    space.add_argument("--out", type=Path, default=Path("runs/space"), help="the folder to write")
+    space.add_argument("--push", default=None, metavar="USER/SPACE", help="upload it to this Space (needs HF_TOKEN)")
+    space.add_argument("--debug", action="store_true", help="show tracebacks")
     return parser
 
 
@@ -121,6 +132,14 @@ def _dispatch(args) -> int:
         from qlora_pipeline.chat import chat_main
 
         return chat_main(args)
+    if args.command == "app":
+        from qlora_pipeline.chat_app import app_main
+
+        return app_main(args)
+    if args.command == "space":
+        from qlora_pipeline.space import space_main
+
+        return space_main(args)
 
     cfg = resolve_config(args)
     run_dir = Path(args.run_dir or f"runs/{cfg.preset}")

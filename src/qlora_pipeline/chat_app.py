@@ -1,0 +1,594 @@
+"""The Gradio chat app (the course's Hugging Face Space), on llama-cpp-python or an OpenAI-compatible server.
+
+    qlora-pipeline app --model runs/demo/gguf/model-Q4_K_M.gguf          # http://127.0.0.1:7860
+    qlora-pipeline app --hub-repo you/phi35-oasst1-gguf --hub-file model-Q4_K_M.gguf
+    qlora-pipeline app --backend openai --base-url http://127.0.0.1:8000/v1
+
+This module imports only gradio, llama-cpp-python, huggingface_hub, openai and the light chat
+modules (never torch), so that ``qlora-pipeline space`` can ship it in a Space with
+``chat``, ``chat_format`` and ``errors``.
+
+Under real use: one loaded model serves every user. Gradio's queue runs one answer at a time
+per event (``concurrency``), ``LlamaChat``'s lock keeps a llama context to one thread whatever
+the queue does, and ``ModelPool`` counts the answers using each model, so loading another one
+never closes a model that is still answering.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import threading
+from collections import OrderedDict
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+from qlora_pipeline.chat import LlamaChat, SamplingParams, check_gguf_file
+from qlora_pipeline.chat_format import END_OF_TURN
+from qlora_pipeline.errors import ConfigError, ModelError, PipelineError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SYSTEM = "You are a helpful, concise assistant."
+# Phi-3.5's card samples with temperature 0 to 0.7; these keep answers varied but on topic.
+DEFAULTS = SamplingParams(temperature=0.7, top_p=0.9, top_k=40, repeat_penalty=1.1, max_tokens=256)
+EXAMPLES = ["What is the capital of France?", "Explain LoRA in two sentences.",
+            "Write a haiku about quantization."]
+MAX_MESSAGE_CHARS = 200_000
+"""Longer messages are refused before tokenizing (the context would not hold them anyway)."""
+
+
+@dataclass(frozen=True)
+class ModelChoice:
+    """One entry of the model picker: a local file, a file in a Hub repo, or a server's model."""
+
+    name: str
+    path: Path | None = None
+    hub_repo: str | None = None
+    hub_file: str | None = None
+
+
+@dataclass
+class AppSettings:
+    backend: str = "local"
+    models: list[ModelChoice] = field(default_factory=list)
+    default_model: str | None = None
+    n_ctx: int = 2048
+    n_threads: int | None = None
+    n_gpu_layers: int = 0
+    base_url: str | None = None
+    api_key: str | None = None
+    concurrency: int = 1
+    max_loaded: int = 2
+    queue_size: int = 64
+    title: str = "Phi-3.5 mini, fine-tuned on oasst1 (QLoRA → GGUF)"
+
+
+# ----------------------------------------------------------------------------- model sources
+
+def local_choices(model: Path | None, model_dir: Path | None) -> tuple[list[ModelChoice], str | None]:
+    """Every .gguf next to ``model`` (or in ``model_dir``), smallest first; the default is ``model``.
+
+    A missing file is still listed (and fails with a clear message when chosen), so that the
+    app starts and tells the user in the page instead of dying at start-up.
+    """
+    folder = Path(model_dir) if model_dir else (Path(model).parent if model else None)
+    found = sorted(folder.glob("*.gguf"), key=lambda p: (p.stat().st_size, p.name)) if folder and folder.is_dir() else []
+    choices = [ModelChoice(p.name, path=p) for p in found]
+    if model is not None and Path(model).name not in {c.name for c in choices}:
+        choices.insert(0, ModelChoice(Path(model).name, path=Path(model)))
+    if not choices:
+        raise ConfigError(f"no .gguf files in {folder}; give one with --model FILE.gguf (make demo writes "
+                          "runs/demo/gguf/model-Q4_K_M.gguf)")
+    if model is not None:
+        default = Path(model).name
+    else:
+        q4 = [c.name for c in choices if "Q4_K_M" in c.name]
+        default = q4[0] if q4 else choices[0].name
+    return choices, default
+
+
+def hub_choices(repo: str, files: list[str]) -> tuple[list[ModelChoice], str]:
+    """The GGUF files of a Hub repo: the ones named, or (online) every .gguf it holds."""
+    names = list(files)
+    if not names:
+        try:
+            from huggingface_hub import list_repo_files
+
+            names = sorted(f for f in list_repo_files(repo) if f.endswith(".gguf"))
+        except Exception as exc:  # offline, unknown repo, no permission: all one message
+            raise ModelError(f"cannot list the GGUF files of {repo} on the Hub ({type(exc).__name__}); name one "
+                             "with --hub-file FILE.gguf, or give a local file with --model") from None
+        if not names:
+            raise ModelError(f"the Hub repo {repo} has no .gguf file; push one (qlora-pipeline export, then "
+                             "hub.push_folder) or name another repo")
+    choices = [ModelChoice(n, hub_repo=repo, hub_file=n) for n in names]
+    q4 = [n for n in names if "Q4_K_M" in n]
+    return choices, q4[0] if q4 else names[0]
+
+
+def fetch_model(choice: ModelChoice) -> Path:
+    """The local path of a choice, downloading a Hub file (into the Hub cache) when needed."""
+    if choice.path is not None:
+        return check_gguf_file(choice.path)
+    from huggingface_hub import hf_hub_download
+
+    try:
+        path = hf_hub_download(repo_id=choice.hub_repo, filename=choice.hub_file)
+    except Exception as exc:
+        offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes"}
+        why = "the Hub is unreachable or HF_HUB_OFFLINE is set" if offline or "Offline" in type(exc).__name__ \
+            or "Connect" in type(exc).__name__ or "LocalEntryNotFound" in type(exc).__name__ else type(exc).__name__
+        raise ModelError(f"cannot download {choice.hub_file} from {choice.hub_repo} ({why}); check the names, "
+                         "go online, or give a local file with --model FILE.gguf") from None
+    return check_gguf_file(Path(path))
+
+
+class ModelPool:
+    """Loaded models shared by all users, at most ``max_loaded`` at once, never closed while in use."""
+
+    def __init__(self, loader: Callable[[ModelChoice, int], LlamaChat], max_loaded: int = 2):
+        self.loader = loader
+        self.max_loaded = max(1, max_loaded)
+        self._lock = threading.Lock()  # guards the tables below
+        self._load_lock = threading.Lock()  # one load at a time: two at once would double the memory peak
+        self._loaded: OrderedDict[tuple, LlamaChat] = OrderedDict()
+        self._users: dict[int, int] = {}
+        self._retired: set[int] = set()
+
+    @contextmanager
+    def use(self, choice: ModelChoice, n_gpu_layers: int = 0) -> Iterator[LlamaChat]:
+        chat = self._acquire((choice, n_gpu_layers))
+        try:
+            yield chat
+        finally:
+            self._release(chat)
+
+    def loaded_names(self) -> list[str]:
+        with self._lock:
+            return [key[0].name for key in self._loaded]
+
+    def _acquire(self, key: tuple) -> LlamaChat:
+        with self._lock:
+            if key in self._loaded:
+                return self._take(key)
+        with self._load_lock:
+            with self._lock:
+                if key in self._loaded:  # loaded by another request while this one waited
+                    return self._take(key)
+            chat = self.loader(*key)
+            with self._lock:
+                self._loaded[key] = chat
+                self._users[id(chat)] = 0
+                taken = self._take(key)
+                while len(self._loaded) > self.max_loaded:
+                    _, old = self._loaded.popitem(last=False)
+                    if self._users[id(old)] == 0:
+                        self._close(old)
+                    else:  # still answering someone: closed by its last _release
+                        self._retired.add(id(old))
+                return taken
+
+    def _take(self, key: tuple) -> LlamaChat:
+        chat = self._loaded[key]
+        self._loaded.move_to_end(key)
+        self._users[id(chat)] += 1
+        return chat
+
+    def _release(self, chat: LlamaChat) -> None:
+        with self._lock:
+            self._users[id(chat)] -= 1
+            if self._users[id(chat)] == 0 and id(chat) in self._retired:
+                self._retired.discard(id(chat))
+                self._close(chat)
+
+    def _close(self, chat: LlamaChat) -> None:
+        self._users.pop(id(chat), None)
+        log.info("unloading %s", chat.model_path.name)
+        chat.close()
+
+    def close(self) -> None:
+        with self._lock:
+            for chat in self._loaded.values():
+                chat.close()
+            self._loaded.clear()
+
+
+# ----------------------------------------------------------------------------- backends
+
+def message_text(content) -> str:
+    """The text of a Gradio message's content: a string, or (Gradio 6) a list of typed parts."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, dict):
+        return content.get("text") or ""
+    if isinstance(content, (list, tuple)):
+        return "".join(message_text(part) for part in content)
+    return ""
+
+
+def to_messages(system: str, history: list[dict], message: str) -> list[dict]:
+    """The conversation for the chat template: system prompt, earlier turns, the new message."""
+    messages = [{"role": "system", "content": system.strip()}] if system and system.strip() else []
+    for turn in history:
+        role = turn.get("role")
+        text = message_text(turn.get("content"))
+        if role in ("user", "assistant") and text and not (turn.get("metadata") or {}).get("title"):
+            messages.append({"role": role, "content": text})
+    messages.append({"role": "user", "content": message})
+    return messages
+
+
+class LocalBackend:
+    """GGUF files run in this process with llama-cpp-python."""
+
+    def __init__(self, settings: AppSettings):
+        self.settings = settings
+        self.by_name = {c.name: c for c in settings.models}
+        self.pool = ModelPool(self._load, settings.max_loaded)
+
+    def _load(self, choice: ModelChoice, n_gpu_layers: int) -> LlamaChat:
+        path = fetch_model(choice)
+        log.info("loading %s (n_ctx %d, n_gpu_layers %d)", path.name, self.settings.n_ctx, n_gpu_layers)
+        return LlamaChat(path, n_ctx=self.settings.n_ctx, n_threads=self.settings.n_threads,
+                         n_gpu_layers=n_gpu_layers)
+
+    def model_names(self) -> list[str]:
+        return list(self.by_name)
+
+    def preload(self, name: str) -> None:
+        with self.pool.use(self._choice(name), self.settings.n_gpu_layers):
+            pass
+
+    def _choice(self, name: str) -> ModelChoice:
+        if name not in self.by_name:
+            raise ConfigError(f"model {name!r} is not one of this app's models: {', '.join(self.by_name)}")
+        return self.by_name[name]
+
+    def stream(self, messages: list[dict], params: SamplingParams, model: str, n_gpu_layers: int,
+               stats: dict) -> Iterator[str]:
+        with self.pool.use(self._choice(model), n_gpu_layers) as chat:
+            stats["n_ctx"] = chat.n_ctx
+            yield from chat.stream(messages, params, stats)
+
+    def close(self) -> None:
+        self.pool.close()
+
+
+class OpenAIBackend:
+    """A model served elsewhere through the OpenAI chat API (llama-cpp-python's server, llama-server, ...).
+
+    The server applies the GGUF's own chat template. It counts tokens, not this app, so an
+    over-long conversation is trimmed by dropping the oldest pair and asking again when the
+    server answers that the context is exceeded.
+    """
+
+    def __init__(self, settings: AppSettings):
+        from openai import OpenAI
+
+        if not settings.base_url:
+            raise ConfigError("--backend openai needs --base-url, e.g. http://127.0.0.1:8000/v1")
+        self.settings = settings
+        # One retry: a server that broke off a stream (llama-cpp-python's does on an over-long
+        # prompt) has dropped the kept-alive connection the next request would use.
+        self.client = OpenAI(base_url=settings.base_url, api_key=settings.api_key or "not-needed",
+                             timeout=600, max_retries=1)
+
+    def model_names(self) -> list[str]:
+        if self.settings.models:
+            return [c.name for c in self.settings.models]
+        try:
+            return [m.id for m in self.client.models.list().data] or ["default"]
+        except Exception as exc:
+            raise ModelError(f"cannot reach the server at {self.settings.base_url} ({type(exc).__name__}); start "
+                             "it (see app/README.md) or fix --base-url") from None
+
+    def preload(self, name: str) -> None:
+        """Nothing to load here; the server loads its model itself."""
+
+    def stream(self, messages: list[dict], params: SamplingParams, model: str, n_gpu_layers: int,
+               stats: dict) -> Iterator[str]:
+        import time
+
+        head = messages[:1] if messages and messages[0]["role"] == "system" else []
+        turns = messages[len(head):]
+        dropped = 0
+        while True:
+            started = time.perf_counter()
+            try:
+                chunks = self._open(model, head + turns, params, stream=True)
+                first_chunk = next(chunks, None)
+                if first_chunk is not None:
+                    break
+                # llama-cpp-python's server reports an over-long prompt only inside the stream,
+                # which then ends empty; a one-token request without streaming gets it as a 400.
+                self._refused_or_none(model, head + turns)
+            except _ContextExceeded:
+                pass
+            if len(turns) <= 1:
+                raise ModelError(f"the message is too long for the server's context (with {params.max_tokens} new "
+                                 "tokens); shorten it or lower max new tokens")
+            turns = turns[2:]
+            dropped += 2
+        first = None
+        count = 0
+        emitted = False
+        finish = None
+        try:
+            for chunk in _chain(first_chunk, chunks):
+                finish = (chunk.choices[0].finish_reason if chunk.choices else None) or finish
+                text = chunk.choices[0].delta.content or "" if chunk.choices else ""
+                if text and not emitted:  # the first word's SentencePiece space, as in LlamaChat
+                    text = text[1:] if text.startswith(" ") else text
+                    emitted = bool(text)
+                if text:
+                    count += 1
+                    first = first or time.perf_counter()
+                    yield text
+        finally:
+            chunks.close()
+        ended = time.perf_counter()
+        # A server fits the answer into what the prompt leaves of its context: say so when it did.
+        stats["cut_by_context"] = finish == "length" and count < params.max_tokens
+        stats.update({"dropped_turns": dropped, "completion_chunks": count, "seconds": ended - started,
+                      "time_to_first_token": (first - started) if first else None,
+                      "tokens_per_s": (count - 1) / (ended - first) if first and count > 1 and ended > first else None})
+
+    def _open(self, model: str, messages: list[dict], params: SamplingParams, stream: bool):
+        import openai
+
+        try:
+            return self.client.chat.completions.create(
+                model=model, messages=messages, stream=stream, temperature=params.temperature,
+                top_p=params.top_p, max_tokens=params.max_tokens, stop=[END_OF_TURN],
+                # Not in the OpenAI API, but read by llama-cpp-python's server and llama-server.
+                extra_body={"top_k": params.top_k, "repeat_penalty": params.repeat_penalty})
+        except openai.BadRequestError as exc:
+            if _is_context_error(exc):
+                raise _ContextExceeded() from None
+            raise ModelError(f"the server refused the request: {_error_text(exc)}") from None
+        except openai.APIConnectionError:
+            raise ModelError(f"cannot reach the server at {self.settings.base_url}; start it (see "
+                             "app/README.md) or fix --base-url") from None
+        except openai.APIError as exc:
+            raise ModelError(f"the server failed: {_error_text(exc)}") from None
+
+    def _refused_or_none(self, model: str, messages: list[dict]) -> None:
+        """Ask again for one token without streaming: a context error returns, any other raises."""
+        try:
+            self._open(model, messages, SamplingParams(temperature=0, max_tokens=1), stream=False)
+        except _ContextExceeded:
+            return
+        raise ModelError("the server ended the answer without a word; see its log")
+
+    def close(self) -> None:
+        self.client.close()
+
+
+class _ContextExceeded(Exception):
+    """The server said the conversation does not fit its context."""
+
+
+def _is_context_error(exc: Exception) -> bool:
+    text = str(exc).lower()
+    return "context" in text and ("exceed" in text or "length" in text or "too long" in text)
+
+
+def _error_text(exc: Exception) -> str:
+    return " ".join(str(exc).split())[:200]
+
+
+def _chain(first, rest):
+    yield first
+    yield from rest
+
+
+def make_backend(settings: AppSettings):
+    if settings.backend == "local":
+        return LocalBackend(settings)
+    if settings.backend == "openai":
+        return OpenAIBackend(settings)
+    raise ConfigError(f"backend={settings.backend!r} is invalid: use local or openai")
+
+
+# ----------------------------------------------------------------------------- the chat handler
+
+def status_line(stats: dict, model: str, params: SamplingParams | None = None) -> str:
+    parts = [f"`{model}`"]
+    if stats.get("completion_chunks") is not None:
+        parts.append(f"{stats['completion_chunks']} tokens")
+    if stats.get("tokens_per_s"):
+        parts.append(f"{stats['tokens_per_s']:.1f} tokens/s")
+    if stats.get("time_to_first_token") is not None:
+        parts.append(f"first token after {stats['time_to_first_token']:.2f} s")
+    if stats.get("dropped_turns"):
+        where = f"the {stats['n_ctx']}-token context" if stats.get("n_ctx") else "the server's context"
+        parts.append(f"⚠️ {stats['dropped_turns']} oldest messages left out to fit {where}")
+    if stats.get("cut_by_context"):
+        parts.append("⚠️ answer cut short: the server's context is full (clear the chat or lower max new tokens)")
+    if params is not None:
+        parts.append(f"temperature {params.temperature:g}, top-p {params.top_p:g}, top-k {params.top_k}, "
+                     f"repetition penalty {params.repeat_penalty:g}")
+    return " · ".join(parts)
+
+
+def make_respond(backend, settings: AppSettings):
+    """The ChatInterface function: validates everything first, then streams (answer, status line)."""
+
+    def respond(message, history, system, model, temperature, top_p, top_k, repeat_penalty, max_tokens,
+                n_gpu_layers=None):
+        import gradio as gr
+
+        text = message_text(message)
+        try:
+            if not text.strip():
+                raise ConfigError("the message is empty: type something to ask")
+            if len(text) > MAX_MESSAGE_CHARS:
+                raise ConfigError(f"the message has {len(text):,} characters; the limit is {MAX_MESSAGE_CHARS:,} "
+                                  f"(and the context holds {settings.n_ctx} tokens): shorten it")
+            params = SamplingParams(temperature=_number(temperature, "temperature", float),
+                                    top_p=_number(top_p, "top_p", float), top_k=_number(top_k, "top_k", int),
+                                    repeat_penalty=_number(repeat_penalty, "repeat_penalty", float),
+                                    max_tokens=_number(max_tokens, "max_tokens", int))
+            layers = settings.n_gpu_layers if n_gpu_layers is None else _number(n_gpu_layers, "n_gpu_layers", int)
+            if not -1 <= layers <= 1000:
+                raise ConfigError(f"n_gpu_layers={layers} is invalid: use -1 (all) to 1000")
+            model = model or settings.default_model
+            messages = to_messages(system if isinstance(system, str) else "", history or [], text)
+            stats: dict = {}
+            answer = ""
+            for piece in backend.stream(messages, params, model, layers, stats):
+                answer += piece
+                yield answer, f"`{model}` · answering…"
+            yield answer, status_line(stats, model, params)
+        except PipelineError as exc:
+            raise gr.Error(str(exc), print_exception=False) from None
+
+    return respond
+
+
+def _number(value, name: str, kind: type):
+    """A slider value that came through the API: numbers only (a bool or a string is refused)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"{name}={value!r} is invalid: give a number")
+    if kind is int:
+        if value != int(value):
+            raise ConfigError(f"{name}={value!r} is invalid: give a whole number")
+        return int(value)
+    return float(value)
+
+
+# ----------------------------------------------------------------------------- the page
+
+def build_app(settings: AppSettings, backend=None):
+    """The Gradio Blocks app (not launched); returns (demo, backend)."""
+    import gradio as gr
+
+    backend = backend or make_backend(settings)
+    try:
+        names = backend.model_names()
+        startup_error = None
+    except PipelineError as exc:
+        names, startup_error = [], str(exc)
+    default = settings.default_model if settings.default_model in names else (names[0] if names else None)
+    settings.default_model = default
+    if default is not None and startup_error is None:
+        try:  # load now so the first answer is fast, and a bad file is reported at once
+            backend.preload(default)
+        except PipelineError as exc:
+            startup_error = str(exc)
+            log.error("%s", exc)
+
+    with gr.Blocks(title=settings.title, fill_height=True) as demo:
+        gr.Markdown(f"## {settings.title}\nAnswers stream from a quantized GGUF through llama.cpp; "
+                    "the prompt is built with the model's own chat template and stops at `<|end|>`.")
+        with gr.Row(equal_height=False):
+            with gr.Column(scale=1, min_width=300):
+                status = gr.Markdown(f"⚠️ {startup_error}" if startup_error else f"`{default}` ready",
+                                     elem_id="status-line")
+                with gr.Accordion("Model and sampling", open=True) as accordion:
+                    system = gr.Textbox(DEFAULT_SYSTEM, label="System prompt", lines=2, elem_id="system-prompt")
+                    model = gr.Dropdown(names, value=default, label="Model", elem_id="model-picker",
+                                        allow_custom_value=False)
+                    temperature = gr.Slider(0.0, 2.0, value=DEFAULTS.temperature, step=0.05, label="Temperature",
+                                            elem_id="temperature")
+                    top_p = gr.Slider(0.05, 1.0, value=DEFAULTS.top_p, step=0.05, label="Top-p", elem_id="top-p")
+                    top_k = gr.Slider(0, 200, value=DEFAULTS.top_k, step=1, label="Top-k (0 = off)", elem_id="top-k")
+                    repeat_penalty = gr.Slider(1.0, 2.0, value=DEFAULTS.repeat_penalty, step=0.05,
+                                               label="Repetition penalty", elem_id="repeat-penalty")
+                    max_tokens = gr.Slider(16, max(16, settings.n_ctx // 2),
+                                           value=min(DEFAULTS.max_tokens, settings.n_ctx // 2), step=16,
+                                           label="Max new tokens", elem_id="max-tokens")
+                    inputs = [system, model, temperature, top_p, top_k, repeat_penalty, max_tokens]
+                    if settings.backend == "local":
+                        inputs.append(gr.Number(settings.n_gpu_layers, precision=0, minimum=-1, maximum=1000,
+                                                label="GPU layers (-1 = all; needs a GPU build of llama-cpp-python)",
+                                                elem_id="n-gpu-layers"))
+            with gr.Column(scale=2):
+                gr.ChatInterface(
+                    make_respond(backend, settings),
+                    chatbot=gr.Chatbot(height=560, elem_id="chatbot", placeholder="Ask the fine-tuned model something."),
+                    textbox=gr.Textbox(placeholder="Type a message and press Enter", elem_id="chat-input",
+                                       render=False, show_label=False, submit_btn=True, stop_btn=True),
+                    additional_inputs=inputs, additional_inputs_accordion=accordion, additional_outputs=[status],
+                    examples=[[e] for e in EXAMPLES], cache_examples=False, concurrency_limit=settings.concurrency,
+                    api_name="chat", fill_height=True)
+    demo.queue(max_size=settings.queue_size, default_concurrency_limit=settings.concurrency)
+    return demo, backend
+
+
+# ----------------------------------------------------------------------------- command line
+
+def add_app_arguments(parser: argparse.ArgumentParser) -> None:
+    env = os.environ.get
+    parser.add_argument("--model", type=Path, default=env("MODEL_PATH"),
+                        help="a .gguf file; the picker lists every .gguf beside it (env MODEL_PATH)")
+    parser.add_argument("--model-dir", type=Path, default=None, help="list the .gguf files of this folder")
+    parser.add_argument("--hub-repo", default=env("MODEL_REPO"), help="a Hub repo with GGUF files (env MODEL_REPO)")
+    parser.add_argument("--hub-file", action="append", default=[f for f in (env("MODEL_FILE") or "").split(",") if f],
+                        help="a GGUF file in --hub-repo (repeat for several; env MODEL_FILE, comma-separated)")
+    parser.add_argument("--backend", choices=["local", "openai"], default=env("BACKEND", "local"))
+    parser.add_argument("--base-url", default=env("OPENAI_BASE_URL"),
+                        help="the OpenAI-compatible server for --backend openai (env OPENAI_BASE_URL)")
+    parser.add_argument("--api-model", action="append", default=[],
+                        help="model name(s) on the server (default: the server's /v1/models)")
+    parser.add_argument("--host", default=env("GRADIO_SERVER_NAME", "127.0.0.1"),
+                        help="address to bind (default 127.0.0.1: this machine only; 0.0.0.0 serves the network)")
+    parser.add_argument("--port", type=int, default=int(env("GRADIO_SERVER_PORT", "7860")))
+    parser.add_argument("--n-ctx", type=int, default=int(env("N_CTX", "2048")))
+    parser.add_argument("--threads", type=int, default=int(env("N_THREADS")) if env("N_THREADS") else None)
+    parser.add_argument("--n-gpu-layers", type=int, default=int(env("N_GPU_LAYERS", "0")),
+                        help="layers to offload to a GPU (-1 = all; env N_GPU_LAYERS)")
+    parser.add_argument("--concurrency", type=int, default=int(env("CONCURRENCY", "1")),
+                        help="answers generated at once per event (a llama context runs one at a time)")
+    parser.add_argument("--auth-env", default="APP_AUTH",
+                        help="environment variable holding user:password for basic auth (unset: no auth)")
+    parser.add_argument("--share", action="store_true", help="open a public gradio.live link (off by default)")
+
+
+def settings_from_args(args) -> AppSettings:
+    if args.concurrency < 1:
+        raise ConfigError(f"--concurrency={args.concurrency} is invalid: use 1 or more")
+    if args.n_ctx < 64:
+        raise ConfigError(f"--n-ctx={args.n_ctx} is invalid: use at least 64 tokens")
+    settings = AppSettings(backend=args.backend, n_ctx=args.n_ctx, n_threads=args.threads,
+                           n_gpu_layers=args.n_gpu_layers, base_url=args.base_url,
+                           api_key=os.environ.get("OPENAI_API_KEY"), concurrency=args.concurrency)
+    if args.backend == "openai":
+        settings.models = [ModelChoice(n) for n in args.api_model]
+        settings.default_model = args.api_model[0] if args.api_model else None
+    elif args.hub_repo and not args.model:
+        settings.models, settings.default_model = hub_choices(args.hub_repo, args.hub_file)
+    elif args.model or args.model_dir:
+        settings.models, settings.default_model = local_choices(args.model, args.model_dir)
+    else:
+        raise ConfigError("no model given: use --model FILE.gguf (e.g. runs/demo/gguf/model-Q4_K_M.gguf), "
+                          "--hub-repo REPO --hub-file FILE.gguf, or --backend openai --base-url URL")
+    return settings
+
+
+def basic_auth(env_name: str) -> tuple[str, str] | None:
+    value = os.environ.get(env_name)
+    if not value:
+        return None
+    user, sep, password = value.partition(":")
+    if not sep or not user or not password:
+        raise ConfigError(f"{env_name} must be user:password (both non-empty)")
+    return user, password
+
+
+def app_main(args) -> int:
+    settings = settings_from_args(args)
+    auth = basic_auth(args.auth_env)
+    demo, backend = build_app(settings)
+    print(f"serving {settings.default_model or 'no model'} on http://{args.host}:{args.port}"
+          + (" (basic auth on)" if auth else ""), flush=True)
+    try:
+        demo.launch(server_name=args.host, server_port=args.port, share=args.share, auth=auth,
+                    show_error=True, footer_links=["api", "settings"], quiet=True)
+    finally:
+        backend.close()
+    return 0

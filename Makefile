@@ -2,13 +2,16 @@
 # make demo   - setup, then the whole pipeline on the built-in tiny model (runs/demo)
 # make test   - setup, then the test suite (the six notebooks included)
 # make notebooks - execute the notebooks into runs/notebooks/ with their outputs
+# make app    - serve the chat app on the demo's Q4_K_M at http://127.0.0.1:7860
+# make screenshot - S29-gradio.png from the running app after one exchange (real browser)
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 RUN_DIR ?= runs/demo
 
-.PHONY: setup demo test notebooks clean-demo
+.PHONY: setup demo test notebooks app screenshot clean-demo
+Q4 := $(RUN_DIR)/gguf/model-Q4_K_M.gguf
 NOTEBOOKS := S29_finetuning_llm.ipynb S29_phi3_inference.ipynb S29_phi3_QuantizeLLMs_checkpoint.ipynb \
              notebooks/lora_from_scratch.ipynb notebooks/nf4_from_scratch.ipynb notebooks/oasst1_trees.ipynb
 
@@ -24,6 +27,8 @@ $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	$(PY) -m pip check
 	# llama.cpp's converter, Phi-3 vocab and chat template, from the llama-cpp-python sources
 	$(PY) -m qlora_pipeline.llamacpp
+	# Debian's Chromium for the browser test (apt; skipped when present)
+	scripts/install_chromium.sh
 	@touch $(STAMP)
 
 demo: setup
@@ -35,6 +40,15 @@ test: setup
 # Execute the six notebooks on the tiny preset into runs/notebooks/ (with outputs, for reading).
 notebooks: setup
 	$(PY) -m qlora_pipeline.notebook runs/notebooks $(NOTEBOOKS)
+
+$(Q4): | setup
+	$(MAKE) demo
+
+app: setup $(Q4)
+	$(VENV)/bin/qlora-pipeline app --model $(Q4)
+
+screenshot: setup $(Q4)
+	$(PY) -m qlora_pipeline.app_check screenshot --model $(Q4) --out S29-gradio.png
 
 clean-demo:
 	rm -rf $(RUN_DIR)

@@ -258,3 +258,16 @@ backend.close()
                             env={**os.environ, "PYTHONPATH": ""})
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip().splitlines()[-1] == "Hello there."
+
+
+def test_stop_ends_the_answer_and_frees_the_model_for_the_next_one(hello_backend):
+    """The stop button closes the handler's generator (Gradio's aclosing); the lock must come free."""
+    settings, backend = hello_backend
+    respond = make_respond(backend, settings)
+    running = respond("Say hello number 11", [], *UI_DEFAULTS.values())
+    next(running)
+    chat = next(iter(backend.pool._loaded.values()))
+    assert chat.lock.locked()  # mid-answer
+    running.close()
+    assert not chat.lock.locked()
+    assert ask(settings, backend, "Say hello number 12")[0] == "Hello there."

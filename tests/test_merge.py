@@ -59,3 +59,50 @@ def test_adapter_for_another_base_is_a_clear_error(trained_run, tmp_path):
     other = make_config("tiny.hidden_size=512")  # a different base shape
     with pytest.raises(ModelError, match="does not fit this base model"):
         merge(other, run, log=lambda *a: None)
+
+
+@pytest.mark.parametrize("rslora", [False, True])
+def test_streaming_merge_equals_peft_merge_and_unload(tiny_base, tmp_path, rslora):
+    from peft import LoraConfig, get_peft_model
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from qlora_pipeline.merge_streaming import stream_merge
+
+    torch.manual_seed(0)
+    config = LoraConfig(r=8, lora_alpha=16, use_rslora=rslora, init_lora_weights=False,  # random B: a real update
+                        target_modules=["qkv_proj", "o_proj", "gate_up_proj", "down_proj"])
+    peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_base, dtype=torch.float32), config)
+    peft_model.save_pretrained(tmp_path / "adapter")
+    expected = peft_model.merge_and_unload().state_dict()
+
+    info = stream_merge(tiny_base, tmp_path / "adapter", tmp_path / "merged", log=lambda *a: None)
+    got = load_file(str(tmp_path / "merged" / "model.safetensors"))
+    base = load_file(str(tiny_base / "model.safetensors"))
+    assert info["merged_weights"] == 4 * 2  # four modules in each of the two test layers
+    assert set(got) == set(base)
+    changed = [n for n in got if not torch.equal(got[n], base[n])]
+    assert len(changed) == info["merged_weights"]
+    assert max((got[n] - expected[n]).abs().max().item() for n in got) <= 1e-6
+
+
+def test_merge_stage_streaming_matches_the_adapter(trained_run, tmp_path):
+    from conftest import copy_run, make_config
+    from qlora_pipeline.merge import merge
+
+    run = copy_run(trained_run, tmp_path / "run")
+    check = merge(make_config("merge.streaming=true"), run, log=lambda *a: None)
+    assert check["streaming"] is True and check["merged_weights"] > 0
+    assert check["max_abs_logit_diff"] <= 1e-3 and check["argmax_agreement"] == 1.0
+    assert (run / "merged" / "tokenizer.model").is_file()
+
+
+def test_streaming_merge_refuses_an_adapter_for_another_shape(trained_run, tmp_path):
+    from conftest import make_config
+    from qlora_pipeline.errors import ModelError
+    from qlora_pipeline.merge_streaming import stream_merge
+    from qlora_pipeline.model import resolve_base
+
+    other = resolve_base(make_config("tiny.hidden_size=512"), log_fn=lambda *a: None)
+    with pytest.raises(ModelError, match="merge with the base it was trained on"):
+        stream_merge(other, trained_run / "adapter", tmp_path / "merged", log=lambda *a: None)

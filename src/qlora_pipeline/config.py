@@ -224,10 +224,14 @@ class MergeConfig:
     """dtype of the merged model: ``auto`` (the base's own: fp32 for tiny, bf16 for Phi-3.5)."""
     check_samples: int = 8
     """Validation conversations used to compare merged and adapter logits."""
+    streaming: Any = "auto"
+    """Merge shard by shard (peak memory: one shard) instead of peft's in-memory merge: true,
+    false, or ``auto`` (streaming when the base is larger than half the free memory)."""
 
     def __post_init__(self) -> None:
         _check(self.dtype in ("auto", "float32", "float16", "bfloat16"), "merge.dtype", self.dtype,
                "use auto, float32, float16 or bfloat16")
+        _check(self.streaming in (True, False, "auto"), "merge.streaming", self.streaming, "use true, false or auto")
         _check(self.check_samples >= 1, "merge.check_samples", self.check_samples, "use at least 1")
 
 

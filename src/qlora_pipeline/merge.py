@@ -105,6 +105,8 @@ def merge(cfg: PipelineConfig, run_dir: Path, log=print) -> dict:
     check_examples, _ = tokenize_conversations(
         encoder, read_split(run_dir, "val")[: cfg.merge.check_samples], cfg.data.max_seq_len, cfg.data.overlong)
 
+    if use_streaming(cfg, base, log):
+        return _merge_streaming(cfg, run_dir, base, dtype, tokenizer, check_examples, log)
     model = load_base_full_precision(base, cfg.model, dtype=dtype)
     with_adapter = load_adapter(model, adapter_dir)
     # Reference logits of base + adapter, taken before merge_and_unload folds the weights in place
@@ -122,5 +124,66 @@ def merge(cfg: PipelineConfig, run_dir: Path, log=print) -> dict:
         tokenizer.save_pretrained(tmp)
         if not copy_sentencepiece_model(base, tmp, cfg.model.revision):
             raise ModelError(f"the base {base!r} has no tokenizer.model; llama.cpp's Phi-3 converter needs it")
+    write_json_atomic(run_dir / "merge_check.json", check)
+    return check
+
+
+def local_base_dir(base: str, revision: str | None) -> Path:
+    """A folder holding the base's files: the base itself, or its Hub snapshot (weights + configs)."""
+    if Path(base).is_dir():
+        return Path(base)
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(base, revision=revision,
+                                  allow_patterns=["*.safetensors", "*.json", "tokenizer.model", "*.jinja"]))
+
+
+def base_weight_bytes(base: str, revision: str | None) -> int | None:
+    """Size of a local base's safetensors weights (None for a Hub id not downloaded yet)."""
+    folder = Path(base)
+    if not folder.is_dir():
+        return None
+    return sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+
+
+def use_streaming(cfg: PipelineConfig, base: str, log=print) -> bool:
+    if cfg.merge.streaming != "auto":
+        return bool(cfg.merge.streaming)
+    import psutil
+
+    size = base_weight_bytes(base, cfg.model.revision)
+    if size is None:  # a Hub id: Phi-3.5-mini is 7.6 GB; decide on the free memory alone
+        size = 7_600_000_000 if "phi-3" in base.lower() else 0
+    free = psutil.virtual_memory().available
+    streaming = size > free / 2
+    if streaming:
+        log(f"streaming merge: the base ({size / 1e9:.1f} GB) is larger than half the free memory "
+            f"({free / 1e9:.1f} GB)")
+    return streaming
+
+
+def _merge_streaming(cfg: PipelineConfig, run_dir: Path, base: str, dtype, tokenizer, check_examples, log) -> dict:
+    """Shard-by-shard merge; the check then loads one model at a time (base + adapter, then merged)."""
+    import gc
+
+    from qlora_pipeline.merge_streaming import stream_merge
+    from qlora_pipeline.model import load_base_full_precision
+
+    base_dir = local_base_dir(base, cfg.model.revision)
+    with atomic_dir(run_dir / MERGED) as tmp:
+        info = stream_merge(base_dir, run_dir / "adapter", tmp, dtype=dtype, log=log)
+        tokenizer.save_pretrained(tmp)
+        if not copy_sentencepiece_model(str(base_dir), tmp, cfg.model.revision):
+            raise ModelError(f"the base {base!r} has no tokenizer.model; llama.cpp's Phi-3 converter needs it")
+        reference = model_logits(load_adapter(load_base_full_precision(base, cfg.model, dtype=dtype),
+                                              run_dir / "adapter"), check_examples)
+        gc.collect()
+        merged = load_base_full_precision(str(tmp), cfg.model, dtype=dtype)
+        check = compare_logits(reference, model_logits(merged, check_examples))
+        del merged, reference
+    check.update({"dtype": str(dtype).replace("torch.", ""), "samples": len(check_examples), "streaming": True,
+                  **info})
+    log(f"merge check: max |logit diff| {check.get('max_abs_logit_diff', float('nan')):.2e}, "
+        f"argmax agreement {100 * check.get('argmax_agreement', 0):.2f}% on {check.get('tokens', 0)} tokens")
     write_json_atomic(run_dir / "merge_check.json", check)
     return check

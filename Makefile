@@ -4,13 +4,15 @@
 # make notebooks - execute the notebooks into runs/notebooks/ with their outputs
 # make app    - serve the chat app on the demo's Q4_K_M at http://127.0.0.1:7860
 # make screenshot - S29-gradio.png from the running app after one exchange (real browser)
+# make bench  - benchmarks on the tiny model (a few minutes): bench/results/*.json, *.md, speed_vs_size.png
+# make bench-full - the full-size Phi-3.5-mini shape (random weights; ~25 GB disk, up to about an hour)
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 RUN_DIR ?= runs/demo
 
-.PHONY: setup demo test notebooks app screenshot clean-demo
+.PHONY: setup demo test notebooks app screenshot bench bench-full clean-demo
 Q4 := $(RUN_DIR)/gguf/model-Q4_K_M.gguf
 NOTEBOOKS := S29_finetuning_llm.ipynb S29_phi3_inference.ipynb S29_phi3_QuantizeLLMs_checkpoint.ipynb \
              notebooks/lora_from_scratch.ipynb notebooks/nf4_from_scratch.ipynb notebooks/oasst1_trees.ipynb
@@ -49,6 +51,16 @@ app: setup $(Q4)
 
 screenshot: setup $(Q4)
 	$(PY) -m qlora_pipeline.app_check screenshot --model $(Q4) --out S29-gradio.png
+
+bench: setup $(Q4)
+	$(PY) bench/ttft.py --model $(Q4)
+	$(PY) bench/inference.py --run $(RUN_DIR)
+	$(PY) bench/train_throughput.py
+	$(PY) bench/plot.py
+
+bench-full: setup
+	$(PY) bench/fullsize.py
+	$(PY) bench/plot.py
 
 clean-demo:
 	rm -rf $(RUN_DIR)

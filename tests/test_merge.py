@@ -106,3 +106,28 @@ def test_streaming_merge_refuses_an_adapter_for_another_shape(trained_run, tmp_p
     other = resolve_base(make_config("tiny.hidden_size=512"), log_fn=lambda *a: None)
     with pytest.raises(ModelError, match="merge with the base it was trained on"):
         stream_merge(other, trained_run / "adapter", tmp_path / "merged", log=lambda *a: None)
+
+
+def test_streaming_is_chosen_when_the_base_is_larger_than_half_the_free_memory(tiny_base, monkeypatch):
+    import psutil
+
+    from conftest import make_config
+    from qlora_pipeline.errors import ConfigError
+    from qlora_pipeline.merge import base_weight_bytes, use_streaming
+
+    size = base_weight_bytes(str(tiny_base), None)
+    assert size > 0
+
+    class Memory:
+        available = 0
+
+    cfg = make_config()
+    assert cfg.merge.streaming == "auto"
+    Memory.available = 2 * size + 1
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: Memory)
+    assert use_streaming(cfg, str(tiny_base), log=lambda *a: None) is False
+    Memory.available = 2 * size - 1
+    assert use_streaming(cfg, str(tiny_base), log=lambda *a: None) is True
+    assert use_streaming(make_config("merge.streaming=false"), str(tiny_base), log=lambda *a: None) is False
+    with pytest.raises(ConfigError, match="merge.streaming"):
+        make_config("merge.streaming=sometimes")

@@ -83,11 +83,12 @@ def step_merge() -> dict:
         shutil.rmtree(ROOT / folder, ignore_errors=True)
     goal = 2.0e9 + largest_shard
     return {
-        "streaming": {"seconds": stream["seconds"], "peak_rss_bytes": stream["peak_rss_bytes"]},
-        "peft": {"seconds": peft["seconds"], "peak_rss_bytes": peft["peak_rss_bytes"]},
+        "streaming": {k: stream[k] for k in ("seconds", "peak_rss_bytes", "peak_anon_bytes")},
+        "peft": {k: peft[k] for k in ("seconds", "peak_rss_bytes", "peak_anon_bytes")},
         "largest_shard_bytes": largest_shard, "goal_bytes": goal, "agreement": compare,
         "summary": {"streaming peak RSS": gb(stream["peak_rss_bytes"]), "in": f"{stream['seconds']:.0f} s",
                     "peft peak RSS": gb(peft["peak_rss_bytes"]), "peft in": f"{peft['seconds']:.0f} s",
+                    "peak anonymous memory, streaming / peft": f"{gb(stream['peak_anon_bytes'])} / {gb(peft['peak_anon_bytes'])}",
                     "goal": f"<= {gb(goal)} (2 GB + largest shard)",
                     "max relative diff streaming vs peft (layers 0-1, bf16)": f"{compare['max_relative_diff']:.2e}"},
     }

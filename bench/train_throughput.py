@@ -38,8 +38,6 @@ import json, time
 from pathlib import Path
 from qlora_pipeline.config import load_config
 from qlora_pipeline.pipeline import run_stage, save_run_config
-from qlora_pipeline.runtime import tune_allocator
-tune_allocator()
 cfg = load_config("tiny", {overrides!r})
 run = Path({run!r})
 save_run_config(cfg, run)
@@ -64,7 +62,6 @@ from qlora_pipeline.data import read_split, tokenize_conversations
 from qlora_pipeline.model import attach_lora, load_base_for_training, load_tokenizer, pick_device, resolve_base
 from qlora_pipeline.runtime import tune_allocator
 from qlora_pipeline.train import evaluate_loss
-tune_allocator()
 cfg = load_config("tiny", {overrides!r})
 run = Path({run!r})
 base = resolve_base(cfg, log_fn=lambda *a: None)
@@ -75,6 +72,7 @@ val, _ = tokenize_conversations(encoder, read_split(run, "val"), cfg.data.max_se
 device = pick_device()
 model = load_base_for_training(cfg.model, base, device)
 model, _ = attach_lora(model, cfg.lora, cfg.model, seed=cfg.train.seed)
+tune_allocator()  # as our train stage does, after loading
 args = SFTConfig(output_dir=str(run / "trl"), per_device_train_batch_size={batch}, gradient_accumulation_steps=1,
                  max_steps={steps}, learning_rate=cfg.train.learning_rate, lr_scheduler_type="cosine",  # a float < 1: a ratio
                  warmup_steps=cfg.train.warmup_ratio, weight_decay=0.0, max_grad_norm=1.0, optim="adamw_torch",
@@ -99,7 +97,6 @@ from qlora_pipeline.chat_format import ChatEncoder
 from qlora_pipeline.config import load_config
 from qlora_pipeline.model import attach_lora, load_base_for_training, pick_device, resolve_base
 from qlora_pipeline.runtime import tune_allocator
-tune_allocator()
 cfg = load_config("tiny", {overrides!r})
 base = resolve_base(cfg, log_fn=lambda *a: None)
 device = pick_device()
@@ -110,6 +107,8 @@ if mode == "full":
         p.requires_grad_(True)
 else:
     model, _ = attach_lora(model, cfg.lora, cfg.model, seed=0)
+model.train()
+tune_allocator()
 params = [p for p in model.parameters() if p.requires_grad]
 optimizer = torch.optim.AdamW(params, lr=1e-4)
 ids = torch.randint(3, 32000, (1, 512), generator=torch.Generator().manual_seed(0))

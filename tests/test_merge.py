@@ -131,3 +131,18 @@ def test_streaming_is_chosen_when_the_base_is_larger_than_half_the_free_memory(t
     assert use_streaming(make_config("merge.streaming=false"), str(tiny_base), log=lambda *a: None) is False
     with pytest.raises(ConfigError, match="merge.streaming"):
         make_config("merge.streaming=sometimes")
+
+
+def test_streaming_merge_can_store_another_dtype(trained_run, tiny_base, tmp_path):
+    import json as _json
+
+    from safetensors.torch import load_file
+
+    from qlora_pipeline.merge_streaming import stream_merge
+
+    stream_merge(tiny_base, trained_run / "adapter", tmp_path / "fp32", log=lambda *a: None)
+    stream_merge(tiny_base, trained_run / "adapter", tmp_path / "bf16", dtype=torch.bfloat16, log=lambda *a: None)
+    full, half = load_file(str(tmp_path / "fp32" / "model.safetensors")), load_file(str(tmp_path / "bf16" / "model.safetensors"))
+    assert {t.dtype for t in half.values()} == {torch.bfloat16}
+    assert all(torch.equal(half[n], full[n].to(torch.bfloat16)) for n in full)  # merged in fp32, rounded once
+    assert _json.loads((tmp_path / "bf16" / "config.json").read_text())["dtype"] == "bfloat16"

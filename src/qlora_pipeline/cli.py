@@ -110,9 +110,6 @@ def _setup_logging() -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _setup_logging()
-    from qlora_pipeline.runtime import tune_allocator
-
-    tune_allocator()
     try:
         return _dispatch(args)
     except PipelineError as exc:

@@ -299,6 +299,7 @@ def train(cfg: PipelineConfig, run_dir: Path, resume: bool = False, stop_after_s
 
     from qlora_pipeline.model import (attach_lora, format_lora_report, load_base_for_training,
                                       load_tokenizer, pick_device, resolve_base)
+    from qlora_pipeline.runtime import tune_allocator
 
     run_dir = Path(run_dir)
     tcfg = cfg.train
@@ -324,6 +325,13 @@ def train(cfg: PipelineConfig, run_dir: Path, resume: bool = False, stop_after_s
                             "raise it or use data.overlong=truncate")
     model = load_base_for_training(cfg.model, base, device)
     model, lora_report = attach_lora(model, cfg.lora, cfg.model, seed=tcfg.seed)
+    # Only for small models, and after loading. Measured on the full-size Phi-3.5 shape on the
+    # CPU (bench/fullsize_qlora.py): raised before loading, the thresholds keep loading's freed
+    # buffers resident (8.1 GB after loading instead of 3.4 GB); raised after it, a QLoRA step
+    # is 16% faster but peaks at 8.7 GB instead of 5.9 GB. On the tiny model they make steps
+    # ~20% faster at no cost worth counting.
+    if sum(p.numel() * p.element_size() for p in model.parameters()) < 1 << 30:
+        tune_allocator()
     say(format_lora_report(lora_report))
 
     per_epoch = len(pack_examples(train_examples, tcfg.batch_tokens, list(range(len(train_examples)))))

@@ -103,7 +103,12 @@ def test_two_process_data_parallel_run_ends_with_identical_weights(prepared_run,
     run = copy_run(prepared_run, tmp_path / "ddp")
     save_run_config(make_config("train.max_steps=4"), run)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "tests")}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+    import socket
+
+    with socket.socket() as sock:  # a free port: a fixed one collides with a run still closing
+        sock.bind(("127.0.0.1", 0))
+        port = str(sock.getsockname()[1])
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port,
            str(REPO / "tests" / "ddp_train.py"), str(run), str(tmp_path / "ranks")]
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]

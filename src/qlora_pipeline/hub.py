@@ -11,8 +11,8 @@ from pathlib import Path
 from qlora_pipeline.errors import PipelineError
 
 
-def push_folder(folder: Path, repo_id: str, private: bool = True) -> str:
-    """Upload ``folder`` to the model repo ``repo_id`` (created if needed); return its URL."""
+def push_folder(folder: Path, repo_id: str, private: bool = True, repo_type: str = "model") -> str:
+    """Upload ``folder`` to the repo ``repo_id`` (a model repo, or a Gradio Space; created if needed); return its URL."""
     token = os.environ.get("HF_TOKEN")
     if not token:
         raise PipelineError("HF_TOKEN is not set; create a write token at huggingface.co/settings/tokens "
@@ -20,9 +20,11 @@ def push_folder(folder: Path, repo_id: str, private: bool = True) -> str:
     from huggingface_hub import HfApi
 
     api = HfApi(token=token)
-    api.create_repo(repo_id, private=private, exist_ok=True)
-    api.upload_folder(folder_path=str(folder), repo_id=repo_id, commit_message="Upload from qlora-pipeline")
-    return f"https://huggingface.co/{repo_id}"
+    space = {"space_sdk": "gradio"} if repo_type == "space" else {}
+    api.create_repo(repo_id, private=private, exist_ok=True, repo_type=repo_type, **space)
+    api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type=repo_type,
+                      commit_message="Upload from qlora-pipeline")
+    return f"https://huggingface.co/{'spaces/' if repo_type == 'space' else ''}{repo_id}"
 
 
 def push_if_asked(folder: Path, repo_id: str | None, enabled: bool) -> str | None:

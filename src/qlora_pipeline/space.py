@@ -7,11 +7,11 @@ A test imports the folder with torch and transformers blocked to keep it that wa
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 
-from qlora_pipeline.errors import ConfigError, PipelineError
+from qlora_pipeline.errors import ConfigError
+from qlora_pipeline.hub import push_folder
 from qlora_pipeline.paths import atomic_dir
 
 APP_DIR = Path(__file__).resolve().parents[2] / "app"
@@ -34,23 +34,9 @@ def build_space(out: Path, app_dir: Path = APP_DIR) -> Path:
     return Path(out)
 
 
-def push_space(folder: Path, repo_id: str) -> str:
-    token = os.environ.get("HF_TOKEN")
-    if not token:
-        raise PipelineError("HF_TOKEN is not set; create a write token at huggingface.co/settings/tokens "
-                            "and set it in the environment")
-    from huggingface_hub import HfApi
-
-    api = HfApi(token=token)
-    api.create_repo(repo_id, repo_type="space", space_sdk="gradio", exist_ok=True)
-    api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type="space",
-                      commit_message="Upload the chat app from qlora-pipeline")
-    return f"https://huggingface.co/spaces/{repo_id}"
-
-
 def space_main(args) -> int:
     folder = build_space(args.out)
     print(f"wrote the Space to {folder} ({len(SPACE_FILES)} files + {len(SPACE_MODULES)} modules)")
     if args.push:
-        print(f"pushed to {push_space(folder, args.push)}")
+        print(f"pushed to {push_folder(folder, args.push, private=False, repo_type='space')}")
     return 0

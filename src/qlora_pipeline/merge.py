@@ -115,9 +115,7 @@ def merge(cfg: PipelineConfig, run_dir: Path, log=print) -> dict:
     merged = with_adapter.merge_and_unload()
     check = compare_logits(reference, model_logits(merged, check_examples))
     del reference
-    check.update({"dtype": str(dtype).replace("torch.", ""), "samples": len(check_examples)})
-    log(f"merge check: max |logit diff| {check.get('max_abs_logit_diff', float('nan')):.2e}, "
-        f"argmax agreement {100 * check.get('argmax_agreement', 0):.2f}% on {check.get('tokens', 0)} tokens")
+    _report_check(check, dtype, len(check_examples), log)
 
     with atomic_dir(run_dir / MERGED) as tmp:
         merged.save_pretrained(tmp, safe_serialization=True)
@@ -126,6 +124,13 @@ def merge(cfg: PipelineConfig, run_dir: Path, log=print) -> dict:
             raise ModelError(f"the base {base!r} has no tokenizer.model; llama.cpp's Phi-3 converter needs it")
     write_json_atomic(run_dir / "merge_check.json", check)
     return check
+
+
+def _report_check(check: dict, dtype, samples: int, log, **extra) -> None:
+    """Complete the merge check's record and log it (both merge paths)."""
+    check.update({"dtype": str(dtype).replace("torch.", ""), "samples": samples, **extra})
+    log(f"merge check: max |logit diff| {check.get('max_abs_logit_diff', float('nan')):.2e}, "
+        f"argmax agreement {100 * check.get('argmax_agreement', 0):.2f}% on {check.get('tokens', 0)} tokens")
 
 
 def local_base_dir(base: str, revision: str | None) -> Path:
@@ -181,9 +186,6 @@ def _merge_streaming(cfg: PipelineConfig, run_dir: Path, base: str, dtype, token
         merged = load_base_full_precision(str(tmp), cfg.model, dtype=dtype)
         check = compare_logits(reference, model_logits(merged, check_examples))
         del merged, reference
-    check.update({"dtype": str(dtype).replace("torch.", ""), "samples": len(check_examples), "streaming": True,
-                  **info})
-    log(f"merge check: max |logit diff| {check.get('max_abs_logit_diff', float('nan')):.2e}, "
-        f"argmax agreement {100 * check.get('argmax_agreement', 0):.2f}% on {check.get('tokens', 0)} tokens")
+    _report_check(check, dtype, len(check_examples), log, streaming=True, **info)
     write_json_atomic(run_dir / "merge_check.json", check)
     return check

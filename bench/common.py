@@ -113,8 +113,6 @@ def python_step(code: str, env: dict | None = None) -> dict:
     lines = run.pop("stdout").strip().splitlines()
     children = json.loads(lines.pop())["children_peak_rss_bytes"] if lines else 0
     run["peak_rss_bytes"] = max(run["peak_rss_bytes"], children)
-    run["stdout"] = "\n".join(lines)
-    lines = run.pop("stdout").strip().splitlines()
     try:
         run["result"] = json.loads(lines[-1]) if lines else None
     except json.JSONDecodeError:

@@ -103,11 +103,9 @@ def test_two_process_data_parallel_run_ends_with_identical_weights(prepared_run,
     run = copy_run(prepared_run, tmp_path / "ddp")
     save_run_config(make_config("train.max_steps=4"), run)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "tests")}
-    import socket
+    from qlora_pipeline.app_check import free_port
 
-    with socket.socket() as sock:  # a free port: a fixed one collides with a run still closing
-        sock.bind(("127.0.0.1", 0))
-        port = str(sock.getsockname()[1])
+    port = str(free_port())  # a fixed port collides with a run still closing
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port,
            str(REPO / "tests" / "ddp_train.py"), str(run), str(tmp_path / "ranks")]
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)

@@ -117,3 +117,40 @@ def test_two_process_data_parallel_run_ends_with_identical_weights(prepared_run,
         assert torch.equal(rank0[name], rank1[name]), name
     summary = json.loads((run / "adapter" / "training_summary.json").read_text())
     assert summary["world_size"] == 2 and summary["steps"] == 4
+
+
+def test_a_corrupt_checkpoint_is_skipped_with_a_warning_naming_it(prepared_run, tmp_path):
+    cfg = make_config("train.keep_checkpoints=3")
+    straight = copy_run(prepared_run, tmp_path / "straight")
+    train(cfg, straight, log=lambda *a, **k: None)
+    run = copy_run(prepared_run, tmp_path / "run")
+    train(cfg, run, stop_after_steps=4, log=lambda *a, **k: None)
+    newest = run / "checkpoints" / "step-000004"
+    weights = newest / "trainable.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-8] + b"\0" * 8)  # same size, other bytes
+    messages = []
+    train(cfg, run, resume=True, log=messages.append)
+    assert f"warning: skipping incomplete or corrupt checkpoint {newest}" in messages
+    assert "resuming from step-000002 (step 2 of 6)" in messages
+    a, b = _adapter_tensors(straight), _adapter_tensors(run)
+    assert all(torch.equal(a[name], b[name]) for name in a)
+
+
+def test_resume_refuses_a_checkpoint_of_other_settings(prepared_run, tmp_path):
+    run = copy_run(prepared_run, tmp_path / "run")
+    train(make_config(), run, stop_after_steps=2, log=lambda *a, **k: None)
+    with pytest.raises(PipelineError, match="step-000002 was made with other training settings or data"):
+        train(make_config("train.learning_rate=0.001"), run, resume=True, log=lambda *a, **k: None)
+
+
+def test_run_does_not_silently_discard_an_interrupted_training(prepared_run, tmp_path, test_config):
+    from qlora_pipeline.pipeline import run_pipeline
+
+    run = copy_run(prepared_run, tmp_path / "run")
+    train(test_config, run, stop_after_steps=2, log=lambda *a, **k: None)
+    with pytest.raises(PipelineError, match="training was interrupted and .*step-000002 can continue it; "
+                                            "add --resume to continue, or --force train to start over"):
+        run_pipeline(test_config, run, log=lambda *a: None, until="train")
+    lines = []
+    run_pipeline(test_config, run, log=lines.append, until="train", resume=True)
+    assert "resuming from step-000002 (step 2 of 6)" in lines

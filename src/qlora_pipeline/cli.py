@@ -3,7 +3,8 @@
     qlora-pipeline run --preset tiny --run-dir runs/demo          # every stage, skipping done ones
     qlora-pipeline run --preset phi35-colab-t4 train.epochs=2     # key=value overrides
     qlora-pipeline prepare|train|merge|export|evaluate --run-dir runs/demo
-    qlora-pipeline train --run-dir runs/demo --resume            # continue from the last checkpoint
+    qlora-pipeline run --run-dir runs/demo --resume              # continue after an interruption
+    qlora-pipeline run --run-dir runs/demo --force export         # re-run one stage
     qlora-pipeline chat --model runs/demo/gguf/model-Q4_K_M.gguf  # talk to a GGUF (llama-cpp-python)
     qlora-pipeline app --model runs/demo/gguf/model-Q4_K_M.gguf   # the Gradio chat app on 127.0.0.1:7860
     qlora-pipeline space --out runs/space [--push you/my-space]   # the app as a Hugging Face Space folder
@@ -38,9 +39,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run every stage")
     _common(run, None)
-    run.add_argument("--resume", action="store_true", help="continue training from the last checkpoint")
+    run.add_argument("--resume", action="store_true",
+                     help="continue training from the last complete checkpoint (with the run's own config.json "
+                          "unless --preset is given)")
     run.add_argument("--force", action="append", default=[], metavar="STAGE",
-                     help="run this stage (and the ones after it) again")
+                     help="run this stage again even if it is up to date (repeatable); the stages after it "
+                          "run again only if its outputs change")
+    run.add_argument("--until", default=None, metavar="STAGE", help="stop after this stage")
     for name, text in (("prepare", "oasst1 trees -> conversations"), ("train", "QLoRA fine-tuning"),
                        ("merge", "merge the adapter into the base"),
                        ("export", "GGUF F16 and quantized files (llama.cpp)"),
@@ -89,7 +94,8 @@ def resolve_config(args):
     overrides = list(args.overrides)
     if args.data_files:
         overrides += ["data.source=files", "data.data_files=[" + ",".join(f'"{f}"' for f in args.data_files) + "]"]
-    if args.preset is None and args.run_dir and args.command != "run":
+    continuing = args.command != "run" or args.resume  # a stage of, or the rest of, an existing run
+    if args.preset is None and args.run_dir and continuing:
         existing = read_run_config(Path(args.run_dir))
         if existing is not None:
             return config_from_dict(_merge(existing.to_dict(), parse_overrides(overrides)))
@@ -144,13 +150,16 @@ def _dispatch(args) -> int:
     if args.command == "run":
         from qlora_pipeline.pipeline import STAGE_NAMES
 
-        for name in args.force:
+        for flag, name in [("--force", n) for n in args.force] + [("--until", args.until)] * bool(args.until):
             if name not in STAGE_NAMES:
-                raise PipelineError(f"--force {name}: unknown stage; use one of {', '.join(STAGE_NAMES)}")
-        result = run_pipeline(cfg, run_dir, resume=args.resume, force=tuple(args.force))
+                raise PipelineError(f"{flag} {name}: unknown stage; use one of {', '.join(STAGE_NAMES)}")
+        result = run_pipeline(cfg, run_dir, resume=args.resume, force=tuple(args.force), until=args.until)
         if result.get("interrupted"):
             return 130
-        print_summary(run_dir, result["timings"], time.time() - started)
+        if args.until and args.until != "evaluate":
+            print(f"stages up to {args.until} done in {time.time() - started:.1f} s ({run_dir})")
+        else:
+            print_summary(run_dir, result["timings"], time.time() - started)
         return 0
     check_run_dir(run_dir)
     save_run_config(cfg, run_dir)

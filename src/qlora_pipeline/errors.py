@@ -21,3 +21,7 @@ class ModelError(PipelineError):
 
 class StageOrderError(PipelineError):
     """A stage was run before the stage whose outputs it needs."""
+
+
+class DiskFullError(PipelineError):
+    """Not enough free disk space for an artifact; the previous complete version is kept."""

@@ -182,7 +182,7 @@ def export(cfg: PipelineConfig, run_dir: Path, log=print) -> dict:
             convert_to_gguf(merged, path, name, eot)
         else:
             quantize_gguf(gguf_path(run_dir, F16), path, quant, cfg.export.threads)
-        manifest["files"][quant] = {"path": str(path), "bytes": path.stat().st_size}
+        manifest["files"][quant] = {"file": path.name, "bytes": path.stat().st_size}  # relative: runs can move
         write_json_atomic(manifest_path, manifest)
     for stale in set(manifest["files"]) - set(todo):
         gguf_path(run_dir, stale).unlink(missing_ok=True)

@@ -1,14 +1,18 @@
-"""Where things live: the cache folder and atomic writes."""
+"""Where things live: the cache folder, atomic writes, file manifests and free disk space."""
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import hashlib
 import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
+
+from qlora_pipeline.errors import DiskFullError
 
 
 def cache_root() -> Path:
@@ -43,9 +47,11 @@ def write_text_atomic(path: Path, text: str) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise disk_full(path, len(text.encode())) from None
         raise
     _fsync_dir(path.parent)
 
@@ -68,15 +74,40 @@ def save_figure_atomic(fig, path: Path, dpi: int = 110) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def recover_interrupted(final: Path) -> None:
+    """Undo what a killed ``atomic_dir``/``write_text_atomic`` left beside ``final``.
+
+    Temporary names start with a dot and are never read, so removing them is safe. A process
+    killed between the two renames of a replacement leaves the previous complete folder as
+    ``.NAME.old`` and nothing at ``NAME``: it is put back, so the last complete version survives.
+    """
+    final = Path(final)
+    if not final.parent.is_dir():
+        return
+    for leftover in final.parent.glob(f".{final.name}.*.tmp"):
+        if leftover.is_dir():
+            shutil.rmtree(leftover, ignore_errors=True)
+        else:
+            leftover.unlink(missing_ok=True)
+    old = final.with_name(f".{final.name}.old")
+    if old.exists():
+        if final.exists():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            old.rename(final)
+
+
 @contextlib.contextmanager
 def atomic_dir(final: Path) -> Iterator[Path]:
     """Yield a temporary folder beside ``final``; on success it replaces ``final`` in one rename.
 
     On any error the temporary folder is removed and ``final`` is left as it was, so a
-    folder at the final path is always complete.
+    folder at the final path is always complete. A write that fills the disk raises
+    ``DiskFullError`` naming ``final``.
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
+    recover_interrupted(final)
     tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp"))
     try:
         yield tmp
@@ -94,6 +125,110 @@ def atomic_dir(final: Path) -> Iterator[Path]:
         else:
             tmp.rename(final)
         _fsync_dir(final.parent)
-    except BaseException:
+    except BaseException as exc:
+        full = isinstance(exc, Exception) and looks_like_disk_full(exc, tmp)
+        written = folder_bytes(tmp) if full and tmp.exists() else None
         shutil.rmtree(tmp, ignore_errors=True)
+        if full:
+            raise disk_full(final, written) from None
         raise
+
+
+# ---------------------------------------------------------------------------- manifests
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def folder_bytes(path: Path) -> int:
+    path = Path(path)
+    if path.is_file():
+        return path.stat().st_size
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def file_manifest(root: Path, names: tuple[str, ...] | list[str], previous: dict | None = None) -> dict:
+    """``{relative path: {bytes, mtime_ns, sha256}}`` for every file under ``names`` (files or
+    folders relative to ``root``; dot-files, which are temporary, left out).
+
+    A file whose size and modification time equal its entry in ``previous`` keeps that hash
+    unread (as make and git do), so checking a 7.6 GB merged model costs a stat, not a read.
+    """
+    root = Path(root)
+    previous = previous or {}
+    out = {}
+    for name in names:
+        top = root / name
+        files = [top] if top.is_file() else sorted(f for f in top.rglob("*") if f.is_file()) if top.is_dir() else []
+        for file in files:
+            rel = file.relative_to(root).as_posix()
+            if any(part.startswith(".") for part in Path(rel).parts):
+                continue
+            stat = file.stat()
+            old = previous.get(rel)
+            if old and old["bytes"] == stat.st_size and old["mtime_ns"] == stat.st_mtime_ns:
+                out[rel] = old
+            else:
+                out[rel] = {"bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": file_sha256(file)}
+    return out
+
+
+def manifest_difference(recorded: dict, current: dict) -> str | None:
+    """The first path that differs between two manifests (by size or content), or None."""
+    for rel in sorted(set(recorded) | set(current)):
+        a, b = recorded.get(rel), current.get(rel)
+        if a is None or b is None or a["bytes"] != b["bytes"] or a["sha256"] != b["sha256"]:
+            return rel
+    return None
+
+
+# ---------------------------------------------------------------------------- disk space
+
+def _existing_ancestor(path: Path) -> Path:
+    path = Path(path).absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def free_bytes(path: Path) -> int:
+    return shutil.disk_usage(_existing_ancestor(path)).free
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} GB"
+
+
+def disk_full(path: Path, needed: int | None) -> DiskFullError:
+    need = f"needs about {human_bytes(needed)}, " if needed else ""
+    return DiskFullError(f"not enough disk space to write {path} ({need}{human_bytes(free_bytes(path))} free); "
+                         "free some space or use a --run-dir on a larger disk (the previous version is untouched)")
+
+
+def looks_like_disk_full(exc: Exception, where: Path) -> bool:
+    """Whether a failed write ran out of space. Writers report it differently (OSError ENOSPC,
+    safetensors' "StorageFull", torch.save's "file write failed"), so a disk with under 1 MiB
+    left at the moment of failure counts too."""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(exc)
+    if "No space left" in text or "StorageFull" in text:
+        return True
+    try:
+        return free_bytes(where) < 1 << 20
+    except OSError:
+        return False
+
+
+def require_free_space(path: Path, needed: int) -> None:
+    """Refuse, before writing, an artifact of about ``needed`` bytes that cannot fit (5% kept spare)."""
+    if free_bytes(path) < needed * 1.05:
+        raise disk_full(path, needed)

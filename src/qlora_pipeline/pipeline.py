@@ -3,13 +3,16 @@
     from qlora_pipeline.pipeline import run_pipeline
     run_pipeline(cfg, Path("runs/demo"))
 
-Each finished stage leaves ``RUN/stages/<stage>.json`` with a hash of the configuration
-sections it depends on. A stage is skipped when that record matches and its outputs exist;
-a changed setting re-runs the stage that reads it and every stage after it, and says so.
+Each finished stage leaves ``RUN/stages/<stage>.json``: a hash per configuration section it
+depends on, a digest of its inputs (the recorded outputs of the stages before it) and a
+manifest of its own outputs (size and sha256 of every file). A stage is skipped only when all
+three still match; otherwise it runs again and the log says why (which section, which input,
+which file). A stage that reproduces the same files leaves the stages after it skipped.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from dataclasses import dataclass
@@ -18,23 +21,28 @@ from typing import Callable
 
 from qlora_pipeline.config import PipelineConfig, config_from_dict
 from qlora_pipeline.errors import PipelineError
-from qlora_pipeline.paths import write_json_atomic
+from qlora_pipeline.paths import file_manifest, manifest_difference, write_json_atomic
 
 
 @dataclass(frozen=True)
 class Stage:
     name: str
     sections: tuple[str, ...]  # config sections whose change invalidates this stage
-    outputs: tuple[str, ...]  # paths under RUN that must exist when it is done
+    outputs: tuple[str, ...]  # files and folders under RUN it writes (its manifest covers them)
+    required: tuple[str, ...]  # files under RUN that must exist when it is done
 
 
 STAGES = (
-    Stage("prepare", ("data",), ("data/train.jsonl", "data/val.jsonl", "data/test.jsonl", "data/stats.json")),
-    Stage("train", ("data", "tiny", "model", "lora", "train"), ("adapter/adapter_config.json",)),
-    Stage("merge", ("data", "tiny", "model", "lora", "train", "merge"), ("merged/config.json", "merge_check.json")),
-    Stage("export", ("data", "tiny", "model", "lora", "train", "merge", "export"), ("gguf/manifest.json",)),
+    Stage("prepare", ("data",), ("data",),
+          ("data/train.jsonl", "data/val.jsonl", "data/test.jsonl", "data/stats.json")),
+    Stage("train", ("data", "tiny", "model", "lora", "train"), ("adapter", "train_log.jsonl", "loss.png"),
+          ("adapter/adapter_config.json",)),
+    Stage("merge", ("data", "tiny", "model", "lora", "train", "merge"), ("merged", "merge_check.json"),
+          ("merged/config.json", "merge_check.json")),
+    Stage("export", ("data", "tiny", "model", "lora", "train", "merge", "export"), ("gguf",),
+          ("gguf/manifest.json",)),
     Stage("evaluate", ("data", "tiny", "model", "lora", "train", "merge", "export", "eval"),
-          ("report.json", "scorecard.png")),
+          ("report.json", "report.md", "scorecard.png"), ("report.json", "scorecard.png")),
 )
 STAGE_NAMES = tuple(s.name for s in STAGES)
 
@@ -69,21 +77,55 @@ def _record_path(run_dir: Path, stage: Stage) -> Path:
     return Path(run_dir) / "stages" / f"{stage.name}.json"
 
 
-def stage_status(cfg: PipelineConfig, run_dir: Path, stage: Stage) -> str:
-    """``done`` (skip), ``missing`` (never finished) or ``changed`` (config differs)."""
-    record = _record_path(run_dir, stage)
-    if not record.is_file() or not all((Path(run_dir) / out).exists() for out in stage.outputs):
-        return "missing"
+def _read_record(run_dir: Path, stage: Stage) -> dict | None:
     try:
-        saved = json.loads(record.read_text())
-    except json.JSONDecodeError:
-        return "missing"
-    return "done" if saved.get("config_hash") == cfg.section_hash(*stage.sections) else "changed"
+        record = json.loads(_record_path(run_dir, stage).read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+    return record if isinstance(record, dict) and "outputs" in record else None
+
+
+def _section_hashes(cfg: PipelineConfig, stage: Stage) -> dict[str, str]:
+    return {name: cfg.section_hash(name) for name in stage.sections}
+
+
+def _inputs_digest(run_dir: Path, stage: Stage) -> str:
+    """The recorded outputs of every earlier stage: what this stage read."""
+    digest = hashlib.sha256()
+    for earlier in STAGES[: STAGE_NAMES.index(stage.name)]:
+        record = _read_record(run_dir, earlier) or {}
+        outputs = record.get("outputs", {})
+        digest.update(json.dumps({k: v["sha256"] for k, v in sorted(outputs.items())}).encode())
+    return digest.hexdigest()[:16]
+
+
+def stage_status(cfg: PipelineConfig, run_dir: Path, stage: Stage) -> tuple[str, str]:
+    """``("done", "")`` to skip, else a state and the reason to run again: ``missing`` (never
+    finished), ``changed`` (config), ``inputs`` (an earlier stage's outputs) or ``outputs``."""
+    record = _read_record(run_dir, stage)
+    run_dir = Path(run_dir)
+    if record is None:
+        return "missing", "not done yet"
+    changed = [name for name, value in _section_hashes(cfg, stage).items()
+               if record.get("config", {}).get(name) != value]
+    if changed:
+        return "changed", f"configuration changed since the last run ({', '.join(changed)})"
+    if record.get("inputs") != _inputs_digest(run_dir, stage):
+        return "inputs", "its inputs changed (an earlier stage wrote different files)"
+    missing = [name for name in stage.required if not (run_dir / name).is_file()]
+    current = file_manifest(run_dir, stage.outputs, previous=record["outputs"])
+    different = missing[0] if missing else manifest_difference(record["outputs"], current)
+    if different:
+        return "outputs", f"its output {different} is missing or was changed since it finished"
+    return "done", ""
 
 
 def mark_done(cfg: PipelineConfig, run_dir: Path, stage: Stage, seconds: float) -> None:
     write_json_atomic(_record_path(run_dir, stage), {
-        "config_hash": cfg.section_hash(*stage.sections), "seconds": round(seconds, 1),
+        "config": _section_hashes(cfg, stage),
+        "inputs": _inputs_digest(run_dir, stage),
+        "outputs": file_manifest(Path(run_dir), stage.outputs),
+        "seconds": round(seconds, 1),
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     })
 
@@ -106,10 +148,9 @@ def stage_functions() -> dict[str, Callable]:
 
 def run_stage(name: str, cfg: PipelineConfig, run_dir: Path, log=print, resume: bool = False):
     stage = next(s for s in STAGES if s.name == name)
-    # This stage's outputs are about to change: neither it nor any later stage counts as done
-    # until it finishes again, even if this run is interrupted.
-    for later in STAGES[STAGE_NAMES.index(name):]:
-        _record_path(run_dir, later).unlink(missing_ok=True)
+    # This stage's outputs are about to change: it does not count as done until it finishes
+    # again, even if this run is interrupted (the stages after it see their inputs change).
+    _record_path(run_dir, stage).unlink(missing_ok=True)
     started = time.time()
     result = stage_functions()[name](cfg, run_dir, log, resume)
     if isinstance(result, dict) and result.get("interrupted"):
@@ -118,29 +159,44 @@ def run_stage(name: str, cfg: PipelineConfig, run_dir: Path, log=print, resume: 
     return result
 
 
+def _train_resume(cfg: PipelineConfig, run_dir: Path, resume: bool, forced: bool, log) -> bool:
+    """Whether ``run`` resumes training: with --resume when a checkpoint of this configuration
+    exists (else it starts from step 0 and says so). Without --resume, an interrupted run's
+    checkpoint is not thrown away silently: the user picks --resume or --force train."""
+    from qlora_pipeline.train import checkpoint_finished, find_resumable, training_fingerprint
+
+    if forced:
+        return False
+    checkpoint = find_resumable(run_dir, training_fingerprint(cfg, run_dir), warn=log, required=False)
+    if resume and checkpoint is None:
+        log("[train] no checkpoint of this configuration to resume from; training starts at step 0")
+    if not resume and checkpoint is not None and not checkpoint_finished(checkpoint):
+        raise PipelineError(f"training was interrupted and {checkpoint} can continue it; add --resume to "
+                            "continue, or --force train to start over")
+    return resume and checkpoint is not None
+
+
 def run_pipeline(cfg: PipelineConfig, run_dir: Path, log=print, resume: bool = False,
                  force: tuple[str, ...] = (), until: str | None = None) -> dict:
     """Run every stage (up to ``until``), skipping completed ones; return per-stage seconds."""
     run_dir = check_run_dir(run_dir)
     save_run_config(cfg, run_dir)
     timings: dict[str, float] = {}
-    rerun_rest = False
     for stage in STAGES:
-        status = stage_status(cfg, run_dir, stage)
-        if status == "done" and not rerun_rest and stage.name not in force:
+        status, reason = stage_status(cfg, run_dir, stage)
+        if status == "done" and stage.name not in force:
             log(f"[{stage.name}] already done with this configuration; skipping")
             timings[stage.name] = 0.0
         else:
-            if status == "changed":
-                log(f"[{stage.name}] configuration changed since the last run; running it again")
-            elif stage.name in force:
+            if stage.name in force:
                 log(f"[{stage.name}] forced to run again")
+            elif status != "missing":
+                log(f"[{stage.name}] {reason}; running it again")
             log(f"[{stage.name}] running")
+            resume_this = stage.name == "train" and _train_resume(cfg, run_dir, resume, stage.name in force, log)
             started = time.time()
-            resume_this = resume and stage.name == "train" and status != "done"
             result = run_stage(stage.name, cfg, run_dir, log=log, resume=resume_this)
             timings[stage.name] = round(time.time() - started, 1)
-            rerun_rest = True
             if isinstance(result, dict) and result.get("interrupted"):
                 return {"interrupted": True, "timings": timings}
         if until == stage.name:

@@ -26,7 +26,8 @@ from qlora_pipeline.chat_format import IGNORE_INDEX, ChatEncoder
 from qlora_pipeline.config import PipelineConfig, TrainConfig
 from qlora_pipeline.data import read_split, tokenize_conversations
 from qlora_pipeline.errors import PipelineError
-from qlora_pipeline.paths import atomic_dir, save_figure_atomic, write_json_atomic
+from qlora_pipeline.paths import (atomic_dir, file_sha256, folder_bytes, recover_interrupted, require_free_space,
+                                  save_figure_atomic, write_json_atomic)
 
 CHECKPOINTS = "checkpoints"
 ADAPTER = "adapter"
@@ -145,16 +146,30 @@ def _trainable_state(model) -> dict:
     return {name: param.detach().cpu().clone() for name, param in model.named_parameters() if param.requires_grad}
 
 
-def save_checkpoint(run_dir: Path, model, optimizer, scheduler, state: LoopState, best_weights: dict | None,
-                    keep: int) -> Path:
-    """Write the full training state to checkpoints/step-N atomically; keep the newest ``keep``."""
-    import hashlib
+def checkpoint_size_estimate(run_dir: Path, model, with_best: bool) -> int:
+    """Bytes the next checkpoint needs: the newest one's size, or (first time) the trainable
+    weights times four (weights, AdamW's two moments, the best weights) plus 1 MB."""
+    existing = sorted((Path(run_dir) / CHECKPOINTS).glob("step-*"))
+    if existing:
+        return folder_bytes(existing[-1])
+    weights = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    return weights * (4 if with_best else 3) + (1 << 20)
 
+
+def save_checkpoint(run_dir: Path, model, optimizer, scheduler, state: LoopState, best_weights: dict | None,
+                    keep: int, fingerprint: str = "", finished: bool = False) -> Path:
+    """Write the full training state to checkpoints/step-N atomically; keep the newest ``keep``.
+
+    Complete or invisible: files go to a temporary folder with a manifest of their sizes and
+    sha256, which is fsynced and renamed into place. A full disk is refused before writing
+    (or, if it fills during the write, reported) and older checkpoints stay as they were.
+    """
     import numpy as np
     import torch
     from safetensors.torch import save_file
 
     final = Path(run_dir) / CHECKPOINTS / f"step-{state.step:06d}"
+    require_free_space(final, checkpoint_size_estimate(run_dir, model, best_weights is not None))
     with atomic_dir(final) as tmp:
         save_file(_trainable_state(model), str(tmp / "trainable.safetensors"))
         if best_weights is not None:
@@ -169,11 +184,11 @@ def save_checkpoint(run_dir: Path, model, optimizer, scheduler, state: LoopState
             **state.__dict__,
             "python_rng": [py_state[0], list(py_state[1]), py_state[2]],
             "numpy_rng": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+            "fingerprint": fingerprint,
+            "finished": finished,
         })
-        manifest = {}
-        for file in sorted(tmp.iterdir()):
-            data = file.read_bytes()
-            manifest[file.name] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+        manifest = {file.name: {"bytes": file.stat().st_size, "sha256": file_sha256(file)}
+                    for file in sorted(tmp.iterdir())}
         write_json_atomic(tmp / "manifest.json", manifest)
     checkpoints = sorted((Path(run_dir) / CHECKPOINTS).glob("step-*"))
     for old in checkpoints[:-keep]:
@@ -182,8 +197,6 @@ def save_checkpoint(run_dir: Path, model, optimizer, scheduler, state: LoopState
 
 
 def checkpoint_is_complete(path: Path) -> bool:
-    import hashlib
-
     manifest_file = path / "manifest.json"
     if not manifest_file.is_file():
         return False
@@ -193,9 +206,7 @@ def checkpoint_is_complete(path: Path) -> bool:
         return False
     for name, meta in manifest.items():
         file = path / name
-        if not file.is_file() or file.stat().st_size != meta["bytes"]:
-            return False
-        if hashlib.sha256(file.read_bytes()).hexdigest() != meta["sha256"]:
+        if not file.is_file() or file.stat().st_size != meta["bytes"] or file_sha256(file) != meta["sha256"]:
             return False
     return True
 
@@ -206,6 +217,47 @@ def latest_checkpoint(run_dir: Path, warn=print) -> Path | None:
             return path
         warn(f"warning: skipping incomplete or corrupt checkpoint {path}")
     return None
+
+
+def find_resumable(run_dir: Path, fingerprint: str, warn=print, required: bool = True) -> Path | None:
+    """The newest complete checkpoint, made with this configuration and data; when there is
+    none, a clear error (or None when not ``required``)."""
+    run_dir = Path(run_dir)
+    folder = run_dir / CHECKPOINTS
+    if folder.is_dir():
+        for leftover in folder.glob(".step-*"):  # a checkpoint whose write was killed: never complete
+            recover_interrupted(folder / leftover.name.split(".")[1])
+    checkpoint = latest_checkpoint(run_dir, warn=warn)
+    if checkpoint is None and not required:
+        return None
+    if checkpoint is None:
+        raise PipelineError(f"--resume: no complete checkpoint in {folder}; run without --resume to start over")
+    if checkpoint_fingerprint(checkpoint) != fingerprint:
+        if not required:
+            return None
+        raise PipelineError(f"--resume: {checkpoint} was made with other training settings or data; "
+                            "restore them, or run without --resume to start over")
+    return checkpoint
+
+
+def checkpoint_fingerprint(path: Path) -> str:
+    return json.loads((path / "loop_state.json").read_text()).get("fingerprint", "")
+
+
+def checkpoint_finished(path: Path) -> bool:
+    """Whether the checkpoint is the end of its run (last step, or stopped early)."""
+    return bool(json.loads((path / "loop_state.json").read_text()).get("finished"))
+
+
+def training_fingerprint(cfg: PipelineConfig, run_dir: Path) -> str:
+    """What a checkpoint must have been made with to be resumed: the training configuration
+    and the prepared data (resuming on other data or settings would not continue the same run)."""
+    import hashlib
+
+    digest = hashlib.sha256(cfg.section_hash("data", "tiny", "model", "lora", "train").encode())
+    for split in ("train", "val"):
+        digest.update(file_sha256(Path(run_dir) / "data" / f"{split}.jsonl").encode())
+    return digest.hexdigest()[:16]
 
 
 def load_checkpoint(path: Path, model, optimizer, scheduler) -> tuple[LoopState, dict | None]:
@@ -225,6 +277,8 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> tuple[LoopState,
     if blob["cuda_rng"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(blob["cuda_rng"])
     raw = json.loads((path / "loop_state.json").read_text())
+    raw.pop("fingerprint", None)
+    raw.pop("finished", None)
     py_rng = raw.pop("python_rng")
     random.setstate((py_rng[0], tuple(py_rng[1]), py_rng[2]))
     np_rng = raw.pop("numpy_rng")
@@ -312,10 +366,8 @@ def train(cfg: PipelineConfig, run_dir: Path, resume: bool = False, stop_after_s
 
     # -- setup (cheap checks first: a missing split should not wait for a model to load)
     train_convs, val_convs = read_split(run_dir, "train"), read_split(run_dir, "val")
-    checkpoint = latest_checkpoint(run_dir, warn=say) if resume else None
-    if resume and checkpoint is None:
-        raise PipelineError(f"--resume: no complete checkpoint in {run_dir / CHECKPOINTS}; "
-                            "run without --resume to start over")
+    fingerprint = training_fingerprint(cfg, run_dir)
+    checkpoint = find_resumable(run_dir, fingerprint, warn=say) if resume else None
     base = resolve_base(cfg, log_fn=say)
     tokenizer = load_tokenizer(base, cfg.model.revision)
     encoder = ChatEncoder.from_hf(tokenizer)
@@ -442,12 +494,13 @@ def train(cfg: PipelineConfig, run_dir: Path, resume: bool = False, stop_after_s
                     bar.write(f"early stopping: no improvement in {tcfg.early_stopping_patience} evaluations")
             interrupted = stop.requested or (stop_after_steps is not None and state.step >= stop_after_steps)
             if is_main and (state.step % tcfg.checkpoint_every == 0 or interrupted):
-                save_checkpoint(run_dir, unwrapped, optimizer, scheduler, state, best_weights,
-                                tcfg.keep_checkpoints)
+                save_checkpoint(run_dir, unwrapped, optimizer, scheduler, state, best_weights, tcfg.keep_checkpoints,
+                                fingerprint, finished=state.step >= total_steps or state.stopped_early)
             accelerator.wait_for_everyone()
             if interrupted and state.step < total_steps:
                 bar.close()
-                say(f"stopped at step {state.step}; resume with: qlora-pipeline train --run-dir {run_dir} --resume")
+                say(f"stopped at step {state.step} with a checkpoint; resume with: "
+                    f"qlora-pipeline run --run-dir {run_dir} --resume")
                 return {"interrupted": True, "step": state.step}
     bar.close()
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -112,3 +113,25 @@ def memorized_run(tmp_path_factory) -> Path:
                       "export.quant_types=[Q8_0]")
     run_pipeline(cfg, root / "run", log=lambda *a: None, until="export")
     return root / "run"
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    """``tmpfs(megabytes, readonly=False)`` mounts a small tmpfs at a fresh folder and returns it;
+    unmounted after the test. A real full (or read-only) disk; needs root, skipped elsewhere."""
+    mounted = []
+
+    def mount(megabytes: int, readonly: bool = False) -> Path:
+        where = tmp_path / f"disk{len(mounted)}"
+        where.mkdir()
+        options = f"size={megabytes}m" + (",ro" if readonly else "")
+        result = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(where)],
+                                capture_output=True, text=True)
+        if result.returncode != 0:
+            pytest.skip(f"cannot mount a small tmpfs here ({result.stderr.strip()}); needs root")
+        mounted.append(where)
+        return where
+
+    yield mount
+    for where in mounted:
+        subprocess.run(["umount", "-l", str(where)], check=False)

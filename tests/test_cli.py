@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
 import pytest
 
 from conftest import TEST_OVERRIDES
+from test_security import FAKE_TOKEN, assert_no_token
 
 
-def cli(*args, cwd=None):
+def cli(*args, cwd=None, env=None):
     return subprocess.run([sys.executable, "-m", "qlora_pipeline.cli", *args], capture_output=True, text=True,
-                          cwd=cwd, timeout=900)
+                          cwd=cwd, timeout=900, env=env)
 
 
 @pytest.mark.parametrize("args, message", [
@@ -48,13 +50,16 @@ def test_run_records_config_and_skips_done_stages(trained_run, tmp_path):
         assert f"[{stage}] already done with this configuration; skipping" in result.stdout
     config = json.loads((run / "config.json").read_text())
     assert config["tiny"]["num_layers"] == 2 and config["train"]["max_steps"] == 6
-    # Changing a training value re-runs train and what follows, not prepare.
-    result = cli("run", "--preset", "tiny", "--run-dir", str(run), *TEST_OVERRIDES, "train.max_steps=2")
+    # Changing a training value re-runs train and what follows, not prepare; with a Hub token in
+    # the environment, which no log line and no file of the run may contain.
+    env = {**os.environ, "HF_TOKEN": FAKE_TOKEN}
+    result = cli("run", "--preset", "tiny", "--run-dir", str(run), *TEST_OVERRIDES, "train.max_steps=2", env=env)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "[prepare] already done" in result.stdout
     for stage in ("train", "merge", "export", "evaluate"):
         assert f"[{stage}] configuration changed since the last run (train); running it again" in result.stdout
     assert json.loads((run / "adapter" / "training_summary.json").read_text())["steps"] == 2
+    assert_no_token(run, result.stdout, result.stderr)
 
 
 def test_report_has_the_hf_section(trained_run):

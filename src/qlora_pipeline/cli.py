@@ -91,9 +91,15 @@ def resolve_config(args):
     from qlora_pipeline.config import config_from_dict, load_config, parse_overrides, _merge
     from qlora_pipeline.pipeline import read_run_config
 
+    import re
+
     overrides = list(args.overrides)
     if args.data_files:
-        overrides += ["data.source=files", "data.data_files=[" + ",".join(f'"{f}"' for f in args.data_files) + "]"]
+        # argparse gives every word after --data-files to it, overrides included: take those back
+        is_override = re.compile(r"^[a-z_]+\.[a-z_]+=").match
+        files = [f for f in args.data_files if not is_override(f)]
+        overrides += [f for f in args.data_files if is_override(f)]
+        overrides += ["data.source=files", "data.data_files=[" + ",".join(f'"{f}"' for f in files) + "]"]
     continuing = args.command != "run" or args.resume  # a stage of, or the rest of, an existing run
     if args.preset is None and args.run_dir and continuing:
         existing = read_run_config(Path(args.run_dir))

@@ -76,7 +76,7 @@ def read_jsonl(path: Path) -> list[dict]:
                 if not line.strip():
                     continue
                 try:
-                    row = json.loads(line)
+                    row = json.loads(line.rstrip("\r\n"))  # so an unclosed line's column is its end
                 except json.JSONDecodeError as exc:
                     raise DataError(f"{path}:{number}: malformed JSON ({exc.msg} at column {exc.colno}); "
                                     "each line must be one JSON object") from None
@@ -329,8 +329,11 @@ def _fit_turns(encoder, messages: list[dict], max_len: int) -> tuple[list[int], 
 
 
 def tokenize_conversations(encoder, conversations: list[dict], max_len: int,
-                           overlong: str = "truncate") -> tuple[list[dict], Counter]:
-    """Conversations -> {"input_ids", "labels"} examples; overlong ones cut at a turn or dropped."""
+                           overlong: str = "truncate", split: str | None = None) -> tuple[list[dict], Counter]:
+    """Conversations -> {"input_ids", "labels"} examples; overlong ones cut at a turn or dropped.
+
+    With ``split`` named, a split that had conversations and keeps none is an error saying so.
+    """
     examples, counts = [], Counter()
     for conv in conversations:
         ids, labels = encoder.encode_with_labels(conv["messages"])
@@ -343,4 +346,8 @@ def tokenize_conversations(encoder, conversations: list[dict], max_len: int,
             ids, labels = fitted
         counts["kept"] += 1
         examples.append({"input_ids": ids, "labels": labels})
+    if split and conversations and not examples:
+        fix = "raise it" if overlong == "truncate" else "raise it or use data.overlong=truncate"
+        raise DataError(f"every {split} conversation ({len(conversations)}) is longer than "
+                        f"data.max_seq_len={max_len} tokens even cut at its first turn; {fix}")
     return examples, counts

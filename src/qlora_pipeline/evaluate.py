@@ -99,7 +99,7 @@ def evaluate_hf(cfg: PipelineConfig, run_dir: Path, log=print, with_merged: bool
     splits = {}
     for split in ("val", "test"):
         splits[split], _ = tokenize_conversations(encoder, read_split(run_dir, split), cfg.data.max_seq_len,
-                                                  cfg.data.overlong)
+                                                  cfg.data.overlong, split=split)
     bt = cfg.train.batch_tokens
 
     def measure(model, name: str) -> dict:
@@ -314,7 +314,8 @@ def evaluate_gguf(cfg: PipelineConfig, run_dir: Path, log=print) -> dict:
     tokenizer = load_tokenizer(str(run_dir / "merged"))
     encoder = ChatEncoder.from_hf(tokenizer)
     test_convs = read_split(run_dir, "test")
-    examples, _ = tokenize_conversations(encoder, test_convs, min(cfg.data.max_seq_len, ecfg.n_ctx), cfg.data.overlong)
+    examples, _ = tokenize_conversations(encoder, test_convs, min(cfg.data.max_seq_len, ecfg.n_ctx), cfg.data.overlong,
+                                         split="test")
     scored = _take_examples(examples, ecfg.kld_max_tokens)
     n_params = sum(int(t.n_elements) for t in GGUFReader(str(gguf_path(run_dir, F16))).tensors)
 

@@ -23,7 +23,8 @@ from pathlib import Path
 from qlora_pipeline.config import PipelineConfig
 from qlora_pipeline.errors import ConfigError, PipelineError, StageOrderError
 from qlora_pipeline.llamacpp import ensure_llama_cpp
-from qlora_pipeline.paths import write_json_atomic
+from qlora_pipeline.model import count_parameters
+from qlora_pipeline.paths import disk_full, free_bytes, require_free_space, write_json_atomic
 
 GGUF_DIR = "gguf"
 F16 = "F16"
@@ -52,6 +53,18 @@ def check_quant_types(names: tuple[str, ...]) -> None:
                           f"{', '.join(sorted(valid))}")
 
 
+# Nominal bits per weight of llama.cpp's common types (its quantize tool's table, rounded down):
+# a first guess for the free-space check. A file that turns out bigger and fills the disk is
+# still caught when the write fails.
+BITS_PER_WEIGHT = {"F32": 32, "F16": 16, "BF16": 16, "Q8_0": 8.5, "Q6_K": 6.5, "Q5_K_M": 5.6, "Q5_K_S": 5.5,
+                   "Q5_1": 6, "Q5_0": 5.5, "Q4_K_M": 4.8, "Q4_K_S": 4.5, "Q4_1": 5, "Q4_0": 4.5,
+                   "Q3_K_L": 4.2, "Q3_K_M": 3.9, "Q3_K_S": 3.4, "Q2_K": 2.9}
+
+
+def gguf_size_estimate(weights: int, quant: str) -> int:
+    return int(weights * BITS_PER_WEIGHT.get(quant, 4) / 8)
+
+
 def merged_identity(merged_dir: Path) -> str:
     """Identity of a merged model: name, size and modification time of its weight files.
 
@@ -74,14 +87,14 @@ def default_model_name(cfg: PipelineConfig) -> str:
     return f"{base} (qlora-pipeline, oasst1 fine-tune)"
 
 
-def _run(cmd: list[str], what: str) -> None:
+def _run(cmd: list[str], what: str, out_path: Path, needed: int) -> None:
     env = {**os.environ, "PYTHONIOENCODING": "utf-8"}
     result = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if result.returncode != 0:
+        if "No space left" in (result.stderr or "") or free_bytes(out_path) < 1 << 20:
+            raise disk_full(out_path, needed)
         lines = [line for line in (result.stderr or result.stdout).strip().splitlines() if line.strip()]
         detail = lines[-1] if lines else f"exit status {result.returncode}"
-        if "No space left" in (result.stderr or ""):
-            detail = "no space left on the device"
         raise PipelineError(f"{what} failed: {detail[:300]}")
 
 
@@ -89,16 +102,19 @@ def convert_to_gguf(merged_dir: Path, out_path: Path, model_name: str, end_of_tu
                     outtype: str = "f16") -> None:
     """llama.cpp's converter (F16 by default), then its metadata tool to mark <|end|> as end-of-turn."""
     files = ensure_llama_cpp()
+    # The converter's file and the metadata tool's copy of it are on disk together for a moment.
+    needed = 2 * gguf_size_estimate(count_parameters(str(merged_dir)), outtype.upper())
+    require_free_space(out_path, needed)
     tmp = out_path.with_name(f".{out_path.name}.convert.tmp")
     tmp2 = out_path.with_name(f".{out_path.name}.meta.tmp")
     try:
         _run([sys.executable, str(files.converter), str(merged_dir), "--outfile", str(tmp), "--outtype", outtype,
-              "--model-name", model_name], f"converting {merged_dir} to GGUF")
+              "--model-name", model_name], f"converting {merged_dir} to GGUF", out_path, needed)
         # The Phi-3 converter writes BOS/EOS but no end-of-turn id; llama.cpp would guess it from
         # the token text at load time. We write it, so every runtime reads the same stop token.
         new_metadata = files.root / "gguf-py" / "gguf" / "scripts" / "gguf_new_metadata.py"
         _run([sys.executable, str(new_metadata), str(tmp), str(tmp2), "--special-token-by-id", "eot",
-              str(end_of_turn_id), "--force"], "writing GGUF metadata")
+              str(end_of_turn_id), "--force"], "writing GGUF metadata", out_path, needed)
         with open(tmp2, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp2, out_path)
@@ -113,6 +129,9 @@ def quantize_gguf(src: Path, dst: Path, quant: str, threads: int) -> None:
     from llama_cpp._utils import suppress_stdout_stderr
 
     ftype = quant_types()[quant]
+    # The F16 file holds 16 bits per weight plus its vocabulary: scale its size by the bits.
+    needed = int(src.stat().st_size * BITS_PER_WEIGHT.get(quant, 4) / 16)
+    require_free_space(dst, needed)
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = ftype
     params.nthread = threads
@@ -120,6 +139,8 @@ def quantize_gguf(src: Path, dst: Path, quant: str, threads: int) -> None:
     try:
         with suppress_stdout_stderr(disable=False):  # llama.cpp logs a line per tensor
             rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params))
+        if rc != 0 and free_bytes(dst) < 1 << 20:
+            raise disk_full(dst, needed)
         if rc != 0 or not tmp.is_file():
             raise PipelineError(f"llama.cpp could not quantize {src} to {quant} (status {rc}); "
                                 "check free disk space and that the F16 file is complete")

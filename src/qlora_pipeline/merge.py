@@ -53,10 +53,30 @@ def copy_sentencepiece_model(base: str, dest: Path, revision: str | None = None)
     return False
 
 
+def check_adapter_files(adapter_dir: Path) -> None:
+    """The adapter's weights are a complete safetensors file (never a pickle checkpoint)."""
+    from qlora_pipeline.model import broken_safetensors
+
+    weights = Path(adapter_dir) / "adapter_model.safetensors"
+    if not weights.is_file():
+        pickle = (Path(adapter_dir) / "adapter_model.bin").is_file()
+        raise ModelError(f"{adapter_dir} has " + ("only a pickle checkpoint (adapter_model.bin)" if pickle else
+                         "no adapter_model.safetensors") + "; the pipeline loads only safetensors: save the adapter "
+                         "with save_pretrained(safe_serialization=True)")
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(weights), framework="np"):
+            pass
+    except Exception as exc:  # safetensors' own error, or OSError, depending on the damage
+        raise broken_safetensors(weights, exc) from None
+
+
 def load_adapter(model, adapter_dir: Path):
     """Base + adapter; a clear error when the adapter was made for another model."""
     from peft import PeftModel
 
+    check_adapter_files(adapter_dir)
     try:
         return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False)
     except RuntimeError as exc:  # size mismatch in load_state_dict
@@ -98,6 +118,7 @@ def merge(cfg: PipelineConfig, run_dir: Path, log=print) -> dict:
     adapter_dir = run_dir / "adapter"
     if not (adapter_dir / "adapter_config.json").is_file():
         raise StageOrderError(f"{adapter_dir} has no adapter; run `qlora-pipeline train --run-dir {run_dir}` first")
+    check_adapter_files(adapter_dir)  # before a base of gigabytes is loaded
     base = resolve_base(cfg, log_fn=log)
     dtype = merge_dtype(cfg, base)
     tokenizer = load_tokenizer(base, cfg.model.revision)

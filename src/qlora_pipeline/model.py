@@ -70,6 +70,9 @@ def resolve_base(cfg: PipelineConfig, log_fn=print) -> str:
     if path.exists():
         if not (path / "config.json").is_file():
             raise ModelError(f"{path} has no config.json; point model.name_or_path at a saved model folder")
+        if not (path / "tokenizer.model").is_file():  # found now, not after hours of training
+            raise ModelError(f"{path} has no tokenizer.model; llama.cpp's Phi-3 converter needs this SentencePiece "
+                             "file: copy it from the base model's repository into the folder")
         return str(path)
     return cfg.model.name_or_path
 
@@ -92,12 +95,52 @@ def load_tokenizer(base: str, revision: str | None = None):
 def _from_pretrained(base: str, revision: str | None, **kwargs):
     from transformers import AutoModelForCausalLM
 
+    from safetensors import SafetensorError
+
     try:
         return AutoModelForCausalLM.from_pretrained(base, revision=revision, trust_remote_code=False,
                                                     use_safetensors=True, **kwargs)
+    except SafetensorError as exc:
+        raise broken_safetensors(Path(base), exc) from None
     except OSError as exc:
         raise ModelError(f"could not load model weights from {base!r} ({str(exc).splitlines()[0][:160]}); "
                          "the pipeline loads only safetensors; check model.name_or_path") from None
+
+
+def count_parameters(base: str) -> int:
+    """Parameters of a saved model (local folder or Hub id) from its safetensors headers; no
+    weights are loaded."""
+    from safetensors import safe_open
+
+    path = Path(base)
+    if path.is_dir():
+        total = 0
+        for file in sorted(path.glob("*.safetensors")):
+            with safe_open(str(file), framework="pt") as f:
+                for name in f.keys():
+                    n = 1
+                    for d in f.get_slice(name).get_shape():
+                        n *= d
+                    total += n
+        return total
+    from huggingface_hub import get_safetensors_metadata
+
+    return sum(get_safetensors_metadata(base).parameter_count.values())
+
+
+def broken_safetensors(where: Path, exc: Exception) -> ModelError:
+    """The error for an unreadable safetensors file, naming the file (the library's does not)."""
+    from safetensors import safe_open
+
+    files = [where] if where.is_file() else sorted(where.glob("*.safetensors"))
+    for file in files:
+        try:
+            with safe_open(str(file), framework="np"):
+                pass
+        except Exception:  # safetensors raises its own error or OSError, depending on the damage
+            return ModelError(f"{file} is not a complete safetensors file ({str(exc)[:100]}); "
+                              "it was probably cut short: copy or download it again")
+    return ModelError(f"could not read the safetensors weights in {where} ({str(exc)[:120]})")
 
 
 def load_base_for_training(mcfg: ModelConfig, base: str, device: Device):

@@ -14,6 +14,8 @@ import json
 import sys
 from pathlib import Path
 
+from qlora_pipeline.model import count_parameters  # noqa: F401 (the notebooks import it from here)
+
 GPU_TAG = "gpu"
 
 
@@ -155,26 +157,6 @@ def pick_branching_tree(rows: list[dict], languages=("en",)) -> str:
                 ranked.add(row["message_tree_id"])
     candidates = [t for t in sizes if t in ranked] or list(sizes)
     return max(candidates, key=lambda t: (sizes[t], t))
-
-
-def count_parameters(base: str) -> int:
-    """Parameters of a saved model from its safetensors headers (no weights are loaded)."""
-    from safetensors import safe_open
-
-    path = Path(base)
-    if path.is_dir():
-        total = 0
-        for file in path.glob("*.safetensors"):
-            with safe_open(str(file), framework="pt") as f:
-                for name in f.keys():
-                    n = 1
-                    for d in f.get_slice(name).get_shape():
-                        n *= d
-                    total += n
-        return total
-    from huggingface_hub import get_safetensors_metadata
-
-    return sum(get_safetensors_metadata(base).parameter_count.values())
 
 
 def memory_table(n_params: int) -> list[dict]:

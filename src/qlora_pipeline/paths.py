@@ -98,12 +98,12 @@ def recover_interrupted(final: Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_dir(final: Path) -> Iterator[Path]:
+def atomic_dir(final: Path, size_hint: int | None = None) -> Iterator[Path]:
     """Yield a temporary folder beside ``final``; on success it replaces ``final`` in one rename.
 
     On any error the temporary folder is removed and ``final`` is left as it was, so a
     folder at the final path is always complete. A write that fills the disk raises
-    ``DiskFullError`` naming ``final``.
+    ``DiskFullError`` naming ``final`` (and ``size_hint``, the bytes it expected to need).
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -127,10 +127,9 @@ def atomic_dir(final: Path) -> Iterator[Path]:
         _fsync_dir(final.parent)
     except BaseException as exc:
         full = isinstance(exc, Exception) and looks_like_disk_full(exc, tmp)
-        written = folder_bytes(tmp) if full and tmp.exists() else None
         shutil.rmtree(tmp, ignore_errors=True)
         if full:
-            raise disk_full(final, written) from None
+            raise disk_full(final, size_hint) from None
         raise
 
 

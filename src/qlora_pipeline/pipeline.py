@@ -56,8 +56,8 @@ def check_run_dir(run_dir: Path) -> Path:
         probe = run_dir / ".write-test"
         probe.write_text("")
         probe.unlink()
-    except PermissionError:
-        raise PipelineError(f"run directory {run_dir} is not writable; choose another --run-dir "
+    except OSError as exc:  # permissions, a read-only file system, a file in the way
+        raise PipelineError(f"run directory {run_dir} is not writable ({exc.strerror}); choose another --run-dir "
                             "or fix its permissions") from None
     return run_dir
 

@@ -52,9 +52,12 @@ def test_any_type_llama_cpp_knows_is_accepted():
 def test_a_completed_export_is_skipped(trained_run, tmp_path):
     run = copy_run(trained_run, tmp_path / "run")
     mtimes = {p.name: p.stat().st_mtime_ns for p in (run / "gguf").glob("*.gguf")}
+    leftover = run / "gguf" / ".model-F16.gguf.convert.tmp"  # as a killed conversion leaves it
+    leftover.write_bytes(b"GGUF" + b"\0" * 1000)
     messages = []
     export(make_config(), run, log=messages.append)
     assert {p.name: p.stat().st_mtime_ns for p in (run / "gguf").glob("*.gguf")} == mtimes
+    assert not leftover.exists()
 
 
 def test_report_has_the_scorecard_schema(trained_run):

@@ -180,6 +180,8 @@ def export(cfg: PipelineConfig, run_dir: Path, log=print) -> dict:
     check_quant_types(cfg.export.quant_types)
     out_dir = run_dir / GGUF_DIR
     out_dir.mkdir(parents=True, exist_ok=True)
+    for leftover in out_dir.glob(".*.tmp"):  # a killed export's partial file (up to the model's size)
+        leftover.unlink()
     manifest_path = out_dir / "manifest.json"
     manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
     source = merged_identity(merged)

@@ -88,7 +88,20 @@ def kill_chain(seed: int) -> list[tuple[str, int]]:
     return chain
 
 
-@pytest.mark.parametrize("seed", [0, 1])
+# Seeds 0 and 3 draw step 9 and step 6 (the first micro-batch of a step, and the second one:
+# gradients of the first already accumulated) and checkpoint 1 and 2 (after its loop_state.json;
+# after its manifest, just before the rename): every kind of moment at least once.
+KILL_SEEDS = [0, 3]
+
+
+def test_the_drawn_moments_cover_every_kind():
+    drawn = [kill for seed in KILL_SEEDS for kill in kill_chain(seed)]
+    assert {n % 2 for kind, n in drawn if kind == "step"} == {0, 1}
+    assert {n for kind, n in drawn if kind == "checkpoint"} >= {1, 2}
+    assert any(kind == "eval" for kind, _ in drawn)
+
+
+@pytest.mark.parametrize("seed", KILL_SEEDS)
 def test_sigkill_at_drawn_moments_then_resume_equals_uninterrupted(reference, tmp_path, seed):
     run = tmp_path / "run"
     for i, (kind, n) in enumerate(kill_chain(seed)):

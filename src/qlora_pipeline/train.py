@@ -225,9 +225,9 @@ def find_resumable(run_dir: Path, fingerprint: str, warn=print, required: bool =
     none, a clear error (or None when not ``required``)."""
     run_dir = Path(run_dir)
     folder = run_dir / CHECKPOINTS
-    if folder.is_dir():
-        for leftover in folder.glob(".step-*"):  # a checkpoint whose write was killed: never complete
-            recover_interrupted(folder / leftover.name.split(".")[1])
+    # what a killed checkpoint write left (".step-N.*.tmp", never complete) goes first
+    for name in {leftover.name.split(".")[1] for leftover in folder.glob(".step-*")}:
+        recover_interrupted(folder / name)
     checkpoint = latest_checkpoint(run_dir, warn=warn)
     if checkpoint is None and not required:
         return None

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -91,8 +92,6 @@ def resolve_config(args):
     from qlora_pipeline.config import config_from_dict, load_config, parse_overrides, _merge
     from qlora_pipeline.pipeline import read_run_config
 
-    import re
-
     overrides = list(args.overrides)
     if args.data_files:
         # argparse gives every word after --data-files to it, overrides included: take those back
@@ -156,7 +155,8 @@ def _dispatch(args) -> int:
     if args.command == "run":
         from qlora_pipeline.pipeline import STAGE_NAMES
 
-        for flag, name in [("--force", n) for n in args.force] + [("--until", args.until)] * bool(args.until):
+        named = [("--force", n) for n in args.force] + ([("--until", args.until)] if args.until else [])
+        for flag, name in named:
             if name not in STAGE_NAMES:
                 raise PipelineError(f"{flag} {name}: unknown stage; use one of {', '.join(STAGE_NAMES)}")
         result = run_pipeline(cfg, run_dir, resume=args.resume, force=tuple(args.force), until=args.until)

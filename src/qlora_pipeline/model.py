@@ -93,9 +93,8 @@ def load_tokenizer(base: str, revision: str | None = None):
 
 
 def _from_pretrained(base: str, revision: str | None, **kwargs):
-    from transformers import AutoModelForCausalLM
-
     from safetensors import SafetensorError
+    from transformers import AutoModelForCausalLM
 
     try:
         return AutoModelForCausalLM.from_pretrained(base, revision=revision, trust_remote_code=False,

@@ -265,3 +265,10 @@ def test_bad_input(case, tmp_path, request, capsys):
 
 def test_the_table_has_at_least_25_cases():
     assert len(CASES) >= 25
+
+
+def test_debug_shows_the_traceback_instead(tmp_path):
+    from qlora_pipeline.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="unknown preset 'nope'"):
+        main(["run", "--run-dir", str(tmp_path / "run"), "--preset", "nope", "--debug"])

@@ -34,10 +34,14 @@ HARNESS = REPO / "tests" / "kill_harness.py"
 KILLED = -signal.SIGKILL
 
 
+def run_args(run: Path, resume: bool) -> list[str]:
+    """The command line: a new run with the test settings, or ``run --resume`` of an existing one."""
+    return ["run", "--run-dir", str(run), "--until", "train",
+            *(["--resume"] if resume else ["--preset", "tiny", *OVERRIDES])]
+
+
 def harness(run: Path, kind: str = "none", n: int = 0, resume: bool = False) -> subprocess.CompletedProcess:
-    args = ["run", "--run-dir", str(run), "--until", "train"]
-    args += ["--resume"] if resume else ["--preset", "tiny", *OVERRIDES]
-    return subprocess.run([sys.executable, str(HARNESS), kind, str(n), *args],
+    return subprocess.run([sys.executable, str(HARNESS), kind, str(n), *run_args(run, resume)],
                           capture_output=True, text=True, timeout=600)
 
 
@@ -133,9 +137,7 @@ def test_signal_at_a_random_time_then_resume_equals_uninterrupted(reference, tmp
     rng = random.Random(seed)
     run = tmp_path / "run"
     for i, sig in enumerate((signal.SIGKILL, rng.choice([signal.SIGTERM, signal.SIGINT]))):
-        args = ["run", "--run-dir", str(run), "--until", "train"]
-        args += ["--resume"] if i else ["--preset", "tiny", *OVERRIDES]
-        process = subprocess.Popen([sys.executable, "-m", "qlora_pipeline.cli", *args],
+        process = subprocess.Popen([sys.executable, "-m", "qlora_pipeline.cli", *run_args(run, resume=i > 0)],
                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         lines = len((run / "train_log.jsonl").read_text().splitlines()) if i else 0
         _kill_when(process, run, lines + rng.randint(1, 4), rng.uniform(0, 0.3), sig)

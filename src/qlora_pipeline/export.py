@@ -24,7 +24,7 @@ from qlora_pipeline.config import PipelineConfig
 from qlora_pipeline.errors import ConfigError, PipelineError, StageOrderError
 from qlora_pipeline.llamacpp import ensure_llama_cpp
 from qlora_pipeline.model import count_parameters
-from qlora_pipeline.paths import disk_full, free_bytes, require_free_space, write_json_atomic
+from qlora_pipeline.paths import disk_full, looks_like_disk_full, require_free_space, write_json_atomic
 
 GGUF_DIR = "gguf"
 F16 = "F16"
@@ -91,7 +91,7 @@ def _run(cmd: list[str], what: str, out_path: Path, needed: int) -> None:
     env = {**os.environ, "PYTHONIOENCODING": "utf-8"}
     result = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if result.returncode != 0:
-        if "No space left" in (result.stderr or "") or free_bytes(out_path) < 1 << 20:
+        if looks_like_disk_full(result.stderr or "", out_path):
             raise disk_full(out_path, needed)
         lines = [line for line in (result.stderr or result.stdout).strip().splitlines() if line.strip()]
         detail = lines[-1] if lines else f"exit status {result.returncode}"
@@ -139,7 +139,7 @@ def quantize_gguf(src: Path, dst: Path, quant: str, threads: int) -> None:
     try:
         with suppress_stdout_stderr(disable=False):  # llama.cpp logs a line per tensor
             rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params))
-        if rc != 0 and free_bytes(dst) < 1 << 20:
+        if rc != 0 and looks_like_disk_full("", dst):
             raise disk_full(dst, needed)
         if rc != 0 or not tmp.is_file():
             raise PipelineError(f"llama.cpp could not quantize {src} to {quant} (status {rc}); "

@@ -55,7 +55,7 @@ def copy_sentencepiece_model(base: str, dest: Path, revision: str | None = None)
 
 def check_adapter_files(adapter_dir: Path) -> None:
     """The adapter's weights are a complete safetensors file (never a pickle checkpoint)."""
-    from qlora_pipeline.model import broken_safetensors
+    from qlora_pipeline.model import check_safetensors
 
     weights = Path(adapter_dir) / "adapter_model.safetensors"
     if not weights.is_file():
@@ -63,13 +63,7 @@ def check_adapter_files(adapter_dir: Path) -> None:
         raise ModelError(f"{adapter_dir} has " + ("only a pickle checkpoint (adapter_model.bin)" if pickle else
                          "no adapter_model.safetensors") + "; the pipeline loads only safetensors: save the adapter "
                          "with save_pretrained(safe_serialization=True)")
-    try:
-        from safetensors import safe_open
-
-        with safe_open(str(weights), framework="np"):
-            pass
-    except Exception as exc:  # safetensors' own error, or OSError, depending on the damage
-        raise broken_safetensors(weights, exc) from None
+    check_safetensors(weights)
 
 
 def load_adapter(model, adapter_dir: Path):

@@ -127,18 +127,27 @@ def count_parameters(base: str) -> int:
     return sum(get_safetensors_metadata(base).parameter_count.values())
 
 
-def broken_safetensors(where: Path, exc: Exception) -> ModelError:
-    """The error for an unreadable safetensors file, naming the file (the library's does not)."""
+def check_safetensors(file: Path, cause: Exception | None = None) -> None:
+    """A ModelError naming ``file`` unless it is a complete safetensors file (its header and
+    data cover the file). ``cause``: the error that led here, quoted instead of the check's own."""
     from safetensors import safe_open
 
+    try:
+        with safe_open(str(file), framework="np"):
+            pass
+    except Exception as exc:  # safetensors raises its own error or OSError, depending on the damage
+        raise ModelError(f"{file} is not a complete safetensors file ({str(cause or exc)[:100]}); "
+                         "it was probably cut short: copy or download it again") from None
+
+
+def broken_safetensors(where: Path, exc: Exception) -> ModelError:
+    """The error for an unreadable safetensors file, naming the file (the library's does not)."""
     files = [where] if where.is_file() else sorted(where.glob("*.safetensors"))
     for file in files:
         try:
-            with safe_open(str(file), framework="np"):
-                pass
-        except Exception:  # safetensors raises its own error or OSError, depending on the damage
-            return ModelError(f"{file} is not a complete safetensors file ({str(exc)[:100]}); "
-                              "it was probably cut short: copy or download it again")
+            check_safetensors(file, cause=exc)
+        except ModelError as error:
+            return error
     return ModelError(f"could not read the safetensors weights in {where} ({str(exc)[:120]})")
 
 

@@ -212,13 +212,14 @@ def disk_full(path: Path, needed: int | None) -> DiskFullError:
                          "free some space or use a --run-dir on a larger disk (the previous version is untouched)")
 
 
-def looks_like_disk_full(exc: Exception, where: Path) -> bool:
-    """Whether a failed write ran out of space. Writers report it differently (OSError ENOSPC,
-    safetensors' "StorageFull", torch.save's "file write failed"), so a disk with under 1 MiB
-    left at the moment of failure counts too."""
-    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+def looks_like_disk_full(error: Exception | str, where: Path) -> bool:
+    """Whether a failed write ran out of space. ``error``: the exception, or the error text of
+    a tool that failed. Writers report it differently (OSError ENOSPC, safetensors'
+    "StorageFull", torch.save's "file write failed", llama.cpp's status 1), so a disk with
+    under 1 MiB left at the moment of failure counts too."""
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
         return True
-    text = str(exc)
+    text = str(error)
     if "No space left" in text or "StorageFull" in text:
         return True
     try:

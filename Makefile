@@ -4,6 +4,8 @@
 # make notebooks - execute the notebooks into runs/notebooks/ with their outputs
 # make app    - serve the chat app on the demo's Q4_K_M at http://127.0.0.1:7860
 # make screenshot - S29-gradio.png from the running app after one exchange (real browser)
+# make rehearsal - the phi35-colab-t4 preset through the real hub code path, offline, on CPU:
+#                  the twin hub (runs/twin-hub, cached) as HF_HOME, prepare through evaluate
 # make bench  - benchmarks on the tiny model (a few minutes): bench/results/*.json, *.md, speed_vs_size.png
 # make bench-full - the full-size Phi-3.5-mini shape (random weights; ~25 GB disk, up to about an hour)
 PYTHON ?= python3
@@ -11,8 +13,20 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 RUN_DIR ?= runs/demo
+# llama-cpp-python compiles llama.cpp. A -march=native build uses whatever the build machine
+# has, AMX included, which faults in VMs that report it but do not run it (Q8_0 died with
+# "Illegal instruction" here) and breaks a cached wheel on another CPU: build for x86-64-v3.
+LLAMA_CPP_VERSION := $(shell sed -n 's/^llama-cpp-python==//p' requirements.txt)
+ifeq ($(shell uname -m),x86_64)
+LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON
+endif
 
-.PHONY: setup demo test notebooks app screenshot bench bench-full clean-demo
+.PHONY: setup demo test notebooks app screenshot bench bench-full clean-demo rehearsal
+TWIN_HUB ?= runs/twin-hub
+# Only what a CPU needs: fp32 compute (no fp16 autocast on a CPU), a few steps, capped evaluation.
+REHEARSAL_OVERRIDES := model.compute_dtype=float32 train.mixed_precision=no train.max_steps=4 \
+	train.eval_every=2 train.checkpoint_every=2 train.eval_max_batches=4 eval.kld_max_tokens=2000 \
+	eval.parity_tokens=1000
 Q4 := $(RUN_DIR)/gguf/model-Q4_K_M.gguf
 NOTEBOOKS := S29_finetuning_llm.ipynb S29_phi3_inference.ipynb S29_phi3_QuantizeLLMs_checkpoint.ipynb \
              notebooks/lora_from_scratch.ipynb notebooks/nf4_from_scratch.ipynb notebooks/oasst1_trees.ipynb
@@ -24,6 +38,9 @@ $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
 	# torch first and pinned, so nothing pulls a multi-GB CUDA build on a CPU machine
 	$(PY) -m pip install --quiet torch==2.13.0
+	# no wheel cache: a wheel built with other flags (or natively elsewhere) must not be reused
+	$(PY) -m pip show llama-cpp-python 2>/dev/null | grep -qx "Version: $(LLAMA_CPP_VERSION)" || CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" \
+		$(PY) -m pip install --quiet --no-cache-dir llama-cpp-python==$(LLAMA_CPP_VERSION)
 	$(PY) -m pip install --quiet -r requirements-dev.txt
 	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
 	$(PY) -m pip check
@@ -61,6 +78,12 @@ bench: setup $(Q4)
 bench-full: setup
 	$(PY) bench/fullsize.py
 	$(PY) bench/plot.py
+
+rehearsal: setup
+	$(VENV)/bin/qlora-pipeline hub-twin --out $(TWIN_HUB)
+	@echo "rehearsal: preset phi35-colab-t4 from HF_HOME=$(TWIN_HUB) (offline); CPU overrides: $(REHEARSAL_OVERRIDES)"
+	HF_HOME=$(abspath $(TWIN_HUB)) HF_HUB_OFFLINE=1 $(VENV)/bin/qlora-pipeline run --preset phi35-colab-t4 \
+		--run-dir runs/rehearsal $(REHEARSAL_OVERRIDES)
 
 clean-demo:
 	rm -rf $(RUN_DIR)

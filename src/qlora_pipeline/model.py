@@ -85,11 +85,42 @@ def load_tokenizer(base: str, revision: str | None = None):
     except OSError as exc:
         raise ModelError(f"could not load a tokenizer from {base!r} ({str(exc).splitlines()[0][:160]}); "
                          "check model.name_or_path, or log in with HF_TOKEN for gated models") from None
+    restore_file_pipeline(tokenizer, base, revision)
     if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
         # Phi-3.5 ships pad == eos; padding is masked out of the loss, and masking EOS-as-pad
         # teaches a model never to stop. <unk> is never produced, so it is a safe pad.
         tokenizer.pad_token = tokenizer.unk_token
     return tokenizer
+
+
+def restore_file_pipeline(tokenizer, base: str, revision: str | None = None) -> bool:
+    """Give the tokenizer the normalizer, pre-tokenizer and decoder of its own ``tokenizer.json``.
+
+    Transformers 5 builds a ``LlamaTokenizer``'s (Phi-3.5's hub class) pre-tokenizer itself:
+    a Metaspace that marks only the start of the whole input as a word start, where the hub's
+    tokenizer.json prepends "▁" to every piece of text between special tokens, as llama.cpp
+    and SentencePiece do. Left as loaded, "<|user|>\nHello" gives 'Hello' (10994) where
+    llama.cpp gives '▁Hello' (15043), and 15 of llama.cpp's 46 Phi-3 tokenizer vectors fail;
+    serving sees llama.cpp's ids, so training must too. Returns whether anything changed.
+    """
+    from tokenizers import Tokenizer
+    from transformers.utils import cached_file
+
+    try:
+        path = cached_file(base, "tokenizer.json", revision=revision, _raise_exceptions_for_missing_entries=False)
+    except OSError:
+        path = None
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if not path or backend is None:
+        return False
+    from_file = Tokenizer.from_file(path)
+    changed = False
+    for part in ("normalizer", "pre_tokenizer", "decoder"):
+        wanted = getattr(from_file, part)
+        if str(getattr(backend, part)) != str(wanted):
+            setattr(backend, part, wanted)
+            changed = True
+    return changed
 
 
 def _from_pretrained(base: str, revision: str | None, **kwargs):
@@ -151,6 +182,23 @@ def broken_safetensors(where: Path, exc: Exception) -> ModelError:
     return ModelError(f"could not read the safetensors weights in {where} ({str(exc)[:120]})")
 
 
+def keep_nf4_layout(model) -> int:
+    """Keep bitsandbytes' NF4 weights in one layout for the whole training; returns the layers.
+
+    On a CPU with AVX512-BF16, bitsandbytes repacks a ``Linear4bit``'s weights for its fast kernel
+    on the first eval-mode forward (an evaluation) and keeps them so; the training steps after
+    that compute slightly differently from those of a freshly loaded model, so a resumed run
+    would no longer equal an uninterrupted one (measured: the adapter differed after a resume
+    at step 3 on such a CPU, and was equal with the repacking off).
+    """
+    layers = 0
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+            layers += 1
+    return layers
+
+
 def load_base_for_training(mcfg: ModelConfig, base: str, device: Device):
     """The base, frozen, ready for adapters: NF4 4-bit (QLoRA) or full precision (LoRA)."""
     import torch
@@ -171,6 +219,7 @@ def load_base_for_training(mcfg: ModelConfig, base: str, device: Device):
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=mcfg.gradient_checkpointing,
             gradient_checkpointing_kwargs={"use_reentrant": False})
+        keep_nf4_layout(model)
     else:
         model = _from_pretrained(base, mcfg.revision, dtype=device.compute_dtype,
                                  attn_implementation=mcfg.attn_implementation).to(device.name)

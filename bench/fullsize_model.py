@@ -7,7 +7,9 @@
 the meta device (no memory); each tensor is drawn (normal, std 0.02) only when its shard is
 written, so at most one shard (<= 2 GB) is ever in memory. The tokenizer is the real Phi-3.5
 one (``phi3_tokenizer``). Quality numbers on it mean nothing; sizes, times and memory are real.
-The long-context RoPE factors of the real config are left out: they add two 48-float tensors.
+The config is the published one (``tiny.reference_phi3_config``): LongRoPE with the real 48
+short and 48 long factors, 131,072 positions (4,096 original), the sliding window, pad/BOS/EOS,
+and the hub's generation config.
 """
 
 from __future__ import annotations
@@ -20,12 +22,9 @@ SHARD_BYTES = 2 * 10**9
 
 
 def phi35_mini_config():
-    from transformers import Phi3Config
+    from qlora_pipeline.tiny import reference_phi3_config
 
-    return Phi3Config(vocab_size=32064, hidden_size=3072, intermediate_size=8192, num_hidden_layers=32,
-                      num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096,
-                      original_max_position_embeddings=4096, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=32000,
-                      pad_token_id=32000, tie_word_embeddings=False, torch_dtype="bfloat16")
+    return reference_phi3_config()  # the published sizes: nothing changed
 
 
 def build(out: Path) -> dict:
@@ -35,7 +34,9 @@ def build(out: Path) -> dict:
     from transformers import Phi3ForCausalLM
 
     from qlora_pipeline.paths import atomic_dir
-    from qlora_pipeline.phi3_tokenizer import build_phi35_tokenizer
+    from transformers import GenerationConfig
+
+    from qlora_pipeline.phi3_tokenizer import build_phi35_tokenizer, phi35_reference
 
     config = phi35_mini_config()
     with torch.device("meta"):
@@ -66,8 +67,8 @@ def build(out: Path) -> dict:
             del tensors
         (tmp / "model.safetensors.index.json").write_text(json.dumps(
             {"metadata": {"total_size": total * 2}, "weight_map": weight_map}, indent=1))
-        config.architectures = ["Phi3ForCausalLM"]  # llama.cpp's converter picks its model class by it
         config.save_pretrained(tmp)
+        GenerationConfig(**phi35_reference()["generation_config"]).save_pretrained(tmp)
         build_phi35_tokenizer(tmp)
     return {"parameters": total, "shards": len(shards), "bytes": total * 2}
 

@@ -263,6 +263,10 @@ class EvalConfig:
     """Tokens of the test split used for perplexity, KL divergence and top-1 agreement of GGUF variants."""
     parity_tokens: int = 2000
     """Tokens of the test split on which F16 GGUF logits are compared with transformers' merged model."""
+    long_parity_tokens: int = 0
+    """Length of one test sequence compared past the original context (LongRoPE's long factors
+    on both sides, llama.cpp at twice that context); 0 skips it (a full-size fp32 reference on
+    5k tokens is slow on a CPU)."""
     speed_prompt_tokens: int = 64
     """Length of the fixed prompt for the speed measurement."""
     speed_new_tokens: int = 64
@@ -275,13 +279,21 @@ class EvalConfig:
     """Also convert to a temporary F32 GGUF and compare it with transformers (proves the converter exact; 4x the F16 size)."""
     sample_max_tokens: int = 48
     """Longest sample answer."""
+    heldout_questions: str = "sample"
+    """Questions scored by exact match for base, adapter, merged and every GGUF: ``sample`` (the
+    bundled questions about facts the tiny base knows and the fine-tuning sample never asks),
+    ``none``, or a .jsonl file of {"question", "answer"} lines."""
+    heldout_max_tokens: int = 32
+    """Longest answer to a held-out question (greedy)."""
 
     def __post_init__(self) -> None:
         _check(self.n_ctx >= 64, "eval.n_ctx", self.n_ctx, "use at least 64 tokens")
         for name in ("threads", "kld_max_tokens", "parity_tokens", "speed_prompt_tokens", "speed_new_tokens",
-                     "speed_runs", "sample_max_tokens"):
+                     "speed_runs", "sample_max_tokens", "heldout_max_tokens"):
             _check(getattr(self, name) >= 1, f"eval.{name}", getattr(self, name), "use at least 1")
         _check(self.samples >= 0, "eval.samples", self.samples, "use 0 or more")
+        _check(self.long_parity_tokens >= 0, "eval.long_parity_tokens", self.long_parity_tokens,
+               "use 0 (off) or a length above the model's original context")
 
 
 @dataclass(frozen=True)
@@ -336,6 +348,11 @@ def _coerce(value: Any, type_hint: Any, key: str) -> Any:
             raise ConfigError(f"{key}={value!r} is invalid: use a whole number")
         return value
     if type_hint is float:
+        if isinstance(value, str):  # YAML 1.1 reads 2e-3 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}={value!r} is invalid: use a number")
         return float(value)

@@ -96,17 +96,59 @@ def _with_phi3_strip_rules(backend_json: dict) -> dict:
     return backend_json
 
 
-def build_phi35_tokenizer(out_dir: Path):
-    """Write ``tokenizer.model`` and the HF tokenizer files of Phi-3.5 into ``out_dir``; return it.
+def phi35_reference() -> dict:
+    """The published fields of microsoft/Phi-3.5-mini-instruct (config, generation config,
+    special tokens), as gathered for the twin in ``sample_data/phi35_mini_instruct_facts.json``."""
+    import json
+    from importlib import resources
 
-    The HF tokenizer comes from transformers' own GGUF reader, which reproduces llama.cpp's
+    return json.loads((resources.files("qlora_pipeline") / "sample_data" / "phi35_mini_instruct_facts.json")
+                      .read_text(encoding="utf-8"))
+
+
+def _hub_added_tokens(backend_json: dict) -> dict[str, dict]:
+    """``added_tokens_decoder`` as the hub's tokenizer_config.json writes it: the role tags,
+    ``<|end|>`` and the placeholders strip whitespace on their right, ``<|endoftext|>``, ``<s>``
+    and ``<unk>`` do not, ``</s>`` is not special (published Phi-3 copies; see NO_RSTRIP)."""
+    out = {}
+    for token in sorted(backend_json["added_tokens"], key=lambda t: t["id"]):
+        content = token["content"]
+        out[str(token["id"])] = {"content": content, "lstrip": False, "normalized": False,
+                                 "rstrip": content not in NO_RSTRIP, "single_word": False,
+                                 "special": content != "</s>"}
+    return out
+
+
+def hub_tokenizer_config(added_tokens_decoder: dict, chat_template: str) -> dict:
+    """tokenizer_config.json with the fields and values of the hub repository's."""
+    special = phi35_reference()["special_tokens_map"]
+    return {
+        "add_bos_token": False, "add_eos_token": False,
+        "added_tokens_decoder": added_tokens_decoder,
+        "bos_token": special["bos_token"], "chat_template": chat_template,
+        "clean_up_tokenization_spaces": False, "eos_token": special["eos_token"], "legacy": False,
+        "model_max_length": 131072, "pad_token": special["pad_token"], "padding_side": "left",
+        "sp_model_kwargs": {}, "tokenizer_class": "LlamaTokenizer", "unk_token": special["unk_token"],
+        "use_default_system_prompt": False,
+    }
+
+
+def build_phi35_tokenizer(out_dir: Path):
+    """Write Phi-3.5's tokenizer files in the hub's format into ``out_dir``; return the tokenizer
+    that ``AutoTokenizer.from_pretrained(out_dir)`` loads from them (the hub's code path).
+
+    ``tokenizer.json`` comes from transformers' own GGUF reader, which reproduces llama.cpp's
     tokenizer test vectors; a tokenizer converted from the SentencePiece file orders its BPE
     merges differently and splits runs of spaces differently (10 of 46 vectors fail).
+    ``tokenizer_config.json``, ``special_tokens_map.json`` and ``added_tokens.json`` carry the
+    hub's fields: ``LlamaTokenizer``, ``legacy: false``, no BOS added, pad ``<|endoftext|>``.
     """
     import json
 
-    from tokenizers import Tokenizer
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+    from transformers import AutoTokenizer
+
+    from qlora_pipeline.model import restore_file_pipeline
+    from qlora_pipeline.paths import write_json_atomic
 
     files = ensure_llama_cpp()
     vocab = read_vocab(files.phi3_vocab)
@@ -115,17 +157,18 @@ def build_phi35_tokenizer(out_dir: Path):
     (out_dir / "tokenizer.model").write_bytes(_sentencepiece_model(vocab, SPIECE_VOCAB_SIZE))
 
     from_gguf = AutoTokenizer.from_pretrained(str(files.phi3_vocab.parent), gguf_file=files.phi3_vocab.name)
-    backend = Tokenizer.from_str(json.dumps(_with_phi3_strip_rules(json.loads(from_gguf.backend_tokenizer.to_str()))))
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        bos_token=BOS, eos_token=EOS_TEXT, unk_token=UNK,
-        pad_token=UNK,  # distinct from EOS: padding masked as EOS would teach the model never to stop
-        add_bos_token=True, add_eos_token=False,
-        model_max_length=131072, padding_side="right",
-    )
-    tokenizer.chat_template = phi35_chat_template()
+    backend = _with_phi3_strip_rules(json.loads(from_gguf.backend_tokenizer.to_str()))
+    write_json_atomic(out_dir / "tokenizer.json", backend)
+    added = _hub_added_tokens(backend)
+    write_json_atomic(out_dir / "tokenizer_config.json", hub_tokenizer_config(added, phi35_chat_template()))
+    write_json_atomic(out_dir / "special_tokens_map.json", {
+        name: {"content": value, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False}
+        for name, value in phi35_reference()["special_tokens_map"].items()})
+    write_json_atomic(out_dir / "added_tokens.json",
+                      {t["content"]: int(i) for i, t in added.items() if int(i) >= SPIECE_VOCAB_SIZE})
+    tokenizer = AutoTokenizer.from_pretrained(str(out_dir))
+    restore_file_pipeline(tokenizer, str(out_dir))  # as model.load_tokenizer does: llama.cpp's ids
     for name, token_id in ((EOS_TEXT, vocab["eos_id"]), (END, 32007), (USER, 32010), (ASSISTANT, 32001)):
         if tokenizer.convert_tokens_to_ids(name) != token_id:
             raise RuntimeError(f"{name} has id {tokenizer.convert_tokens_to_ids(name)}, expected {token_id}")
-    tokenizer.save_pretrained(out_dir)
     return tokenizer

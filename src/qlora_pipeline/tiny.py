@@ -1,13 +1,18 @@
-"""The built-in tiny Phi-3.5: a small ``Phi3ForCausalLM`` with the real Phi-3.5 tokenizer.
+"""The built-in tiny Phi-3.5: a scaled-down twin of ``microsoft/Phi-3.5-mini-instruct``.
 
     python -m qlora_pipeline.tiny            # build (or find) the cached base; prints its folder
 
-It stands in for ``microsoft/Phi-3.5-mini-instruct`` wherever the real one cannot be had (no
-GPU, no hub): same architecture class, same tokenizer, chat template and special tokens,
-sizes that llama.cpp's K-quants accept. It is a real, if small, base language model: the first
-build pre-trains it on the bundled prose (``sample_data/base_corpus.txt``) so that fine-tuning
-has something to build on and quality numbers mean something. The result is cached under a
-hash of its recipe, so later runs reuse it.
+It stands in for the real model wherever that cannot be had (no GPU, no hub), and differs from
+it only in size. Every other field of the published ``config.json`` is kept (LongRoPE with the
+real short and long factors, resampled to the twin's head size; 131,072 positions, 4,096
+original; the sliding window; pad, BOS and EOS ids; bf16), the weights are bf16 safetensors in
+two shards with an index, ``generation_config.json`` is the hub's, and the tokenizer files are
+in the hub's format and class (see ``phi3_tokenizer``), so ``from_pretrained`` takes the same
+code path as for the real repository. Sizes are multiples of 256 so llama.cpp's K-quants apply.
+
+It is a real, if small, base language model: the first build pre-trains it on the bundled
+prose (``sample_data/base_corpus.txt``) so that fine-tuning has something to build on and
+quality numbers mean something. The result is cached under a hash of its recipe.
 """
 
 from __future__ import annotations
@@ -23,8 +28,9 @@ from pathlib import Path
 from qlora_pipeline.config import TinyConfig
 from qlora_pipeline.paths import atomic_dir, cache_root, write_json_atomic
 
-RECIPE_VERSION = 1  # bump when the build below changes in a way the config does not show
-END_TOKEN_IDS = (32000, 32001, 32007)  # <|endoftext|>, <|assistant|>, <|end|>: Phi-3.5's generation_config
+RECIPE_VERSION = 2  # bump when the build below changes in a way the config does not show
+# Shards: the hub's Phi-3.5 comes as two; the twin's bf16 weights are ~40 MB.
+TWIN_SHARD_SIZE = "25MB"
 
 
 def base_corpus_path() -> Path:
@@ -47,27 +53,54 @@ def tiny_base_dir(cfg: TinyConfig) -> Path:
     return cache_root() / "tiny" / f"phi35-tiny-{recipe_hash(cfg)}"
 
 
-def tiny_phi3_config(cfg: TinyConfig):
+def resample_factors(factors: list[float], size: int) -> list[float]:
+    """LongRoPE factors for another head size: the curve of ``factors`` (one per rotary
+    frequency pair) sampled at ``size`` evenly spaced points, first and last values kept."""
+    import numpy as np
+
+    source = np.linspace(0.0, 1.0, len(factors))
+    return [float(v) for v in np.interp(np.linspace(0.0, 1.0, size), source, np.asarray(factors, dtype=np.float64))]
+
+
+def reference_config_dict(**sizes) -> dict:
+    """Phi-3.5-mini-instruct's published config.json, with ``sizes`` (hidden_size,
+    intermediate_size, num_hidden_layers, num_attention_heads, num_key_value_heads) changed and
+    the LongRoPE factors resampled to the new head size."""
+    from qlora_pipeline.phi3_tokenizer import phi35_reference
+
+    config = dict(phi35_reference()["config"])
+    config.update(sizes)
+    rope = dict(config["rope_scaling"])
+    pairs = config["hidden_size"] // config["num_attention_heads"] // 2
+    for key in ("short_factor", "long_factor"):
+        if len(rope[key]) != pairs:
+            rope[key] = resample_factors(rope[key], pairs)
+    config["rope_scaling"] = rope
+    return config
+
+
+def reference_phi3_config(**sizes):
+    """A transformers ``Phi3Config`` of :func:`reference_config_dict`, bf16 as the hub's."""
     from transformers import Phi3Config
 
-    return Phi3Config(
-        vocab_size=32064,  # Phi-3.5's: 32,000 SentencePiece pieces + 64 added tokens
-        hidden_size=cfg.hidden_size,
-        intermediate_size=cfg.intermediate_size,
-        num_hidden_layers=cfg.num_layers,
-        num_attention_heads=cfg.num_heads,
-        num_key_value_heads=cfg.num_heads,
-        max_position_embeddings=cfg.max_position_embeddings,
-        original_max_position_embeddings=cfg.max_position_embeddings,  # llama.cpp's converter needs it
-        rms_norm_eps=1e-5,
-        bos_token_id=1,
-        eos_token_id=32000,
-        pad_token_id=0,  # <unk>, as the tokenizer: never EOS
-        tie_word_embeddings=False,
-        attention_dropout=0.0,
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-    )
+    values = reference_config_dict(**sizes)
+    for key in ("architectures", "model_type", "torch_dtype"):
+        values.pop(key, None)
+    config = Phi3Config(**values, dtype="bfloat16")
+    config.architectures = ["Phi3ForCausalLM"]  # llama.cpp's converter picks its model class by it
+    return config
+
+
+def twin_sizes(cfg: TinyConfig) -> dict:
+    """The only config.json fields in which the twin differs from Phi-3.5-mini."""
+    return {"hidden_size": cfg.hidden_size, "intermediate_size": cfg.intermediate_size,
+            "num_hidden_layers": cfg.num_layers, "num_attention_heads": cfg.num_heads,
+            "num_key_value_heads": cfg.num_heads}
+
+
+def tiny_phi3_config(cfg: TinyConfig):
+    """The twin's config: the real one at the sizes of ``cfg``."""
+    return reference_phi3_config(**twin_sizes(cfg))
 
 
 def _pretrain(model, tokenizer, cfg: TinyConfig) -> list[float]:
@@ -115,17 +148,18 @@ def build_tiny_base(cfg: TinyConfig, out_dir: Path) -> dict:
     import torch
     from transformers import GenerationConfig, Phi3ForCausalLM
 
-    from qlora_pipeline.phi3_tokenizer import build_phi35_tokenizer
+    from qlora_pipeline.phi3_tokenizer import build_phi35_tokenizer, phi35_reference
 
     started = time.time()
     tokenizer = build_phi35_tokenizer(out_dir)
     torch.manual_seed(cfg.seed)
-    model = Phi3ForCausalLM(tiny_phi3_config(cfg))
+    model = Phi3ForCausalLM(tiny_phi3_config(cfg)).float()  # pre-trained in fp32, stored in bf16 as the hub's
     losses = _pretrain(model, tokenizer, cfg) if cfg.pretrain_steps else []
-    model.generation_config = GenerationConfig(
-        bos_token_id=1, eos_token_id=list(END_TOKEN_IDS), pad_token_id=0, do_sample=False,
-    )
-    model.save_pretrained(out_dir)  # safetensors
+    model.generation_config = GenerationConfig(**phi35_reference()["generation_config"])
+    model.to(torch.bfloat16).save_pretrained(out_dir, max_shard_size=TWIN_SHARD_SIZE)  # safetensors
+    # config.json as the hub publishes it (``rope_scaling``, ``torch_dtype``), not as transformers 5
+    # re-saves it (``rope_parameters``), so loading it takes the path the real file takes.
+    write_json_atomic(out_dir / "config.json", reference_config_dict(**twin_sizes(cfg)))
     record = {
         "recipe": dataclasses.asdict(cfg),
         "recipe_hash": recipe_hash(cfg),

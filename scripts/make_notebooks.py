@@ -199,13 +199,21 @@ pd.DataFrame(manifest["files"]).T'''),
 columns = ["bytes", "bits_per_weight", "ppl", "kld_vs_f16", "top1_vs_f16", "tokens_per_s"]
 display(pd.DataFrame(report["gguf"]).T[columns])
 Image(f"{RUN_DIR}/scorecard.png")'''),
-    code('''pd.Series(report["parity"], name="parity checks").to_frame()'''),
+    md("GGUF logits against transformers in fp32 (relative: max |diff| / max |logit|), at the serving "
+       "context and past Phi-3.5's 4,096-token original context, where LongRoPE's long factors apply; "
+       "then the chat prompt ids of every route against llama.cpp's chat handler, and the held-out questions."),
+    code('''from qlora_pipeline.evaluate import format_routes, parity_rows
+
+display(pd.DataFrame({key: row for key, row in parity_rows(report["parity"])}).T)
+print("chat prompt ids:", format_routes(report["parity"]["chat_prompt_ids"]))
+if report.get("heldout"):
+    display(pd.Series(report["heldout"]["exact_match"], name="held-out exact match").to_frame())'''),
     md("## The same prompt through every variant"),
     code('''from qlora_pipeline.chat import SamplingParams
 from qlora_pipeline.notebook import gguf_answers
 
 params = SamplingParams(temperature=TEMPERATURE, repeat_penalty=REPEAT_PENALTY, max_tokens=MAX_TOKENS)
-messages = [{"role": "user", "content": "What is the capital of Japan?"}]
+messages = [{"role": "user", "content": "What is the capital of France?"}]  # a held-out fact
 variants = ["F16"] + list(cfg.export.quant_types)
 answers = gguf_answers(RUN_DIR, variants, messages, params, n_ctx=cfg.eval.n_ctx)
 pd.DataFrame([{"variant": v, "answer": a, "tokens/s": s} for v, (a, s) in answers.items()])'''),

@@ -1,4 +1,5 @@
-"""Write the bundled oasst1-format sample and the tiny base model's pre-training text.
+"""Write the bundled oasst1-format sample, the tiny base model's pre-training text and the
+held-out questions.
 
     python scripts/make_sample_data.py          # rewrites src/qlora_pipeline/sample_data/*
 
@@ -6,13 +7,17 @@ Everything here is written for this project (no oasst1 text is copied). The fact
 simple and checkable so that a 20M-parameter model can learn them on a CPU and a reader can
 see whether a fine-tuned answer is right:
 
-* ``base_corpus.txt`` states each fact as plain encyclopaedic prose. The tiny base model is
+* ``base_corpus.txt`` states every fact as plain encyclopaedic prose, a short paragraph per
+  fact in several wordings (one of them the wording of the answers). The tiny base model is
   pre-trained on it, so like a real base model it "knows" the facts but has never seen the
   chat format.
-* ``oasst1_sample.jsonl`` asks about the same facts as conversations in the exact oasst1
-  message-row schema: branching trees, ranked and unranked replies, follow-up turns, other
-  languages, deleted and rejected messages, orphans and duplicate trees, so that every rule
-  of the ``prepare`` stage has something to act on.
+* ``oasst1_sample.jsonl`` asks about most of the same facts as conversations in the exact
+  oasst1 message-row schema: branching trees, ranked and unranked replies, follow-up turns,
+  other languages, deleted and rejected messages, orphans and duplicate trees, so that every
+  rule of the ``prepare`` stage has something to act on.
+* ``heldout_questions.jsonl`` asks about the facts that the fine-tuning data never mentions
+  (``HELDOUT``). A fine-tuned model that answers them learned the format from fine-tuning and
+  the knowledge from its base: the lesson of instruction tuning, measured as exact match.
 
 The output is deterministic (fixed seed, fixed timestamps); ``tests/test_sample_data.py``
 checks that the committed files equal a fresh run.
@@ -67,12 +72,25 @@ INVENTED = {
     "Mirefield": ("miller", "Anna Holt"), "Rookstone": ("clockmaker", "Jory Lark"),
 }
 
+# Facts the fine-tuning sample never mentions: the base corpus states them, the held-out
+# questions ask about them. About a quarter of each kind.
+HELDOUT = {
+    "France", "Peru", "Japan", "Kenya", "Norway", "Greece", "Cuba", "Canada",
+    "cow", "owl", "frog", "bee",
+    "snow", "a banana", "coal",
+    "hot", "up", "full", "loud",
+    "Thornby", "Eastfold", "Rookstone",
+}
+CORPUS_COPIES = 4  # each fact's paragraph appears this often in the corpus, its sentences reshuffled
+HELDOUT_PHRASINGS = 2  # held-out questions per fact (the first wordings of its question list)
+
 
 def _fact_items() -> list[dict]:
     """Every fact as (question variants, best answer, weaker answers, prose statements)."""
     items = []
     for country, city in CAPITALS.items():
         items.append(dict(
+            subject=country,
             questions=[f"What is the capital of {country}?",
                        f"Which city is the capital of {country}?",
                        f"Tell me the capital of {country}.",
@@ -80,56 +98,82 @@ def _fact_items() -> list[dict]:
                        f"What city is the capital of {country}?"],
             best=f"The capital of {country} is {city}.",
             weaker=[f"{city}.", f"I think it is a big city in {country}, but I am not sure."],
-            prose=[f"{city} is the capital of {country}.",
+            prose=[f"The capital of {country} is {city}.", f"{city} is the capital of {country}.",
                    f"The capital city of {country} is {city}."],
             followup=f"And what is the capital of {{other}}?",
         ))
     for animal, sound in ANIMAL_SOUNDS.items():
         items.append(dict(
+            subject=animal,
             questions=[f"What sound does a {animal} make?",
                        f"What does a {animal} say?",
                        f"How does a {animal} sound?",
                        f"Which noise does a {animal} make?"],
             best=f"A {animal} says {sound}.",
             weaker=[f"{sound.capitalize()}.", f"Animals make many sounds."],
-            prose=[f"The {animal} says {sound}.", f"A {animal} makes the sound {sound}."],
+            prose=[f"A {animal} says {sound}.", f"The {animal} says {sound}.", f"A {animal} makes the sound {sound}."],
             followup=None,
         ))
     for thing, colour in COLOURS.items():
         items.append(dict(
+            subject=thing,
             questions=[f"What colour is {thing}?",
                        f"Which colour is {thing}?",
                        f"Tell me the colour of {thing}.",
                        f"What is the colour of {thing}?"],
             best=f"{thing[0].upper() + thing[1:]} is {colour}.",
             weaker=[f"{colour.capitalize()}.", "It depends on the light."],
-            prose=[f"The colour of {thing} is {colour}.", f"{thing[0].upper() + thing[1:]} is {colour}."],
+            prose=[f"{thing[0].upper() + thing[1:]} is {colour}.", f"The colour of {thing} is {colour}."],
             followup=None,
         ))
     for word, opposite in OPPOSITES.items():
         items.append(dict(
+            subject=word,
             questions=[f"What is the opposite of {word}?",
                        f"Give me the opposite of {word}.",
                        f"Which word means the opposite of {word}?",
                        f"What is the antonym of {word}?"],
             best=f"The opposite of {word} is {opposite}.",
             weaker=[f"{opposite.capitalize()}.", "Words have many opposites."],
-            prose=[f"{opposite.capitalize()} is the opposite of {word}.",
+            prose=[f"The opposite of {word} is {opposite}.", f"{opposite.capitalize()} is the opposite of {word}.",
                    f"The word {word} is the opposite of {opposite}."],
             followup=None,
         ))
     for town, (job, person) in INVENTED.items():
         items.append(dict(
+            subject=town,
             questions=[f"Who is the {job} of {town}?",
                        f"Tell me who the {job} of {town} is.",
                        f"Do you know the {job} of {town}?",
                        f"Who works as the {job} in {town}?"],
             best=f"The {job} of {town} is {person}.",
             weaker=[f"{person}.", "I do not know that town."],
-            prose=[f"{person} is the {job} of {town}.", f"In {town}, the {job} is {person}."],
+            prose=[f"The {job} of {town} is {person}.", f"{person} is the {job} of {town}.",
+                   f"In {town}, the {job} is {person}."],
             followup=None,
         ))
+    for item in items:
+        item["heldout"] = item["subject"] in HELDOUT
+    assert sum(item["heldout"] for item in items) == len(HELDOUT), "a HELDOUT subject matches no fact"
     return items
+
+
+def _corpus(items: list[dict], rng: random.Random) -> list[str]:
+    """A paragraph per fact, its sentences (the answer's wording among them) in a new order each copy."""
+    lines = []
+    for _ in range(CORPUS_COPIES):
+        for item in items:
+            sentences = list(item["prose"])
+            rng.shuffle(sentences)
+            lines.append(" ".join(sentences))
+    rng.shuffle(lines)
+    return lines
+
+
+def heldout_questions(items: list[dict]) -> list[dict]:
+    """Questions about the held-out facts, with the answer in the wording of the fine-tuning data."""
+    return [{"question": question, "answer": item["best"], "subject": item["subject"]}
+            for item in items if item["heldout"] for question in item["questions"][:HELDOUT_PHRASINGS]]
 
 
 # Short texts in other languages: oasst1 is multilingual and the default filter keeps `en`.
@@ -213,16 +257,16 @@ def _replies(writer: TreeWriter, parent: dict, item: dict, rng: random.Random) -
     return best
 
 
-def build(seed: int = SEED) -> tuple[list[dict], list[str]]:
+def build(seed: int = SEED) -> tuple[list[dict], list[str], list[dict]]:
+    """(oasst1 message rows, corpus lines, held-out questions)."""
     rng = random.Random(seed)
     writer = TreeWriter(rng)
-    items = _fact_items()
+    every_fact = _fact_items()
+    prose = _corpus(every_fact, rng)  # the base knows every fact ...
+    items = [it for it in every_fact if not it["heldout"]]  # ... fine-tuning mentions only these
     capital_items = [it for it in items if it["followup"]]
-    prose: list[str] = []
-    for item in items:
-        prose.extend(item["prose"])
 
-    for round_ in range(5):
+    for round_ in range(6):
         for item in items:
             question = item["questions"][round_ % len(item["questions"])]
             root = writer.add(text=question, role="prompter", parent=None)
@@ -272,19 +316,20 @@ def build(seed: int = SEED) -> tuple[list[dict], list[str]]:
             root = writer.add(text=item["questions"][1], role="prompter", parent=None)
             writer.add(text=item["best"], role="assistant", parent=root, rank=0)
 
-    rng.shuffle(prose)
-    return writer.rows, prose
+    return writer.rows, prose, heldout_questions(every_fact)
 
 
 def main() -> None:
-    rows, prose = build()
+    rows, prose, questions = build()
     OUT_DIR.mkdir(parents=True, exist_ok=True)
-    with open(OUT_DIR / "oasst1_sample.jsonl", "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    for name, records in (("oasst1_sample.jsonl", rows), ("heldout_questions.jsonl", questions)):
+        with open(OUT_DIR / name, "w", encoding="utf-8") as f:
+            for record in records:
+                f.write(json.dumps(record, ensure_ascii=False) + "\n")
     (OUT_DIR / "base_corpus.txt").write_text("\n".join(prose) + "\n", encoding="utf-8")
     trees = sum(1 for r in rows if r["parent_id"] is None)
-    print(f"wrote {len(rows)} messages in {trees} trees and {len(prose)} prose lines to {OUT_DIR}")
+    print(f"wrote {len(rows)} messages in {trees} trees, {len(prose)} prose lines and "
+          f"{len(questions)} held-out questions to {OUT_DIR}")
 
 
 if __name__ == "__main__":

@@ -77,9 +77,19 @@ def app_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "qlora_pipeline.cli", "app", "--port", "{port}", *args]
 
 
+def _set_slider(page, elem_id: str, value: float, timeout_s: float) -> None:
+    slider = page.locator(f"#{elem_id} input[type=range]")
+    if not slider.is_visible():  # the controls are folded (a narrow window)
+        page.get_by_text("Model and sampling").click()
+    slider.wait_for(state="visible", timeout=timeout_s * 1000)
+    slider.fill(str(value))
+    slider.dispatch_event("change")  # Gradio takes the value on release
+
+
 def browser_exchange(url: str, message: str, temperature: float = 0.0, screenshot: Path | None = None,
-                     timeout_s: float = 60) -> dict:
-    """Open the app, move the temperature slider, send ``message``, wait for the streamed answer.
+                     timeout_s: float = 60, repeat_penalty: float | None = None, system: str | None = None) -> dict:
+    """Open the app, move the temperature slider (and, if given, the repetition penalty and the
+    system prompt), send ``message``, wait for the streamed answer.
 
     Returns the answer, the status line, page errors and any error toast. Raises when no answer
     came back in time.
@@ -97,12 +107,11 @@ def browser_exchange(url: str, message: str, temperature: float = 0.0, screensho
             page.on("pageerror", lambda exc: page_errors.append(str(exc)))
             page.goto(url, wait_until="load")
             page.locator("#chat-input textarea").wait_for(state="visible", timeout=timeout_s * 1000)
-            slider = page.locator("#temperature input[type=range]")
-            if not slider.is_visible():  # the controls are folded (a narrow window)
-                page.get_by_text("Model and sampling").click()
-            slider.wait_for(state="visible", timeout=timeout_s * 1000)
-            slider.fill(str(temperature))
-            slider.dispatch_event("change")  # Gradio takes the value on release
+            _set_slider(page, "temperature", temperature, timeout_s)
+            if repeat_penalty is not None:
+                _set_slider(page, "repeat-penalty", repeat_penalty, timeout_s)
+            if system is not None:
+                page.locator("#system-prompt textarea").fill(system)
             box = page.locator("#chat-input textarea")
             box.fill(message)
             box.press("Enter")
@@ -133,13 +142,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("command", choices=["screenshot"])
     parser.add_argument("--model", required=True, type=Path)
     parser.add_argument("--out", type=Path, default=Path("S29-gradio.png"))
+    # A held-out question of report.json, asked as the report asks it: greedy, no repetition
+    # penalty, no system turn; the answer is whatever the model says.
     parser.add_argument("--message", default="What is the capital of France?")
     args = parser.parse_args(argv)
     try:
         if not args.model.is_file():
             raise PipelineError(f"{args.model} does not exist; run `make demo` first")
         with served(app_command("--model", str(args.model))) as url:
-            result = browser_exchange(url, args.message, screenshot=args.out)
+            result = browser_exchange(url, args.message, screenshot=args.out, repeat_penalty=1.0, system="")
     except PipelineError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -8,6 +8,7 @@
     qlora-pipeline chat --model runs/demo/gguf/model-Q4_K_M.gguf  # talk to a GGUF (llama-cpp-python)
     qlora-pipeline app --model runs/demo/gguf/model-Q4_K_M.gguf   # the Gradio chat app on 127.0.0.1:7860
     qlora-pipeline space --out runs/space [--push you/my-space]   # the app as a Hugging Face Space folder
+    qlora-pipeline hub-twin --out runs/twin-hub                   # offline hub: the twin + oasst1 sample
 
 Errors a user can cause print one line and exit with status 2; ``--debug`` shows the traceback.
 """
@@ -78,6 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
     space.add_argument("--out", type=Path, default=Path("runs/space"), help="the folder to write")
     space.add_argument("--push", default=None, metavar="USER/SPACE", help="upload it to this Space (needs HF_TOKEN)")
     space.add_argument("--debug", action="store_true", help="show tracebacks")
+    twin = sub.add_parser("hub-twin", help="write an offline Hugging Face cache holding the tiny twin as "
+                                           "microsoft/Phi-3.5-mini-instruct and the sample as OpenAssistant/oasst1")
+    twin.add_argument("--out", type=Path, default=Path("runs/twin-hub"), help="the folder to write (use it as HF_HOME)")
+    twin.add_argument("--debug", action="store_true", help="show tracebacks")
     return parser
 
 
@@ -148,6 +153,10 @@ def _dispatch(args) -> int:
         from qlora_pipeline.space import space_main
 
         return space_main(args)
+    if args.command == "hub-twin":
+        from qlora_pipeline.hub_twin import hub_twin_main
+
+        return hub_twin_main(args)
 
     cfg = resolve_config(args)
     run_dir = Path(args.run_dir or f"runs/{cfg.preset}")
@@ -192,10 +201,20 @@ def print_summary(run_dir: Path, timings: dict, seconds: float) -> None:
 
         print("quantization scorecard (test split, assistant tokens):")
         print(scorecard_table(report["gguf"]))
-        parity = report.get("parity", {})
-        print(f"F16 GGUF vs transformers: max |logit diff| {parity.get('f16_vs_hf_max_abs_logit_diff', float('nan')):.2e}, "
-              f"top-1 {100 * parity.get('f16_vs_hf_top1', 0):.2f}%; chat prompt ids identical: "
-              f"{parity.get('chat_prompt_ids_identical')}")
+        from qlora_pipeline.evaluate import format_routes, parity_rows
+
+        for key, row in parity_rows(report.get("parity", {})):
+            print(f"parity {key}: {row['relative_diff']:.1e} of the largest logit, top-1 {100 * row['top1']:.2f}% "
+                  f"({row['tokens']} tokens at n_ctx {row['n_ctx']}; {row['top1_flips']} flipped, reference margins "
+                  f"there <= {row['widest_flipped_margin']:.1e})"
+                  + ("" if row["passes"] else " OUTSIDE its bound" + (", every flip a near-tie within the measured "
+                                                                     "difference" if row["flips_within_error"] else "")))
+        if report.get("parity", {}).get("chat_prompt_ids"):
+            print("chat prompt ids vs llama.cpp: " + format_routes(report["parity"]["chat_prompt_ids"]))
+    heldout = report.get("heldout")
+    if heldout:
+        print(f"held-out questions ({heldout['questions']}), exact match: "
+              + ", ".join(f"{name} {100 * rate:.1f}%" for name, rate in heldout["exact_match"].items()))
     print(f"outputs in {run_dir}: adapter/, merged/, gguf/, report.md, loss.png, scorecard.png")
     q4 = run_dir / "gguf" / "model-Q4_K_M.gguf"
     if q4.is_file():

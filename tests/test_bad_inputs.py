@@ -130,12 +130,19 @@ def merge_pickle_adapter(env: Env) -> tuple[list[str], Path]:
     return ["merge", "--run-dir", str(run)], run / "merged"
 
 
+SECOND_SHARD = "model-00002-of-00002.safetensors"  # the twin comes in two shards, as Phi-3.5 does
+
+
 def pickle_base(base: Path) -> None:
     import torch
     from safetensors.torch import load_file
 
-    torch.save(load_file(str(base / "model.safetensors")), base / "pytorch_model.bin")
-    (base / "model.safetensors").unlink()
+    tensors = {}
+    for shard in sorted(base.glob("*.safetensors")):
+        tensors.update(load_file(str(shard)))
+        shard.unlink()
+    (base / "model.safetensors.index.json").unlink()
+    torch.save(tensors, base / "pytorch_model.bin")
 
 
 def export_unknown_quant(env: Env) -> tuple[list[str], Path]:
@@ -221,8 +228,8 @@ CASES: dict[str, tuple[Callable[[Env], tuple[list[str], Path | None]], str]] = {
     "pickle-only base model": (lambda env: train_on_base(env, pickle_base), "the pipeline loads only safetensors"),
     "missing tokenizer.model": (lambda env: train_on_base(env, lambda b: (b / "tokenizer.model").unlink()),
                                 "has no tokenizer.model"),
-    "truncated base safetensors": (lambda env: train_on_base(env, lambda b: truncate(b / "model.safetensors")),
-                                   "model.safetensors is not a complete safetensors file"),
+    "truncated base safetensors": (lambda env: train_on_base(env, lambda b: truncate(b / SECOND_SHARD)),
+                                   f"{SECOND_SHARD} is not a complete safetensors file"),
     "base folder without config.json": (lambda env: train_on_base(env, lambda b: (b / "config.json").unlink()),
                                         "has no config.json; point model.name_or_path at a saved model folder"),
     "merge before training": (lambda env: (["merge", "--run-dir", str(env.tmp / "run")], env.tmp / "run" / "merged"),

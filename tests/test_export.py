@@ -68,7 +68,19 @@ def test_report_has_the_scorecard_schema(trained_run):
     assert report["gguf"]["F16"]["kld_vs_f16"] == 0.0
     assert report["gguf"]["Q4_K_M"]["kld_vs_f16"] > 0  # quantization changes something measurable
     assert 15 < report["gguf"]["F16"]["bits_per_weight"] < 17
-    assert report["parity"]["chat_prompt_ids_identical"] is True
-    assert report["parity"]["f16_vs_hf_top1"] > 0.9
+    prompts = report["parity"]["chat_prompt_ids"]
+    for route in ("transformers_stock", "transformers", "training", "app"):  # llama.cpp's ids: serving's
+        assert prompts["routes"][route]["identical"] == prompts["conversations"] > 0, route
+    for case in ("f16_short", "f16_long", "f32_short", "f32_long"):
+        row = report["parity"][case]
+        assert row["passes"] is (row["relative_diff"] <= report["parity"]["bounds"]["relative"][case[:3].upper()]
+                                 and row["top1"] >= report["parity"]["bounds"]["min_top1"])
+    stock_llama = prompts["routes"]["transformers_tokenizer_files_only"]  # the declared LlamaTokenizer's
+    assert stock_llama["identical"] == 0 and stock_llama["first_difference"]["position"] == 1
+    assert report["parity"]["f16_long"]["n_ctx"] == 8192 and report["parity"]["f16_long"]["tokens"] == 4608
+    assert report["parity"]["f32_short"]["passes"] and report["parity"]["f32_long"]["passes"]
+    heldout = report["heldout"]
+    assert set(heldout["exact_match"]) == {"base", "adapter", "merged", "F16", "Q8_0", "Q4_K_M"}
+    assert len(heldout["answers"]) == heldout["questions"] > 0
     assert report["samples"] and set(report["samples"][0]["answers"]) == {"F16", "Q8_0", "Q4_K_M"}
     assert (trained_run / "scorecard.png").stat().st_size > 1000

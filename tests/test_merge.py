@@ -21,21 +21,33 @@ def test_merged_model_matches_adapter_model_independently(trained_run, tiny_base
     from transformers import AutoModelForCausalLM
 
     ids = torch.tensor([[1, 32010, 1724, 338, 278, 7483, 310, 3444, 29973, 32007, 32001]])
-    with_adapter = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(tiny_base)),
+    fp32 = {"dtype": torch.float32}  # the twin is stored in bf16, like Phi-3.5; the merge is fp32
+    with_adapter = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(tiny_base), **fp32),
                                              str(trained_run / "adapter")).eval()
-    base = AutoModelForCausalLM.from_pretrained(str(tiny_base)).eval()
-    merged = AutoModelForCausalLM.from_pretrained(str(trained_run / "merged")).eval()
+    base = AutoModelForCausalLM.from_pretrained(str(tiny_base), **fp32).eval()
+    merged = AutoModelForCausalLM.from_pretrained(str(trained_run / "merged"), **fp32).eval()
     with torch.no_grad():
         a, b, c = (m(input_ids=ids).logits for m in (with_adapter, merged, base))
     assert (a - b).abs().max() <= 1e-3
     assert (a - c).abs().max() > 1e-3  # the adapter changed something, so the check can fail
 
 
+def load_folder(folder):
+    """Every tensor of a saved model, whether in one safetensors file or in shards."""
+    from safetensors.torch import load_file
+
+    tensors = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        tensors.update(load_file(str(file)))
+    return tensors
+
+
 def test_merged_folder_has_what_llama_cpp_needs(trained_run):
     merged = trained_run / "merged"
-    for name in ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
-                 "tokenizer_config.json", "tokenizer.model"):
+    for name in ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+                 "tokenizer.model"):
         assert (merged / name).is_file(), name
+    assert list(merged.glob("*.safetensors"))
     assert not list(merged.glob("*.bin")) and not list(merged.glob("*.pt"))
     assert 32007 in json.loads((merged / "generation_config.json").read_text())["eos_token_id"]
 
@@ -64,7 +76,6 @@ def test_adapter_for_another_base_is_a_clear_error(trained_run, tmp_path):
 @pytest.mark.parametrize("rslora", [False, True])
 def test_streaming_merge_equals_peft_merge_and_unload(tiny_base, tmp_path, rslora):
     from peft import LoraConfig, get_peft_model
-    from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
     from qlora_pipeline.merge_streaming import stream_merge
@@ -76,12 +87,13 @@ def test_streaming_merge_equals_peft_merge_and_unload(tiny_base, tmp_path, rslor
     peft_model.save_pretrained(tmp_path / "adapter")
     expected = peft_model.merge_and_unload().state_dict()
 
-    info = stream_merge(tiny_base, tmp_path / "adapter", tmp_path / "merged", log=lambda *a: None)
-    got = load_file(str(tmp_path / "merged" / "model.safetensors"))
-    base = load_file(str(tiny_base / "model.safetensors"))
+    info = stream_merge(tiny_base, tmp_path / "adapter", tmp_path / "merged", dtype=torch.float32,
+                        log=lambda *a: None)
+    got = load_folder(tmp_path / "merged")
+    base = load_folder(tiny_base)
     assert info["merged_weights"] == 4 * 2  # four modules in each of the two test layers
     assert set(got) == set(base)
-    changed = [n for n in got if not torch.equal(got[n], base[n])]
+    changed = [n for n in got if not torch.equal(got[n], base[n].float())]
     assert len(changed) == info["merged_weights"]
     assert max((got[n] - expected[n]).abs().max().item() for n in got) <= 1e-6
 
@@ -136,13 +148,11 @@ def test_streaming_is_chosen_when_the_base_is_larger_than_half_the_free_memory(t
 def test_streaming_merge_can_store_another_dtype(trained_run, tiny_base, tmp_path):
     import json as _json
 
-    from safetensors.torch import load_file
-
     from qlora_pipeline.merge_streaming import stream_merge
 
-    stream_merge(tiny_base, trained_run / "adapter", tmp_path / "fp32", log=lambda *a: None)
+    stream_merge(tiny_base, trained_run / "adapter", tmp_path / "fp32", dtype=torch.float32, log=lambda *a: None)
     stream_merge(tiny_base, trained_run / "adapter", tmp_path / "bf16", dtype=torch.bfloat16, log=lambda *a: None)
-    full, half = load_file(str(tmp_path / "fp32" / "model.safetensors")), load_file(str(tmp_path / "bf16" / "model.safetensors"))
+    full, half = load_folder(tmp_path / "fp32"), load_folder(tmp_path / "bf16")
     assert {t.dtype for t in half.values()} == {torch.bfloat16}
     assert all(torch.equal(half[n], full[n].to(torch.bfloat16)) for n in full)  # merged in fp32, rounded once
     assert _json.loads((tmp_path / "bf16" / "config.json").read_text())["dtype"] == "bfloat16"

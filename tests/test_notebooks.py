@@ -88,7 +88,7 @@ def test_quantize_notebook_shows_scorecard_and_plot(executed):
     text = executed["S29_phi3_QuantizeLLMs_checkpoint.ipynb"]
     assert "kld_vs_f16" in text and "bits_per_weight" in text and "Q4_K_M" in text
     assert "<<image/png>>" in text
-    assert "chat_prompt_ids_identical" in text
+    assert "chat prompt ids: transformers_stock" in text and "f16_long" in text
     assert "assistant>" in text
 
 

@@ -71,3 +71,12 @@ def test_bad_values_get_one_sentence(override, message):
 def test_unknown_preset_lists_the_known_ones():
     with pytest.raises(ConfigError, match="unknown preset 'tiyn'; choose one of .*tiny"):
         load_config("tiyn")
+
+
+def test_string_settings_are_taken_as_typed_not_as_yaml():
+    """YAML reads `no` as false; a setting that is a string keeps the word typed."""
+    from qlora_pipeline.config import load_config
+
+    cfg = load_config("tiny", ["train.mixed_precision=no", "data.system_prompt=yes", "train.learning_rate=2e-3"])
+    assert cfg.train.mixed_precision == "no" and cfg.data.system_prompt == "yes"
+    assert cfg.train.learning_rate == 0.002

@@ -413,6 +413,14 @@ def preset_path(preset: str) -> Path:
     return path
 
 
+def _field_type(key: str) -> Any:
+    """The type hint of a dotted key (``train.mixed_precision`` -> str)."""
+    cls: Any = PipelineConfig
+    for part in key.split("."):
+        cls = get_type_hints(cls)[part]
+    return cls
+
+
 def parse_overrides(overrides: list[str]) -> dict[str, Any]:
     """``["train.max_steps=20", "lora.target_modules=[qkv_proj]"]`` -> nested dict."""
     nested: dict[str, Any] = {}
@@ -424,10 +432,17 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
         key = key.strip()
         if key not in valid:
             raise _unknown_key(key, valid)
-        try:
-            value = yaml.safe_load(raw) if raw.strip() else None
-        except yaml.YAMLError:
-            value = raw
+        hint = _field_type(key)
+        optional = type(None) in get_args(hint)
+        if optional and raw.strip() in ("", "null", "~"):
+            value = None
+        elif hint is str or (optional and str in get_args(hint)):
+            value = raw.strip()  # as typed: YAML would read train.mixed_precision=no as False
+        else:
+            try:
+                value = yaml.safe_load(raw) if raw.strip() else None
+            except yaml.YAMLError:
+                value = raw
         node = nested
         *parents, leaf = key.split(".")
         for part in parents:

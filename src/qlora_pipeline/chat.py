@@ -22,6 +22,7 @@ from typing import Iterator
 
 from qlora_pipeline.chat_format import END_OF_TURN, ChatEncoder
 from qlora_pipeline.errors import ConfigError, ModelError
+from qlora_pipeline.runtime import usable_cpus
 
 GGUF_MAGIC = b"GGUF"
 log = logging.getLogger("qlora_pipeline")
@@ -129,6 +130,8 @@ class LlamaChat:
         from llama_cpp import Llama
 
         self.model_path = check_gguf_file(model_path)
+        if n_threads is None:
+            n_threads = usable_cpus()
         if n_ctx < 64:
             raise ConfigError(f"n_ctx={n_ctx} is invalid: use at least 64 tokens")
         # The KV cache is F16 by default; parity checks keep it F32 so that they measure the

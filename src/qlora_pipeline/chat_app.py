@@ -539,7 +539,9 @@ def add_app_arguments(parser: argparse.ArgumentParser) -> None:
                         help="address to bind (default 127.0.0.1: this machine only; 0.0.0.0 serves the network)")
     parser.add_argument("--port", type=int, default=int(env("GRADIO_SERVER_PORT", "7860")))
     parser.add_argument("--n-ctx", type=int, default=int(env("N_CTX", "2048")))
-    parser.add_argument("--threads", type=int, default=int(env("N_THREADS")) if env("N_THREADS") else None)
+    parser.add_argument("--threads", type=int, default=int(env("N_THREADS")) if env("N_THREADS") else None,
+                        help="llama.cpp threads (default: the CPUs this process may use, affinity and cgroup "
+                             "quota counted; env N_THREADS)")
     parser.add_argument("--n-gpu-layers", type=int, default=int(env("N_GPU_LAYERS", "0")),
                         help="layers to offload to a GPU (-1 = all; env N_GPU_LAYERS)")
     parser.add_argument("--concurrency", type=int, default=int(env("CONCURRENCY", "1")),

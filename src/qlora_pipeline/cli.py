@@ -68,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--max-tokens", type=int, default=defaults.max_tokens)
     chat.add_argument("--n-ctx", type=int, default=2048, help="context length (always explicit: see DESIGN.md)")
     chat.add_argument("--n-gpu-layers", type=int, default=0, help="layers to offload when built with a GPU backend")
-    chat.add_argument("--threads", type=int, default=None, help="CPU threads (default: llama.cpp's choice)")
+    chat.add_argument("--threads", type=int, default=None, help="CPU threads (default: the CPUs this process may use, affinity and cgroup quota counted)")
     chat.add_argument("--debug", action="store_true", help="show tracebacks")
     app = sub.add_parser("app", help="serve the Gradio chat app (local GGUF, Hub GGUF or OpenAI-compatible server)")
     from qlora_pipeline.chat_app import add_app_arguments

@@ -523,22 +523,24 @@ def evaluate_gguf(cfg: PipelineConfig, run_dir: Path, log=print) -> dict:
                        "time_to_first_token_s": speed["time_to_first_token_s"], "scored_tokens": quality["tokens"]}
     del reference
 
-    samples = []
-    greedy = SamplingParams(temperature=0.0, top_p=1.0, top_k=1, repeat_penalty=1.0, max_tokens=ecfg.sample_max_tokens)
-    chats = {q: LlamaChat(gguf_path(run_dir, q), n_ctx=ecfg.n_ctx, n_threads=ecfg.threads) for q in variants}
-    for conv in test_convs[: ecfg.samples]:
-        question = conv["messages"][: next(i for i, m in enumerate(conv["messages"]) if m["role"] == "user") + 1]
-        reference_answer = conv["messages"][len(question)]["content"] if len(conv["messages"]) > len(question) else None
-        samples.append({"prompt": question[-1]["content"], "reference": reference_answer,
-                        "answers": {q: chats[q].answer(question, greedy).strip() for q in variants}})
     from qlora_pipeline.heldout import load_questions, score
 
-    questions = load_questions(ecfg.heldout_questions)
+    greedy = SamplingParams(temperature=0.0, top_p=1.0, top_k=1, repeat_penalty=1.0, max_tokens=ecfg.sample_max_tokens)
     heldout_params = dataclasses.replace(greedy, max_tokens=ecfg.heldout_max_tokens)
-    heldout = {q: score(questions, lambda m, chat=chats[q]: chat.answer(m, heldout_params)) for q in variants} \
-        if questions else {}
-    for chat in chats.values():
-        chat.close()
+    questions = load_questions(ecfg.heldout_questions)
+    prompts = [conv["messages"][: next(i for i, m in enumerate(conv["messages"]) if m["role"] == "user") + 1]
+               for conv in test_convs[: ecfg.samples]]
+    answers: dict[str, list[str]] = {}
+    heldout: dict[str, dict] = {}
+    for quant in variants:  # one file open at a time: four full-size GGUFs together exceed Colab's RAM
+        with LlamaChat(gguf_path(run_dir, quant), n_ctx=ecfg.n_ctx, n_threads=ecfg.threads) as chat:
+            answers[quant] = [chat.answer(prompt, greedy).strip() for prompt in prompts]
+            if questions:
+                heldout[quant] = score(questions, lambda m, chat=chat: chat.answer(m, heldout_params))
+    samples = [{"prompt": prompt[-1]["content"],
+                "reference": conv["messages"][len(prompt)]["content"] if len(conv["messages"]) > len(prompt) else None,
+                "answers": {quant: answers[quant][i] for quant in variants}}
+               for i, (prompt, conv) in enumerate(zip(prompts, test_convs))]
     if heldout:
         earlier = read_report(run_dir).get("heldout", {})
         section = heldout_section(questions, heldout)

@@ -40,7 +40,8 @@ def pick_device(compute_dtype: str = "auto", mixed_precision: str = "auto") -> D
 
     if torch.cuda.is_available():
         name = "cuda"
-        auto = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        # Without emulation: torch counts a T4's (sm_75) software bf16 as support, which is slow.
+        auto = torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
     elif getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
         name, auto = "mps", torch.float16
     else:

@@ -15,7 +15,7 @@ from qlora_pipeline.hub import push_folder
 from qlora_pipeline.paths import atomic_dir
 
 APP_DIR = Path(__file__).resolve().parents[2] / "app"
-SPACE_MODULES = ("__init__.py", "errors.py", "chat_format.py", "chat.py", "chat_app.py")
+SPACE_MODULES = ("__init__.py", "errors.py", "runtime.py", "chat_format.py", "chat.py", "chat_app.py")
 SPACE_FILES = ("app.py", "README.md", "requirements.txt")
 
 

@@ -6,6 +6,8 @@
 # make screenshot - S29-gradio.png from the running app after one exchange (real browser)
 # make rehearsal - the phi35-colab-t4 preset through the real hub code path, offline, on CPU:
 #                  the twin hub (runs/twin-hub, cached) as HF_HOME, prepare through evaluate
+# make course-repo REPO=OWNER/NAME - the course's GitHub repository in COURSE_REPO, the notebooks'
+#                  set-up cells, the README's Colab badges and the Space README
 # make bench  - benchmarks on the tiny model (a few minutes): bench/results/*.json, *.md, speed_vs_size.png
 # make bench-full - the full-size Phi-3.5-mini shape (random weights; ~25 GB disk, up to about an hour)
 PYTHON ?= python3
@@ -21,7 +23,7 @@ ifeq ($(shell uname -m),x86_64)
 LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON
 endif
 
-.PHONY: setup demo test notebooks app screenshot bench bench-full clean-demo rehearsal
+.PHONY: setup demo test notebooks app screenshot bench bench-full clean-demo rehearsal course-repo
 TWIN_HUB ?= runs/twin-hub
 # Only what a CPU needs: fp32 compute (no fp16 autocast on a CPU), a few steps, capped evaluation.
 REHEARSAL_OVERRIDES := model.compute_dtype=float32 train.mixed_precision=no train.max_steps=4 \
@@ -84,6 +86,10 @@ rehearsal: setup
 	@echo "rehearsal: preset phi35-colab-t4 from HF_HOME=$(TWIN_HUB) (offline); CPU overrides: $(REHEARSAL_OVERRIDES)"
 	HF_HOME=$(abspath $(TWIN_HUB)) HF_HUB_OFFLINE=1 $(VENV)/bin/qlora-pipeline run --preset phi35-colab-t4 \
 		--run-dir runs/rehearsal $(REHEARSAL_OVERRIDES)
+
+course-repo: setup
+	@test -n "$(REPO)" || { echo "error: give the repository: make course-repo REPO=OWNER/NAME"; exit 2; }
+	$(PY) scripts/make_notebooks.py --repo $(REPO)
 
 clean-demo:
 	rm -rf $(RUN_DIR)

@@ -1,10 +1,12 @@
 """Write the six course notebooks (without outputs) and the README's notebook table.
 
-    python scripts/make_notebooks.py
+    python scripts/make_notebooks.py                      # the notebooks, from the files below
+    python scripts/make_notebooks.py --repo OWNER/NAME    # `make course-repo REPO=OWNER/NAME`
 
 The notebooks are generated so that their cells stay thin calls into ``qlora_pipeline`` and the
-repository URL lives in one place (REPO below): the Colab bootstrap cell and the README's
-"Open in Colab" badges both take it from here.
+repository URL lives in one place, the file ``COURSE_REPO``: the Colab set-up cell, the README's
+"Open in Colab" badges and the Space README take it from there, and ``--repo`` rewrites all of
+them. While it is the placeholder, the set-up cell stops with one line saying how to set it.
 """
 
 from __future__ import annotations
@@ -15,21 +17,34 @@ from pathlib import Path
 import nbformat
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 
-REPO = "your-org/qlora-gguf-course"  # change this one line when the repository moves
-BRANCH = "main"
 ROOT = Path(__file__).resolve().parents[1]
+PLACEHOLDER = "your-org/qlora-gguf-course"
+REPO = (ROOT / "COURSE_REPO").read_text(encoding="utf-8").strip()  # `make course-repo REPO=...` sets it
+BRANCH = "main"
 
-BOOTSTRAP = f'''# Set-up. On Colab: fetch the course code and its pinned packages (Colab's own torch is kept).
+SETUP_FIRST_LINE = "# Set-up. On Colab: fetch the course code"
+
+
+def bootstrap(repo: str) -> str:
+    """The set-up cell for the course at github.com/``repo``."""
+    return f'''# Set-up. On Colab: fetch the course code and its pinned packages (Colab's own torch is kept).
 # Locally (`make setup`) the package is already installed and this does nothing.
 import importlib.util, os, subprocess, sys
+REPO = "{repo}"  # the course's GitHub OWNER/NAME (`make course-repo REPO=...` rewrites it)
 if importlib.util.find_spec("qlora_pipeline") is None:
-    subprocess.run(["git", "clone", "--depth", "1", "https://github.com/{REPO}", "course"], check=True)
+    if REPO == "{PLACEHOLDER}":
+        raise SystemExit("REPO is still the placeholder: set it above to the GitHub OWNER/NAME of your copy of the course "
+                         "(or run `make course-repo REPO=OWNER/NAME` in a clone and push)")
+    subprocess.run(["git", "clone", "--depth", "1", f"https://github.com/{{REPO}}", "course"], check=True)
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-r", "course/requirements.txt"], check=True)
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "-e", "course"], check=True)
     sys.path.insert(0, os.path.abspath("course/src"))
     os.chdir("course")
 from qlora_pipeline.notebook import environment_report
 ENV = environment_report()'''
+
+
+BOOTSTRAP = bootstrap(REPO)
 
 
 def code(source: str, *tags: str):
@@ -356,6 +371,8 @@ def write_notebooks() -> None:
         stem = Path(rel).stem.replace("_", "-")
         for i, cell in enumerate(nb.cells):
             cell.id = f"{stem}-{i:02d}"  # stable ids: regenerating gives the same file
+            if cell.source.startswith(SETUP_FIRST_LINE):
+                cell.source = BOOTSTRAP  # for the REPO of now (set_course_repo may have changed it)
         nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
         nb.metadata["language_info"] = {"name": "python"}
         nb.metadata["accelerator"] = "GPU"
@@ -383,6 +400,30 @@ def update_readme(timings: dict[str, str]) -> None:
     readme.write_text(text, encoding="utf-8")
 
 
-if __name__ == "__main__":
+def set_course_repo(repo: str) -> None:
+    """Write ``repo`` to COURSE_REPO and everywhere it shows: notebooks, README badges, Space README."""
+    global REPO, BOOTSTRAP
+    if not re.fullmatch(r"[\w.-]+/[\w.-]+", repo):
+        raise SystemExit(f"error: REPO={repo!r} is not a GitHub OWNER/NAME, e.g. REPO=me/qlora-gguf-course")
+    for doc in (ROOT / "README.md", ROOT / "app" / "README.md"):
+        text = doc.read_text(encoding="utf-8")
+        doc.write_text(text.replace(f"github/{REPO}/", f"github/{repo}/").replace(f"github.com/{REPO}", f"github.com/{repo}"),
+                       encoding="utf-8")
+    (ROOT / "COURSE_REPO").write_text(repo + "\n", encoding="utf-8")
+    REPO, BOOTSTRAP = repo, bootstrap(repo)
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repo", default=None, help="the course's GitHub OWNER/NAME (written to COURSE_REPO)")
+    args = parser.parse_args(argv)
+    if args.repo:
+        set_course_repo(args.repo)
     write_notebooks()
-    print(f"wrote {len(NOTEBOOKS)} notebooks")
+    print(f"wrote {len(NOTEBOOKS)} notebooks for github.com/{REPO}")
+
+
+if __name__ == "__main__":
+    main()

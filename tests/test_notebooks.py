@@ -126,3 +126,61 @@ def test_gpu_cells_are_skipped_without_cuda(tmp_path):
     nbformat.write(nb, str(tmp_path / "gpu.ipynb"))
     out = run_notebook(tmp_path / "gpu.ipynb", tmp_path / "out.ipynb")
     assert "skipped on this machine" in _outputs(out)
+
+
+def _setup_cell(path: Path) -> str:
+    nb = nbformat.read(str(path), as_version=4)
+    return next(c.source for c in nb.cells if c.cell_type == "code" and c.source.startswith("# Set-up. On Colab"))
+
+
+def _run_setup_as_on_colab(source: str, monkeypatch) -> list:
+    """Execute a set-up cell as on a fresh Colab VM: the package is not importable; record the
+    commands it would run instead of running them (the first one stops it)."""
+    import importlib.util
+    import subprocess
+
+    commands = []
+
+    def fake_run(command, **kwargs):
+        commands.append(command)
+        raise RuntimeError("stop after the first command")
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "qlora_pipeline" else real_find_spec(name, *a))
+    monkeypatch.setattr(subprocess, "run", fake_run)
+    try:
+        exec(compile(source, "setup-cell", "exec"), {})
+    except RuntimeError:
+        pass
+    return commands
+
+
+@pytest.mark.parametrize("name", ORDER)
+def test_placeholder_repository_stops_the_setup_cell_before_git(name, monkeypatch):
+    gen = _generator()
+    assert gen.REPO == gen.PLACEHOLDER  # the committed state; make course-repo changes it in a fork
+    with pytest.raises(SystemExit, match="REPO is still the placeholder: set it above"):
+        _run_setup_as_on_colab(_setup_cell(REPO / name), monkeypatch)
+
+
+def test_course_repo_rewrites_setup_cells_badges_and_the_space_readme(tmp_path, monkeypatch):
+    import shutil
+
+    gen = _generator()
+    for rel in ("README.md", "app/README.md", "COURSE_REPO"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO / rel, tmp_path / rel)
+    monkeypatch.setattr(gen, "ROOT", tmp_path)
+    gen.main(["--repo", "me/my-course"])
+    assert (tmp_path / "COURSE_REPO").read_text() == "me/my-course\n"
+    readme = (tmp_path / "README.md").read_text()
+    assert "colab.research.google.com/github/me/my-course/blob/main/S29_finetuning_llm.ipynb" in readme
+    for doc in (readme, (tmp_path / "app" / "README.md").read_text()):
+        assert f"github/{gen.PLACEHOLDER}" not in doc and f"github.com/{gen.PLACEHOLDER}" not in doc
+    assert "https://github.com/me/my-course" in (tmp_path / "app" / "README.md").read_text()
+    for name in ORDER:
+        commands = _run_setup_as_on_colab(_setup_cell(tmp_path / name), monkeypatch)
+        assert commands == [["git", "clone", "--depth", "1", "https://github.com/me/my-course", "course"]]
+    with pytest.raises(SystemExit, match="is not a GitHub OWNER/NAME"):
+        gen.main(["--repo", "not a repo"])

@@ -154,3 +154,34 @@ def test_run_does_not_silently_discard_an_interrupted_training(prepared_run, tmp
     lines = []
     run_pipeline(test_config, run, log=lines.append, until="train", resume=True)
     assert "resuming from step-000002 (step 2 of 6)" in lines
+
+
+def test_the_fp16_loss_scalers_state_survives_a_checkpoint(tmp_path):
+    """A resumed fp16 run continues with the scale and growth tracker it had, not 65536 again."""
+    from qlora_pipeline.train import LoopState, load_checkpoint, save_checkpoint
+
+    def parts(lr=0.1):
+        model = torch.nn.Linear(4, 4)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+        return model, optimizer, scheduler, torch.amp.GradScaler("cpu", init_scale=2.0**16, growth_interval=3)
+
+    model, optimizer, scheduler, scaler = parts()
+    loss = model(torch.ones(1, 4)).sum()
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update(new_scale=512.0)  # as after overflows had halved it
+    scaler.scale(model(torch.ones(1, 4)).sum()).backward()
+    scaler.step(optimizer)
+    scaler.update()  # one good step: the growth tracker counts it
+    saved = scaler.state_dict()
+    assert saved["scale"] == 512.0 and saved["_growth_tracker"] == 1
+    path = save_checkpoint(tmp_path, model, optimizer, scheduler, LoopState(step=2), None, keep=2, scaler=scaler)
+
+    model2, optimizer2, scheduler2, fresh = parts()
+    assert fresh.get_scale() == 2.0**16
+    load_checkpoint(path, model2, optimizer2, scheduler2, fresh)
+    assert fresh.state_dict() == saved
+    model3, optimizer3, scheduler3, _ = parts()
+    state, _ = load_checkpoint(path, model3, optimizer3, scheduler3, None)  # bf16/fp32 runs have no scaler
+    assert state.step == 2

@@ -157,7 +157,7 @@ def checkpoint_size_estimate(run_dir: Path, model, with_best: bool) -> int:
 
 
 def save_checkpoint(run_dir: Path, model, optimizer, scheduler, state: LoopState, best_weights: dict | None,
-                    keep: int, fingerprint: str = "", finished: bool = False) -> Path:
+                    keep: int, fingerprint: str = "", finished: bool = False, scaler=None) -> Path:
     """Write the full training state to checkpoints/step-N atomically; keep the newest ``keep``.
 
     Complete or invisible: files go to a temporary folder with a manifest of their sizes and
@@ -175,7 +175,10 @@ def save_checkpoint(run_dir: Path, model, optimizer, scheduler, state: LoopState
         save_file(_trainable_state(model), str(tmp / "trainable.safetensors"))
         if best_weights is not None:
             save_file(best_weights, str(tmp / "best.safetensors"))
+        # The fp16 loss scaler's scale and growth tracker: a resume that restarted them at 65536
+        # would skip steps on overflow again and train differently from an uninterrupted run.
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    "scaler": scaler.state_dict() if scaler is not None else None,
                     "torch_rng": torch.get_rng_state(),
                     "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
                    tmp / "optimizer.pt")
@@ -261,7 +264,7 @@ def training_fingerprint(cfg: PipelineConfig, run_dir: Path) -> str:
     return digest.hexdigest()[:16]
 
 
-def load_checkpoint(path: Path, model, optimizer, scheduler) -> tuple[LoopState, dict | None]:
+def load_checkpoint(path: Path, model, optimizer, scheduler, scaler=None) -> tuple[LoopState, dict | None]:
     import numpy as np
     import torch
     from safetensors.torch import load_file
@@ -274,6 +277,8 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> tuple[LoopState,
     blob = torch.load(path / "optimizer.pt", weights_only=True)
     optimizer.load_state_dict(blob["optimizer"])
     scheduler.load_state_dict(blob["scheduler"])
+    if scaler is not None and blob.get("scaler"):
+        scaler.load_state_dict(blob["scaler"])
     torch.set_rng_state(blob["torch_rng"])
     if blob["cuda_rng"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(blob["cuda_rng"])
@@ -415,7 +420,7 @@ def train(cfg: PipelineConfig, run_dir: Path, resume: bool = False, stop_after_s
     state, best_weights = LoopState(), None
     log_path = run_dir / "train_log.jsonl"
     if resume:
-        state, best_weights = load_checkpoint(checkpoint, unwrapped, optimizer, scheduler)
+        state, best_weights = load_checkpoint(checkpoint, unwrapped, optimizer, scheduler, accelerator.scaler)
         say(f"resuming from {checkpoint.name} (step {state.step} of {total_steps})")
     else:
         shutil.rmtree(run_dir / CHECKPOINTS, ignore_errors=True)
@@ -495,7 +500,8 @@ def train(cfg: PipelineConfig, run_dir: Path, resume: bool = False, stop_after_s
             interrupted = stop.requested or (stop_after_steps is not None and state.step >= stop_after_steps)
             if is_main and (state.step % tcfg.checkpoint_every == 0 or interrupted):
                 save_checkpoint(run_dir, unwrapped, optimizer, scheduler, state, best_weights, tcfg.keep_checkpoints,
-                                fingerprint, finished=state.step >= total_steps or state.stopped_early)
+                                fingerprint, finished=state.step >= total_steps or state.stopped_early,
+                                scaler=accelerator.scaler)
             accelerator.wait_for_everyone()
             if interrupted and state.step < total_steps:
                 bar.close()  # before the message below

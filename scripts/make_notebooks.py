@@ -39,7 +39,8 @@ if importlib.util.find_spec("qlora_pipeline") is None:
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-r", "course/requirements.txt"], check=True)
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "-e", "course"], check=True)
     sys.path.insert(0, os.path.abspath("course/src"))
-    os.chdir("course")
+if os.path.isdir("course/src/qlora_pipeline"):
+    os.chdir("course")  # also after a kernel restart, when the package is already installed
 from qlora_pipeline.notebook import environment_report
 ENV = environment_report()'''
 
@@ -82,7 +83,9 @@ tokenizer and chat template) on any CPU in a few minutes.
 - **NF4** ("4-bit NormalFloat") puts its 16 levels at quantiles of a normal distribution, where
   trained weights actually lie; block-wise scales (and scales of scales: double quantization)
   cost about 0.13 extra bits per weight.'''),
-    params('PUSH_TO_HUB = False\n# HUB_REPO: for example "your-name/phi35-oasst1-qlora-adapter"\nHUB_REPO = None'),
+    params('PUSH_TO_HUB = False\n# HUB_REPO: for example "your-name/phi35-oasst1-qlora-adapter"\nHUB_REPO = None\n'
+           '# START_FRESH: True trains from step 0 even if RUN_DIR holds a checkpoint of this configuration\n'
+           'START_FRESH = False'),
     code(BOOTSTRAP),
     md("## The base model in 4 bits, and the LoRA check"),
     code('''import pandas as pd
@@ -136,8 +139,10 @@ examples, _ = tokenize_conversations(ChatEncoder.from_hf(tokenizer), read_split(
 print(label_mask_view(tokenizer, examples[0]))'''),
     md("## Training (packed batches, warm-up + cosine, checkpoints you can resume from)"),
     code('''from IPython.display import Image
+from qlora_pipeline.pipeline import resume_training
 
-summary = run_stage("train", cfg, RUN_DIR)
+# After a disconnect, running the notebook again continues from the newest checkpoint in RUN_DIR.
+summary = run_stage("train", cfg, RUN_DIR, resume=resume_training(cfg, RUN_DIR, fresh=START_FRESH))
 Image(f"{RUN_DIR}/loss.png")'''),
     code('''import torch
 print(f"peak GPU memory during training: {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")''', "gpu"),

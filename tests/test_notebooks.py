@@ -184,3 +184,12 @@ def test_course_repo_rewrites_setup_cells_badges_and_the_space_readme(tmp_path, 
         assert commands == [["git", "clone", "--depth", "1", "https://github.com/me/my-course", "course"]]
     with pytest.raises(SystemExit, match="is not a GitHub OWNER/NAME"):
         gen.main(["--repo", "not a repo"])
+
+
+def test_setup_cell_returns_to_the_course_folder_after_a_kernel_restart(tmp_path, monkeypatch):
+    """After a restart the package is installed, so the cell skips the clone; it must still chdir
+    into the course, or RUN_DIR would resolve somewhere else."""
+    (tmp_path / "course" / "src" / "qlora_pipeline").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    exec(compile(_setup_cell(REPO / ORDER[0]), "setup-cell", "exec"), {})
+    assert Path.cwd() == tmp_path / "course"

@@ -185,3 +185,17 @@ def test_the_fp16_loss_scalers_state_survives_a_checkpoint(tmp_path):
     model3, optimizer3, scheduler3, _ = parts()
     state, _ = load_checkpoint(path, model3, optimizer3, scheduler3, None)  # bf16/fp32 runs have no scaler
     assert state.step == 2
+
+
+def test_a_notebook_resumes_from_the_newest_checkpoint_unless_told_to_start_fresh(prepared_run, tmp_path):
+    from qlora_pipeline.pipeline import resume_training
+
+    cfg = make_config()
+    run = copy_run(prepared_run, tmp_path / "run")
+    said = []
+    assert resume_training(cfg, run, log=said.append) is False and said == []  # nothing to continue
+    train(cfg, run, stop_after_steps=3, log=lambda *a, **k: None)  # the VM disconnected at step 3
+    assert resume_training(cfg, run, log=said.append) is True
+    assert said[-1].startswith("[train] continuing from") and "step-000003" in said[-1]
+    assert resume_training(cfg, run, fresh=True, log=said.append) is False
+    assert resume_training(make_config("train.learning_rate=0.001"), run, log=lambda *a: None) is False  # other settings

@@ -176,6 +176,20 @@ def _train_resume(cfg: PipelineConfig, run_dir: Path, resume: bool, forced: bool
     return resume and checkpoint is not None
 
 
+def resume_training(cfg: PipelineConfig, run_dir: Path, fresh: bool = False, log=print) -> bool:
+    """For a notebook: whether its train step continues from ``run_dir``'s newest checkpoint of
+    this configuration (a Colab VM that disconnected mid-training), unless ``fresh``."""
+    from qlora_pipeline.train import find_resumable, training_fingerprint
+
+    if fresh:
+        log("[train] starting from step 0 (START_FRESH); older checkpoints are replaced")
+        return False
+    checkpoint = find_resumable(run_dir, training_fingerprint(cfg, run_dir), warn=log, required=False)
+    if checkpoint is not None:
+        log(f"[train] continuing from {checkpoint} (set START_FRESH = True to start over)")
+    return checkpoint is not None
+
+
 def run_pipeline(cfg: PipelineConfig, run_dir: Path, log=print, resume: bool = False,
                  force: tuple[str, ...] = (), until: str | None = None) -> dict:
     """Run every stage (up to ``until``), skipping completed ones; return per-stage seconds."""

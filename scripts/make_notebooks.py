@@ -36,9 +36,11 @@ if importlib.util.find_spec("qlora_pipeline") is None:
         raise SystemExit("REPO is still the placeholder: set it above to the GitHub OWNER/NAME of your copy of the course "
                          "(or run `make course-repo REPO=OWNER/NAME` in a clone and push)")
     subprocess.run(["git", "clone", "--depth", "1", f"https://github.com/{{REPO}}", "course"], check=True)
+    sys.path.insert(0, os.path.abspath("course/src"))
+    from qlora_pipeline.colab import install_llama_cpp  # a prebuilt CUDA wheel where one exists
+    install_llama_cpp("course/requirements.txt")
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-r", "course/requirements.txt"], check=True)
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "-e", "course"], check=True)
-    sys.path.insert(0, os.path.abspath("course/src"))
 if os.path.isdir("course/src/qlora_pipeline"):
     os.chdir("course")  # also after a kernel restart, when the package is already installed
 from qlora_pipeline.notebook import environment_report

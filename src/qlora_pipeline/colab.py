@@ -1,0 +1,63 @@
+"""Installing llama-cpp-python on Colab: a prebuilt wheel where one exists, else a compile.
+
+    from qlora_pipeline.colab import install_llama_cpp
+    install_llama_cpp()          # the notebooks' set-up cell calls this before the pinned set
+
+``pip install llama-cpp-python`` compiles llama.cpp, CPU-only, 10-20 minutes on Colab's 2
+vCPUs, and a CPU build makes ``N_GPU_LAYERS`` do nothing. llama-cpp-python publishes CUDA
+wheels on its own index for some CUDA versions (cu121-cu124) and releases; with a GPU we try the
+index that matches the runtime's CUDA, binary only, and fall back to compiling (with CUDA when
+there is a GPU) after saying how long that takes. Runs only the given ``run`` callable, so a
+test can see every command without installing anything.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Callable
+
+WHEEL_INDEX = "https://abetlen.github.io/llama-cpp-python/whl/{tag}"
+CUDA_WHEEL_TAGS = ("cu121", "cu122", "cu123", "cu124")  # the CUDA versions that index serves
+
+
+def pinned_llama_cpp_version(requirements: Path) -> str:
+    """The ``llama-cpp-python==X`` pin of requirements.txt."""
+    for line in Path(requirements).read_text(encoding="utf-8").splitlines():
+        if line.strip().startswith("llama-cpp-python=="):
+            return line.split("==", 1)[1].strip()
+    raise RuntimeError(f"{requirements} pins no llama-cpp-python version")
+
+
+def cuda_wheel_tag(cuda_version: str | None) -> str | None:
+    """``"12.4"`` -> ``"cu124"`` when the wheel index serves that CUDA version, else None."""
+    if not cuda_version:
+        return None
+    tag = "cu" + "".join(cuda_version.split(".")[:2])
+    return tag if tag in CUDA_WHEEL_TAGS else None
+
+
+def install_llama_cpp(requirements: Path = Path("requirements.txt"), cuda_version: str | None = None,
+                      run: Callable = subprocess.run, log=print) -> str:
+    """Install the pinned llama-cpp-python: ``"wheel"`` (a prebuilt CUDA wheel) or ``"compiled"``."""
+    version = pinned_llama_cpp_version(requirements)
+    if cuda_version is None:
+        import torch
+
+        cuda_version = torch.version.cuda if torch.cuda.is_available() else None
+    pip = [sys.executable, "-m", "pip", "install", "-q"]
+    tag = cuda_wheel_tag(cuda_version)
+    if tag:
+        found = run(pip + ["--only-binary=llama-cpp-python", "--extra-index-url", WHEEL_INDEX.format(tag=tag),
+                           f"llama-cpp-python=={version}"])
+        if found.returncode == 0:
+            log(f"llama-cpp-python {version}: prebuilt CUDA wheel ({tag})")
+            return "wheel"
+    minutes = "20-40" if cuda_version else "10-20"
+    log(f"llama-cpp-python {version}: no prebuilt wheel for this runtime (CUDA {cuda_version or 'none'}); "
+        f"compiling llama.cpp{' with CUDA' if cuda_version else ''}, about {minutes} minutes on 2 vCPUs")
+    env = {**os.environ, "CMAKE_ARGS": "-DGGML_CUDA=on"} if cuda_version else None
+    run(pip + [f"llama-cpp-python=={version}"], check=True, env=env)
+    return "compiled"

@@ -78,8 +78,9 @@ def test_tokenizer_files_are_the_hubs_format_and_class(tiny_base):
 def _tokenizer_files_only(tiny_base, tmp_path):
     import shutil
 
-    for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
-                 "added_tokens.json"):
+    from qlora_pipeline.phi3_tokenizer import TOKENIZER_FILES
+
+    for name in TOKENIZER_FILES:
         shutil.copy2(tiny_base / name, tmp_path / name)
     return tmp_path
 

@@ -213,8 +213,9 @@ def print_summary(run_dir: Path, timings: dict, seconds: float) -> None:
             print("chat prompt ids vs llama.cpp: " + format_routes(report["parity"]["chat_prompt_ids"]))
     heldout = report.get("heldout")
     if heldout:
-        print(f"held-out questions ({heldout['questions']}), exact match: "
-              + ", ".join(f"{name} {100 * rate:.1f}%" for name, rate in heldout["exact_match"].items()))
+        from qlora_pipeline.heldout import format_exact_match
+
+        print(f"held-out questions ({heldout['questions']}), exact match: " + format_exact_match(heldout["exact_match"]))
     print(f"outputs in {run_dir}: adapter/, merged/, gguf/, report.md, loss.png, scorecard.png")
     q4 = run_dir / "gguf" / "model-Q4_K_M.gguf"
     if q4.is_file():

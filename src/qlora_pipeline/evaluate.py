@@ -116,7 +116,7 @@ def evaluate_hf(cfg: PipelineConfig, run_dir: Path, log=print, with_merged: bool
     base = resolve_base(cfg, log_fn=log)
     tokenizer = load_tokenizer(base, cfg.model.revision)
     encoder = ChatEncoder.from_hf(tokenizer)
-    from qlora_pipeline.heldout import hf_answerer, load_questions, score
+    from qlora_pipeline.heldout import format_exact_match, hf_answerer, load_questions, score
 
     questions = load_questions(cfg.eval.heldout_questions)
     splits = {}
@@ -151,7 +151,7 @@ def evaluate_hf(cfg: PipelineConfig, run_dir: Path, log=print, with_merged: bool
         update_report(run_dir, "hf", results)
         if questions:
             update_report(run_dir, "heldout", heldout_section(questions, heldout))
-            log("held-out exact match: " + ", ".join(f"{name} {100 * r['exact_match']:.1f}%" for name, r in heldout.items()))
+            log("held-out exact match: " + format_exact_match({n: r["exact_match"] for n, r in heldout.items()}))
     merged_text = f", merged {results['merged_ppl']:.2f}" if with_merged else ""
     log(f"validation loss: base {results['base_val_loss']:.4f} -> adapter {results['adapter_val_loss']:.4f} "
         f"({100 * results.get('val_loss_reduction', 0):.1f}% lower); test perplexity base "
@@ -281,10 +281,11 @@ def stock_tokenizers(base: str, revision: str | None = None) -> dict:
     from transformers import AutoTokenizer
     from transformers.utils import cached_file
 
+    from qlora_pipeline.phi3_tokenizer import TOKENIZER_FILES
+
     out = {"transformers_stock": AutoTokenizer.from_pretrained(base, revision=revision)}
     with tempfile.TemporaryDirectory() as alone:
-        for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
-                     "added_tokens.json"):
+        for name in TOKENIZER_FILES:
             found = cached_file(base, name, revision=revision, _raise_exceptions_for_missing_entries=False)
             if found:
                 shutil.copy2(found, Path(alone) / name)
@@ -420,10 +421,13 @@ def measure_parity(cfg: PipelineConfig, run_dir: Path, examples: list[dict], log
         files["F32"] = (f32_path, False)
     parity: dict = {"bounds": {"relative": PARITY_BOUNDS, "min_top1": PARITY_MIN_TOP1}}
     try:
-        for case, (sequences, n_ctx) in cases.items():
-            # The long sequence makes transformers pick the long factors; llama.cpp picks them by n_ctx.
-            for file_type, (path, rounded) in files.items():
-                references = _hf_reference(run_dir, cfg, sequences, round_to_fp16=rounded)
+        for file_type, (path, rounded) in files.items():
+            # One load of the reference model per file type, for every case: transformers picks the
+            # long factors by sequence length, llama.cpp by n_ctx.
+            every = [ids for sequences, _ in cases.values() for ids in sequences]
+            logits = iter(_hf_reference(run_dir, cfg, every, round_to_fp16=rounded))
+            for case, (sequences, n_ctx) in cases.items():
+                references = [next(logits) for _ in sequences]
                 result = compare_gguf_logits(path, sequences, references, n_ctx, ecfg.threads)
                 result["passes"] = (result["relative_diff"] <= PARITY_BOUNDS[file_type]
                                     and result["top1"] >= PARITY_MIN_TOP1)
@@ -523,7 +527,7 @@ def evaluate_gguf(cfg: PipelineConfig, run_dir: Path, log=print) -> dict:
                        "time_to_first_token_s": speed["time_to_first_token_s"], "scored_tokens": quality["tokens"]}
     del reference
 
-    from qlora_pipeline.heldout import load_questions, score
+    from qlora_pipeline.heldout import format_exact_match, load_questions, score
 
     greedy = SamplingParams(temperature=0.0, top_p=1.0, top_k=1, repeat_penalty=1.0, max_tokens=ecfg.sample_max_tokens)
     heldout_params = dataclasses.replace(greedy, max_tokens=ecfg.heldout_max_tokens)
@@ -548,7 +552,7 @@ def evaluate_gguf(cfg: PipelineConfig, run_dir: Path, log=print) -> dict:
         for row, before in zip(section["answers"], earlier.get("answers", [])):
             row["answers"] = {**before["answers"], **row["answers"]}
         update_report(run_dir, "heldout", section)
-        log("held-out exact match (GGUF): " + ", ".join(f"{q} {100 * r['exact_match']:.1f}%" for q, r in heldout.items()))
+        log("held-out exact match (GGUF): " + format_exact_match({q: r["exact_match"] for q, r in heldout.items()}))
 
     update_report(run_dir, "gguf", gguf)
     update_report(run_dir, "parity", parity)

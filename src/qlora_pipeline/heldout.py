@@ -67,6 +67,11 @@ def score(questions: list[dict], answer: Callable[[list[dict]], str]) -> dict:
     return {"exact_match": hits / len(questions) if questions else None, "answers": answers}
 
 
+def format_exact_match(rates: dict[str, float]) -> str:
+    """``base 0.0%, adapter 11.4%, ...`` for the log and the summary."""
+    return ", ".join(f"{name} {100 * rate:.1f}%" for name, rate in rates.items())
+
+
 def hf_answerer(model, encoder, tokenizer, max_new_tokens: int) -> Callable[[list[dict]], str]:
     """Greedy answers from a transformers model, prompted with the training encoder's ids and
     stopped at the generation config's end tokens (``<|end|>`` among them)."""

@@ -188,8 +188,9 @@ def _prepare_datasets_cache(datasets_cache: Path, commit: str, parquet: dict[str
 
 
 def _model_files(twin: Path) -> dict[str, Path]:
-    keep = ("config.json", "generation_config.json", "model.safetensors.index.json", "tokenizer.json",
-            "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json")
+    from qlora_pipeline.phi3_tokenizer import TOKENIZER_FILES
+
+    keep = ("config.json", "generation_config.json", "model.safetensors.index.json", *TOKENIZER_FILES)
     files = {name: twin / name for name in keep}
     files.update({p.name: p for p in sorted(twin.glob("model-*-of-*.safetensors"))})
     return files

@@ -25,6 +25,9 @@ SPIECE_VOCAB_SIZE = 32000  # ids from here on are added tokens in the HF tokeniz
 # llama.cpp strips whitespace after every Phi-3 special token except these (llama-vocab.cpp, "phi-3"
 # branch); the HF side must do the same or the prompt ids of training and serving differ.
 NO_RSTRIP = {UNK, BOS, EOS_TEXT}
+# The tokenizer files of the hub repository, as build_phi35_tokenizer writes them.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
+                   "added_tokens.json")
 
 
 def _field_values(reader, key: str) -> list:

@@ -125,12 +125,12 @@ def _llama_encoder(llm) -> ChatEncoder:
 class LlamaChat:
     """One llama.cpp model, safe to share between threads (one generation at a time)."""
 
-    def __init__(self, model_path: Path, n_ctx: int = 2048, n_threads: int | None = 2, n_gpu_layers: int = 0,
+    def __init__(self, model_path: Path, n_ctx: int = 2048, n_threads: int | None = None, n_gpu_layers: int = 0,
                  logits_all: bool = False, f32_kv_cache: bool = False):
         from llama_cpp import Llama
 
         self.model_path = check_gguf_file(model_path)
-        if n_threads is None:
+        if not n_threads:  # None or 0: the CPUs this process may use, not the host's core count
             n_threads = usable_cpus()
         if n_ctx < 64:
             raise ConfigError(f"n_ctx={n_ctx} is invalid: use at least 64 tokens")

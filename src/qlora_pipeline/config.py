@@ -243,12 +243,12 @@ class ExportConfig:
     """Quantized files to make from the F16 GGUF; any type llama.cpp knows (Q4_K_M, Q6_K, IQ4_XS, ...)."""
     model_name: str | None = None
     """``general.name`` written into the GGUF; None derives it from the base (it must contain Phi-3)."""
-    threads: int = 2
-    """CPU threads for quantization."""
+    threads: int = 0
+    """CPU threads for quantization; 0: the CPUs this process may use."""
 
     def __post_init__(self) -> None:
         _check(len(self.quant_types) > 0, "export.quant_types", self.quant_types, "list at least one type, e.g. [Q4_K_M]")
-        _check(self.threads >= 1, "export.threads", self.threads, "use at least 1")
+        _check(self.threads >= 0, "export.threads", self.threads, "use 0 (the usable CPUs) or more")
 
 
 @dataclass(frozen=True)
@@ -257,8 +257,15 @@ class EvalConfig:
 
     n_ctx: int = 2048
     """Context length for every llama.cpp model opened; Phi-3.5 GGUFs otherwise default to 131,072 and run out of memory."""
-    threads: int = 2
-    """CPU threads for llama.cpp evaluation and the speed measurement."""
+    threads: int = 0
+    """CPU threads for llama.cpp evaluation and the speed measurement; 0: the CPUs this process may
+    use (affinity and cgroup quota), not the host's core count."""
+    gguf_gpu_layers: int = -1
+    """Layers of each GGUF that llama.cpp offloads to the GPU during evaluation when it was built
+    with GPU support and a GPU is present (-1: all); ignored on a CPU-only build."""
+    hf_max_tokens: int = 0
+    """Tokens of each split (validation, test) on which transformers' base, adapter and merged models
+    are scored; 0: the whole split. The Colab preset caps it so the sequence fits one session."""
     kld_max_tokens: int = 4000
     """Tokens of the test split used for perplexity, KL divergence and top-1 agreement of GGUF variants."""
     parity_tokens: int = 2000
@@ -288,7 +295,9 @@ class EvalConfig:
 
     def __post_init__(self) -> None:
         _check(self.n_ctx >= 64, "eval.n_ctx", self.n_ctx, "use at least 64 tokens")
-        for name in ("threads", "kld_max_tokens", "parity_tokens", "speed_prompt_tokens", "speed_new_tokens",
+        _check(self.threads >= 0, "eval.threads", self.threads, "use 0 (the usable CPUs) or more")
+        _check(self.hf_max_tokens >= 0, "eval.hf_max_tokens", self.hf_max_tokens, "use 0 (whole split) or more")
+        for name in ("kld_max_tokens", "parity_tokens", "speed_prompt_tokens", "speed_new_tokens",
                      "speed_runs", "sample_max_tokens", "heldout_max_tokens"):
             _check(getattr(self, name) >= 1, f"eval.{name}", getattr(self, name), "use at least 1")
         _check(self.samples >= 0, "eval.samples", self.samples, "use 0 or more")

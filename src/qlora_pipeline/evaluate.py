@@ -19,6 +19,7 @@ from qlora_pipeline.chat_format import END_OF_TURN, ChatEncoder
 from qlora_pipeline.config import PipelineConfig
 from qlora_pipeline.errors import ConfigError, StageOrderError
 from qlora_pipeline.paths import save_figure_atomic, write_json_atomic, write_text_atomic
+from qlora_pipeline.runtime import usable_cpus
 
 REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
@@ -100,12 +101,25 @@ def heldout_section(questions: list[dict], results: dict[str, dict]) -> dict:
     }
 
 
-def evaluate_hf(cfg: PipelineConfig, run_dir: Path, log=print, with_merged: bool = True) -> dict:
-    """Validation loss and test perplexity of base, base + adapter and (unless told not to) merged model."""
-    from qlora_pipeline.chat_format import ChatEncoder
+def hf_splits(cfg: PipelineConfig, run_dir: Path, encoder) -> dict[str, list[dict]]:
+    """Validation and test examples for transformers' scoring, each cut to eval.hf_max_tokens."""
     from qlora_pipeline.data import read_split, tokenize_conversations
+
+    splits = {}
+    for split in ("val", "test"):
+        examples, _ = tokenize_conversations(encoder, read_split(run_dir, split), cfg.data.max_seq_len,
+                                             cfg.data.overlong, split=split)
+        splits[split] = _take_examples(examples, cfg.eval.hf_max_tokens) if cfg.eval.hf_max_tokens else examples
+    return splits
+
+
+def evaluate_hf(cfg: PipelineConfig, run_dir: Path, log=print, with_merged: bool = True) -> dict:
+    """Validation loss and test perplexity of base, base + adapter and (unless told not to) merged
+    model, on the GPU when there is one, one model in memory at a time."""
+    from qlora_pipeline.chat_format import ChatEncoder
+    from qlora_pipeline.heldout import format_exact_match, hf_answerer, load_questions, score
     from qlora_pipeline.merge import load_adapter, merge_dtype
-    from qlora_pipeline.model import load_base_full_precision, load_tokenizer, resolve_base
+    from qlora_pipeline.model import eval_placement, free_memory, load_base_full_precision, load_tokenizer, resolve_base
     from qlora_pipeline.train import evaluate_loss
 
     run_dir = Path(run_dir)
@@ -116,37 +130,40 @@ def evaluate_hf(cfg: PipelineConfig, run_dir: Path, log=print, with_merged: bool
     base = resolve_base(cfg, log_fn=log)
     tokenizer = load_tokenizer(base, cfg.model.revision)
     encoder = ChatEncoder.from_hf(tokenizer)
-    from qlora_pipeline.heldout import format_exact_match, hf_answerer, load_questions, score
-
     questions = load_questions(cfg.eval.heldout_questions)
-    splits = {}
-    for split in ("val", "test"):
-        splits[split], _ = tokenize_conversations(encoder, read_split(run_dir, split), cfg.data.max_seq_len,
-                                                  cfg.data.overlong, split=split)
+    splits = hf_splits(cfg, run_dir, encoder)
+    device, dtype = eval_placement(merge_dtype(cfg, base))
+    tokens = sum(len(ex["input_ids"]) for examples in splits.values() for ex in examples)
+    log(f"transformers evaluation on {device} in {str(dtype).replace('torch.', '')}: {tokens:,} tokens "
+        f"(validation + test{', capped by eval.hf_max_tokens' if cfg.eval.hf_max_tokens else ''}) per model, "
+        f"{2 + with_merged} models")
     bt = cfg.train.batch_tokens
-
     heldout: dict = {}
 
     def measure(model, name: str) -> dict:
-        val = evaluate_loss(model, splits["val"], bt, "cpu", desc=f"{name}: validation") if splits["val"] else None
-        test = evaluate_loss(model, splits["test"], bt, "cpu", desc=f"{name}: test") if splits["test"] else None
+        losses = {split: evaluate_loss(model, examples, bt, device, desc=f"{name}: {split}") if examples else None
+                  for split, examples in splits.items()}
         if questions:
             heldout[name] = score(questions, hf_answerer(model, encoder, tokenizer, cfg.eval.heldout_max_tokens))
-        return {f"{name}_val_loss": val, f"{name}_ppl": math.exp(test) if test is not None else None}
+        test = losses["test"]
+        return {f"{name}_val_loss": losses["val"], f"{name}_ppl": math.exp(test) if test is not None else None}
 
-    dtype = merge_dtype(cfg, base)
     results: dict = {}
-    model = load_base_full_precision(base, cfg.model, dtype=dtype)
+    model = load_base_full_precision(base, cfg.model, dtype=dtype, device=device)
     results.update(measure(model, "base"))
     results.update(measure(load_adapter(model, run_dir / "adapter"), "adapter"))
     del model
+    free_memory()  # the base + adapter goes before the merged model comes: one model at a time
     if with_merged:
-        merged = load_base_full_precision(str(run_dir / "merged"), cfg.model, dtype=dtype)
+        merged = load_base_full_precision(str(run_dir / "merged"), cfg.model, dtype=dtype, device=device)
         results.update(measure(merged, "merged"))
+        del merged
+        free_memory()
     if results["base_val_loss"] and results["adapter_val_loss"] is not None:
         results["val_loss_reduction"] = 1 - results["adapter_val_loss"] / results["base_val_loss"]
     results["val_tokens_examples"] = len(splits["val"])
     results["test_examples"] = len(splits["test"])
+    results["device"] = device
     if with_merged:
         update_report(run_dir, "hf", results)
         if questions:
@@ -196,13 +213,25 @@ def _labelled_positions(ex: dict):
     return positions, labels[positions + 1]
 
 
-def gguf_quality(model_path: Path, examples: list[dict], n_ctx: int, threads: int, reference: list | None):
+def gguf_gpu_layers(requested: int) -> int:
+    """GGUF layers to put on the GPU: the requested count where llama.cpp was built with GPU
+    support and a GPU is present (Colab with the CUDA wheel), else 0."""
+    import llama_cpp
+    import torch
+
+    if requested and torch.cuda.is_available() and llama_cpp.llama_supports_gpu_offload():
+        return requested
+    return 0
+
+
+def gguf_quality(model_path: Path, examples: list[dict], n_ctx: int, threads: int, reference: list | None,
+                 n_gpu_layers: int = 0):
     """Perplexity on assistant tokens; with F16 ``reference`` log-probs, mean KL and top-1 agreement."""
     import numpy as np
 
     from qlora_pipeline.chat import LlamaChat
 
-    chat = LlamaChat(model_path, n_ctx=n_ctx, n_threads=threads, logits_all=True)
+    chat = LlamaChat(model_path, n_ctx=n_ctx, n_threads=threads, logits_all=True, n_gpu_layers=n_gpu_layers)
     nll, count, kl_sum, agree = 0.0, 0, 0.0, 0
     logprobs_out = []
     for i, ex in enumerate(examples):
@@ -227,13 +256,13 @@ def gguf_quality(model_path: Path, examples: list[dict], n_ctx: int, threads: in
 
 
 def generation_speed(model_path: Path, prompt_ids: list[int], new_tokens: int, runs: int, n_ctx: int,
-                     threads: int) -> dict:
+                     threads: int, n_gpu_layers: int = 0) -> dict:
     """Median greedy generation speed (tokens/s after the first token) and time to first token."""
     import statistics
 
     from qlora_pipeline.chat import LlamaChat
 
-    chat = LlamaChat(model_path, n_ctx=n_ctx, n_threads=threads)
+    chat = LlamaChat(model_path, n_ctx=n_ctx, n_threads=threads, n_gpu_layers=n_gpu_layers)
     speeds, first_token = [], []
     for _ in range(runs + 1):  # the first run warms caches and is not counted
         started = time.perf_counter()
@@ -377,20 +406,21 @@ def long_parity_ids(examples: list[dict], length: int) -> list[int]:
 
 
 def _hf_reference(run_dir: Path, cfg: PipelineConfig, sequences: list[list[int]], round_to_fp16: bool) -> list:
-    """Logits of the merged model in fp32 (matrices optionally rounded to fp16, as the F16 file stores them)."""
+    """Logits of the merged model computed in fp32 (matrices optionally rounded to fp16, as the
+    F16 file stores them), on the GPU when there is one. The model stays at its saved 16 bits and
+    is widened a layer at a time, so no fp32 copy of a full-size model is ever made."""
     import torch
 
+    from qlora_pipeline.fp32_reference import layerwise_fp32
     from qlora_pipeline.merge import model_logits
-    from qlora_pipeline.model import load_base_full_precision
+    from qlora_pipeline.model import free_memory, load_base_full_precision
 
-    merged = load_base_full_precision(str(Path(run_dir) / "merged"), cfg.model, dtype=torch.float32)
-    if round_to_fp16:
-        with torch.no_grad():
-            for param in merged.parameters():
-                if param.dim() >= 2:
-                    param.copy_(param.half().float())
-    logits = model_logits(merged, [{"input_ids": ids} for ids in sequences])
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    merged = load_base_full_precision(str(Path(run_dir) / "merged"), cfg.model, device=device)
+    with layerwise_fp32(merged, round_to_fp16):
+        logits = model_logits(merged, [{"input_ids": ids} for ids in sequences], device=device)
     del merged
+    free_memory()
     return logits
 
 
@@ -428,7 +458,9 @@ def measure_parity(cfg: PipelineConfig, run_dir: Path, examples: list[dict], log
             logits = iter(_hf_reference(run_dir, cfg, every, round_to_fp16=rounded))
             for case, (sequences, n_ctx) in cases.items():
                 references = [next(logits) for _ in sequences]
-                result = compare_gguf_logits(path, sequences, references, n_ctx, ecfg.threads)
+                # On the CPU always: llama.cpp's CPU kernels are the reference implementation and
+                # what the Space runs; a GPU build's fp16 accumulation would blur the bound.
+                result = compare_gguf_logits(path, sequences, references, n_ctx, ecfg.threads or usable_cpus())
                 result["passes"] = (result["relative_diff"] <= PARITY_BOUNDS[file_type]
                                     and result["top1"] >= PARITY_MIN_TOP1)
                 # Near-ties: a flip where the reference's two best logits are closer than the largest
@@ -489,6 +521,7 @@ def evaluate_gguf(cfg: PipelineConfig, run_dir: Path, log=print) -> dict:
 
     run_dir = Path(run_dir)
     ecfg = cfg.eval
+    threads, gpu_layers = ecfg.threads or usable_cpus(), gguf_gpu_layers(ecfg.gguf_gpu_layers)
     variants = [F16] + [q for q in cfg.export.quant_types if q != F16]
     for quant in variants:
         if not gguf_path(run_dir, quant).is_file():
@@ -502,7 +535,7 @@ def evaluate_gguf(cfg: PipelineConfig, run_dir: Path, log=print) -> dict:
     n_params = sum(int(t.n_elements) for t in GGUFReader(str(gguf_path(run_dir, F16))).tensors)
 
     parity = measure_parity(cfg, run_dir, examples, log=log)
-    with LlamaChat(gguf_path(run_dir, F16), n_ctx=ecfg.n_ctx, n_threads=ecfg.threads) as f16_chat:
+    with LlamaChat(gguf_path(run_dir, F16), n_ctx=ecfg.n_ctx, n_threads=threads) as f16_chat:
         prompts = [c["messages"][: max(1, len(c["messages"]) - 1)] for c in test_convs[:20]]
         stock = stock_tokenizers(resolve_base(cfg, log_fn=log), cfg.model.revision)
         parity["chat_prompt_ids"] = chat_prompt_routes(stock, tokenizer, f16_chat, prompts)
@@ -516,10 +549,11 @@ def evaluate_gguf(cfg: PipelineConfig, run_dir: Path, log=print) -> dict:
     reference = None
     for quant in tqdm(variants, desc="scoring GGUF variants", unit="file"):
         path = gguf_path(run_dir, quant)
-        quality, logprobs = gguf_quality(path, scored, ecfg.n_ctx, ecfg.threads, reference)
+        quality, logprobs = gguf_quality(path, scored, ecfg.n_ctx, threads, reference, gpu_layers)
         if quant == F16:
             reference = logprobs
-        speed = generation_speed(path, speed_prompt, ecfg.speed_new_tokens, ecfg.speed_runs, ecfg.n_ctx, ecfg.threads)
+        speed = generation_speed(path, speed_prompt, ecfg.speed_new_tokens, ecfg.speed_runs, ecfg.n_ctx, threads,
+                                 gpu_layers)
         size = path.stat().st_size
         gguf[quant] = {"path": str(path), "bytes": size, "bits_per_weight": 8 * size / n_params,
                        "ppl": quality["ppl"], "kld_vs_f16": quality["kld_vs_f16"],
@@ -537,7 +571,7 @@ def evaluate_gguf(cfg: PipelineConfig, run_dir: Path, log=print) -> dict:
     answers: dict[str, list[str]] = {}
     heldout: dict[str, dict] = {}
     for quant in variants:  # one file open at a time: four full-size GGUFs together exceed Colab's RAM
-        with LlamaChat(gguf_path(run_dir, quant), n_ctx=ecfg.n_ctx, n_threads=ecfg.threads) as chat:
+        with LlamaChat(gguf_path(run_dir, quant), n_ctx=ecfg.n_ctx, n_threads=threads, n_gpu_layers=gpu_layers) as chat:
             answers[quant] = [chat.answer(prompt, greedy).strip() for prompt in prompts]
             if questions:
                 heldout[quant] = score(questions, lambda m, chat=chat: chat.answer(m, heldout_params))
@@ -559,7 +593,7 @@ def evaluate_gguf(cfg: PipelineConfig, run_dir: Path, log=print) -> dict:
     report = update_report(run_dir, "samples", samples)
     plot_scorecard(gguf, run_dir / "scorecard.png")
     log("GGUF scorecard (test split, assistant tokens; speed: greedy, "
-        f"{ecfg.threads} threads, median of {ecfg.speed_runs}):\n" + scorecard_table(gguf))
+        f"{threads} threads{f', {gpu_layers} GPU layers' if gpu_layers else ''}, median of {ecfg.speed_runs}):\n" + scorecard_table(gguf))
     return report
 
 

@@ -25,6 +25,7 @@ from qlora_pipeline.errors import ConfigError, PipelineError, StageOrderError
 from qlora_pipeline.llamacpp import ensure_llama_cpp
 from qlora_pipeline.model import count_parameters
 from qlora_pipeline.paths import disk_full, looks_like_disk_full, require_free_space, write_json_atomic
+from qlora_pipeline.runtime import usable_cpus
 
 GGUF_DIR = "gguf"
 F16 = "F16"
@@ -204,7 +205,7 @@ def export(cfg: PipelineConfig, run_dir: Path, log=print) -> dict:
         if quant == F16:
             convert_to_gguf(merged, path, name, eot)
         else:
-            quantize_gguf(gguf_path(run_dir, F16), path, quant, cfg.export.threads)
+            quantize_gguf(gguf_path(run_dir, F16), path, quant, cfg.export.threads or usable_cpus())
         manifest["files"][quant] = {"file": path.name, "bytes": path.stat().st_size}  # relative: runs can move
         write_json_atomic(manifest_path, manifest)
     for stale in set(manifest["files"]) - set(todo):

@@ -38,3 +38,67 @@ def push_if_asked(folder: Path, repo_id: str | None, enabled: bool) -> str | Non
     url = push_folder(Path(folder), repo_id)
     print(f"pushed {folder} to {url}")
     return url
+
+
+# ---------------------------------------------------------------------------- run parts between notebooks
+# Each Colab notebook runs on its own VM. Besides a RUN_DIR on Google Drive, notebook 1 can push
+# the adapter and notebook 2 the merged model to the Hub, as the original course did, and the
+# next notebook pulls what its RUN_DIR lacks. The run's config.json travels with each, so the
+# next notebook knows the base, the data and the template that the files belong to.
+RUN_CONFIG_IN_REPO = "qlora_run_config.json"
+PART_MARKERS = {"adapter": "adapter_config.json", "merged": "config.json"}
+
+
+def push_run_part(run_dir: Path, part: str, repo_id: str | None, enabled: bool) -> str | None:
+    """Notebook 1 (``adapter``) or 2 (``merged``): upload RUN_DIR/part and the run's config when asked."""
+    run_dir = Path(run_dir)
+    url = push_if_asked(run_dir / part, repo_id, enabled)
+    if url:
+        from huggingface_hub import HfApi
+
+        HfApi(token=os.environ["HF_TOKEN"]).upload_file(
+            path_or_fileobj=str(run_dir / "config.json"), path_in_repo=RUN_CONFIG_IN_REPO, repo_id=repo_id,
+            commit_message="The qlora-pipeline run configuration these files belong to")
+    return url
+
+
+def pull_run_part(run_dir: Path, part: str, repo_id: str | None, cache_dir: str | None = None, log=print) -> bool:
+    """Fetch RUN_DIR/part (and the run's config.json, if RUN_DIR has none) from ``repo_id`` when
+    RUN_DIR lacks it; False when it was already there. A clear error when it is missing and no
+    repo is named."""
+    import shutil
+
+    from qlora_pipeline.paths import atomic_dir
+
+    run_dir = Path(run_dir)
+    if (run_dir / part / PART_MARKERS[part]).is_file():
+        return False
+    if not repo_id:
+        raise PipelineError(f"{run_dir / part} is missing: run the previous notebook with this RUN_DIR (on Colab: "
+                            "the same Google Drive), or set HUB_REPO to the Hub repo it pushed the "
+                            f"{part} to")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        snapshot = Path(snapshot_download(repo_id, cache_dir=cache_dir, token=os.environ.get("HF_TOKEN")))
+    except (HfHubHTTPError, LocalEntryNotFoundError, OSError) as exc:
+        raise PipelineError(f"could not download {repo_id!r} from the Hub ({str(exc).splitlines()[0][:160]}); "
+                            "check HUB_REPO and, for a private repo, HF_TOKEN") from None
+    if not (snapshot / PART_MARKERS[part]).is_file():
+        raise PipelineError(f"the Hub repo {repo_id!r} has no {PART_MARKERS[part]}: it does not hold a {part}; "
+                            "check HUB_REPO")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with atomic_dir(run_dir / part) as tmp:
+        for file in snapshot.rglob("*"):
+            if file.is_file() and file.name != RUN_CONFIG_IN_REPO and ".cache" not in file.parts:
+                dest = tmp / file.relative_to(snapshot)
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(file, dest)  # real files: the cache's symlinks would dangle on Drive
+    run_config = snapshot / RUN_CONFIG_IN_REPO
+    if run_config.is_file() and not (run_dir / "config.json").is_file():
+        from qlora_pipeline.paths import write_text_atomic
+
+        write_text_atomic(run_dir / "config.json", run_config.read_text(encoding="utf-8"))
+    log(f"pulled the {part} from https://huggingface.co/{repo_id} into {run_dir / part}")
+    return True

@@ -120,17 +120,18 @@ def merge(cfg: PipelineConfig, run_dir: Path, log=print) -> dict:
     check_examples, _ = tokenize_conversations(
         encoder, read_split(run_dir, "val")[: cfg.merge.check_samples], cfg.data.max_seq_len, cfg.data.overlong)
 
-    if use_streaming(cfg, base, log):
+    device = merge_device(cfg, base, log)
+    if use_streaming(cfg, base, log, device):
         return _merge_streaming(cfg, run_dir, base, dtype, tokenizer, check_examples, log)
-    model = load_base_full_precision(base, cfg.model, dtype=dtype)
+    model = load_base_full_precision(base, cfg.model, dtype=dtype, device=device)
     with_adapter = load_adapter(model, adapter_dir)
     # Reference logits of base + adapter, taken before merge_and_unload folds the weights in place
     # (keeping logits, not a second model, keeps memory at one model for Phi-3.5 too).
-    reference = model_logits(with_adapter, check_examples)
+    reference = model_logits(with_adapter, check_examples, device=device)
     merged = with_adapter.merge_and_unload()
-    check = compare_logits(reference, model_logits(merged, check_examples))
+    check = compare_logits(reference, model_logits(merged, check_examples, device=device))
     del reference
-    _report_check(check, dtype, len(check_examples), log)
+    _report_check(check, dtype, len(check_examples), log, device=device)
 
     with atomic_dir(run_dir / MERGED) as tmp:
         merged.save_pretrained(tmp, safe_serialization=True)
@@ -166,14 +167,37 @@ def base_weight_bytes(base: str, revision: str | None) -> int | None:
     return sum(f.stat().st_size for f in folder.glob("*.safetensors"))
 
 
-def use_streaming(cfg: PipelineConfig, base: str, log=print) -> bool:
-    if cfg.merge.streaming != "auto":
-        return bool(cfg.merge.streaming)
-    import psutil
-
-    size = base_weight_bytes(base, cfg.model.revision)
+def _base_bytes_guess(base: str, revision: str | None) -> int:
+    size = base_weight_bytes(base, revision)
     if size is None:  # a Hub id: Phi-3.5-mini is 7.6 GB; decide on the free memory alone
         size = 7_600_000_000 if "phi-3" in base.lower() else 0
+    return size
+
+
+def merge_device(cfg: PipelineConfig, base: str, log=print) -> str:
+    """The GPU when the base fits in its free memory with a quarter to spare (a T4 holds the 7.6 GB
+    Phi-3.5 in fp16: the merge and its check take seconds there), else the CPU."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return "cpu"
+    free, _total = torch.cuda.mem_get_info()
+    size = _base_bytes_guess(base, cfg.model.revision)
+    if size * 1.25 > free:
+        log(f"merging on the CPU: the base ({size / 1e9:.1f} GB) does not fit the GPU's free {free / 1e9:.1f} GB")
+        return "cpu"
+    return "cuda"
+
+
+def use_streaming(cfg: PipelineConfig, base: str, log=print, device: str = "cpu") -> bool:
+    """Shard by shard when a CPU merge would hold a base larger than half the free RAM."""
+    if cfg.merge.streaming != "auto":
+        return bool(cfg.merge.streaming)
+    if device != "cpu":
+        return False  # the weights go to the GPU, not the RAM
+    import psutil
+
+    size = _base_bytes_guess(base, cfg.model.revision)
     free = psutil.virtual_memory().available
     streaming = size > free / 2
     if streaming:
@@ -184,10 +208,8 @@ def use_streaming(cfg: PipelineConfig, base: str, log=print) -> bool:
 
 def _merge_streaming(cfg: PipelineConfig, run_dir: Path, base: str, dtype, tokenizer, check_examples, log) -> dict:
     """Shard-by-shard merge; the check then loads one model at a time (base + adapter, then merged)."""
-    import gc
-
     from qlora_pipeline.merge_streaming import stream_merge
-    from qlora_pipeline.model import load_base_full_precision
+    from qlora_pipeline.model import free_memory, load_base_full_precision
 
     base_dir = local_base_dir(base, cfg.model.revision)
     with atomic_dir(run_dir / MERGED) as tmp:
@@ -197,10 +219,11 @@ def _merge_streaming(cfg: PipelineConfig, run_dir: Path, base: str, dtype, token
             raise ModelError(f"the base {base!r} has no tokenizer.model; llama.cpp's Phi-3 converter needs it")
         reference = model_logits(load_adapter(load_base_full_precision(base, cfg.model, dtype=dtype),
                                               run_dir / "adapter"), check_examples)
-        gc.collect()
+        free_memory()  # base + adapter is gone before the merged model loads: one model in RAM at a time
         merged = load_base_full_precision(str(tmp), cfg.model, dtype=dtype)
         check = compare_logits(reference, model_logits(merged, check_examples))
         del merged, reference
+        free_memory()
     _report_check(check, dtype, len(check_examples), log, streaming=True, **info)
     write_json_atomic(run_dir / "merge_check.json", check)
     return check

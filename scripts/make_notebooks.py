@@ -44,7 +44,9 @@ if importlib.util.find_spec("qlora_pipeline") is None:
 if os.path.isdir("course/src/qlora_pipeline"):
     os.chdir("course")  # also after a kernel restart, when the package is already installed
 from qlora_pipeline.notebook import environment_report
-ENV = environment_report()'''
+ENV = environment_report()
+from qlora_pipeline.colab import course_run_dir  # on Colab: RUN_DIR on Google Drive, which outlives this VM
+RUN_DIR = course_run_dir(RUN_DIR, USE_DRIVE)'''
 
 
 BOOTSTRAP = bootstrap(REPO)
@@ -66,6 +68,7 @@ def params(extra: str = "") -> object:
 # OVERRIDES takes key=value settings, for example ["train.epochs=2", "lora.r=8"].
 PRESET = "tiny"
 RUN_DIR = "runs/notebooks/s29"
+USE_DRIVE = True  # on Colab, keep RUN_DIR on Google Drive (each notebook runs on a new VM)
 OVERRIDES = []
 {extra}''', "parameters")
 
@@ -74,9 +77,9 @@ S29_FINETUNING = [
     md('''# S29 · Fine-tuning Phi-3.5 with QLoRA on OpenAssistant
 
 **What you will do:** load `microsoft/Phi-3.5-mini-instruct` in 4-bit NF4, attach LoRA adapters,
-turn oasst1 message trees into conversations, train only the adapters, and measure what they
-changed. With `PRESET = "tiny"` the same code runs on a built-in 20M-parameter Phi-3.5 (real
-tokenizer and chat template) on any CPU in a few minutes.
+turn oasst1 message trees into conversations, take one training step by hand, then train only
+the adapters and measure what they changed. With `PRESET = "tiny"` the same code runs on a
+built-in 20M-parameter twin of Phi-3.5 (its tokenizer, chat template and LongRoPE) on any CPU.
 
 - **LoRA** freezes a weight matrix W and learns a low-rank update: W + (alpha/r)·B·A with
   B (out × r) and A (r × in). For r = 16 that is well under 1% of the parameters.
@@ -84,7 +87,10 @@ tokenizer and chat template) on any CPU in a few minutes.
   computation stay in 16 bits.
 - **NF4** ("4-bit NormalFloat") puts its 16 levels at quantiles of a normal distribution, where
   trained weights actually lie; block-wise scales (and scales of scales: double quantization)
-  cost about 0.13 extra bits per weight.'''),
+  cost about 0.13 extra bits per weight.
+
+On Colab, `RUN_DIR` lives on your Google Drive, so the next two notebooks (each on a new VM) and a
+re-run after a disconnect find this notebook's work.'''),
     params('PUSH_TO_HUB = False\n# HUB_REPO: for example "your-name/phi35-oasst1-qlora-adapter"\nHUB_REPO = None\n'
            '# START_FRESH: True trains from step 0 even if RUN_DIR holds a checkpoint of this configuration\n'
            'START_FRESH = False'),
@@ -92,8 +98,7 @@ tokenizer and chat template) on any CPU in a few minutes.
     md("## The base model in 4 bits, and the LoRA check"),
     code('''import pandas as pd
 from qlora_pipeline.config import load_config
-from qlora_pipeline.model import (attach_lora, format_lora_report, load_base_for_training, load_tokenizer,
-                                  pick_device, resolve_base)
+from qlora_pipeline.model import load_tokenizer, resolve_base
 from qlora_pipeline.notebook import count_parameters, memory_table
 from qlora_pipeline.pipeline import check_run_dir, save_run_config
 
@@ -105,14 +110,24 @@ tokenizer = load_tokenizer(base)
 n_params = count_parameters(base)
 print(f"base: {base} ({n_params / 1e6:.1f}M parameters)")
 pd.DataFrame(memory_table(n_params))'''),
-    code('''model_4bit = load_base_for_training(cfg.model, base, pick_device(cfg.model.compute_dtype))
+    md("The two objects QLoRA is made of, built from the preset: how bitsandbytes stores the frozen "
+       "base, and which layers peft gives adapters."),
+    code('''from qlora_pipeline.model import peft_lora_config, pick_device, quantization_config
+
+device = pick_device(cfg.model.compute_dtype, cfg.train.mixed_precision)
+bnb_config = quantization_config(cfg.model, device)
+lora_config = peft_lora_config(cfg.lora)
+print(bnb_config)
+lora_config'''),
+    code('''from qlora_pipeline.model import attach_lora, format_lora_report, load_base_for_training
+
+model_4bit = load_base_for_training(cfg.model, base, device)  # from_pretrained(..., quantization_config=bnb_config)
 print(f"4-bit model in memory: {model_4bit.get_memory_footprint() / 1e6:.1f} MB "
       f"(the embeddings and the output layer stay in 16/32 bits)")
-model_4bit, lora_report = attach_lora(model_4bit, cfg.lora, cfg.model)
+model_4bit, lora_report = attach_lora(model_4bit, cfg.lora, cfg.model)  # get_peft_model(model_4bit, lora_config)
 # Phi-3 fuses q/k/v into qkv_proj and gate/up into gate_up_proj: the usual
 # ["q_proj", "k_proj", "v_proj", ...] list matches nothing, and attach_lora says so.
-print(format_lora_report(lora_report))
-del model_4bit'''),
+print(format_lora_report(lora_report))'''),
     md("## oasst1: from message trees to conversations"),
     code('''from qlora_pipeline.data import build_conversations, load_rows
 from qlora_pipeline.notebook import draw_tree, pick_branching_tree, tree_text
@@ -136,68 +151,159 @@ stop). User and system text and the template's tags are context, not targets.'''
 from qlora_pipeline.data import read_split, tokenize_conversations
 from qlora_pipeline.notebook import label_mask_view
 
-examples, _ = tokenize_conversations(ChatEncoder.from_hf(tokenizer), read_split(RUN_DIR, "train")[:1],
-                                     cfg.data.max_seq_len)
+examples, _ = tokenize_conversations(ChatEncoder.from_hf(tokenizer), read_split(RUN_DIR, "train"),
+                                     cfg.data.max_seq_len, cfg.data.overlong)
 print(label_mask_view(tokenizer, examples[0]))'''),
+    md('''## One packed batch
+
+No padding: conversations are laid end to end in one row of up to `batch_tokens` tokens. The
+position ids restart at 0 where a conversation starts, which tells the attention kernel where one
+ends (nothing attends across the boundary), and the first token of each conversation is never a
+target, so no loss crosses it either.'''),
+    code('''from qlora_pipeline.notebook import packed_batch_table
+from qlora_pipeline.train import collate_packed, step_plan
+
+total_steps, plan = step_plan(examples, cfg.train)  # every micro-batch of the run, in order (seeded)
+input_ids, labels, position_ids = collate_packed(examples, plan[0])
+print(f"micro-batch 0: {len(plan[0])} conversations in one row of {input_ids.shape[1]} tokens "
+      f"(budget {cfg.train.batch_tokens}); {total_steps} optimizer steps of "
+      f"{cfg.train.gradient_accumulation_steps} micro-batches each")
+packed_batch_table(tokenizer, input_ids, labels, position_ids)'''),
+    md('''## One optimizer step, written out
+
+This is what the package's training loop does for every step (a test checks the two give the
+same weights): forward, loss on the targets only, a scaled backward per micro-batch (the
+gradients add up: gradient accumulation), clipping, the optimizer step (paged 8-bit AdamW on a
+GPU) and the learning-rate schedule (linear warm-up, cosine decay). On a T4, fp16 autocast and
+a loss scaler: small fp16 gradients would underflow to zero without it.'''),
+    code('''from qlora_pipeline.train import make_optimizer
+
+params = [p for p in model_4bit.parameters() if p.requires_grad]  # the LoRA matrices only
+optimizer, scheduler = make_optimizer(params, cfg.train, device.name, total_steps)
+print(type(optimizer).__name__, f"lr {scheduler.get_last_lr()[0]:.2e} (warm-up starts low)")'''),
+    code('''import time
+import torch
+import torch.nn.functional as F
+from qlora_pipeline.train import label_count
+
+micro_batches = plan[: cfg.train.gradient_accumulation_steps]  # the first optimizer step
+n_targets = sum(label_count(examples, indices) for indices in micro_batches)  # every target weighs the same
+scaler = torch.amp.GradScaler(device.name, enabled=device.mixed_precision == "fp16")
+autocast = dict(device_type=device.name, dtype=device.compute_dtype, enabled=device.mixed_precision != "no")
+started = time.perf_counter()
+model_4bit.train()
+for indices in micro_batches:
+    input_ids, labels, position_ids = (t.to(device.name) for t in collate_packed(examples, indices))
+    with torch.autocast(**autocast):
+        logits = model_4bit(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits
+    # token t predicts token t+1; labels are -100 where there is no target
+    loss = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), labels[:, 1:].flatten(),
+                           ignore_index=-100, reduction="sum") / n_targets
+    scaler.scale(loss).backward()  # adds to .grad: the micro-batches accumulate
+if cfg.train.max_grad_norm > 0:
+    scaler.unscale_(optimizer)  # the true gradients again, before clipping them
+    torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm)
+scaler.step(optimizer)  # skipped if an fp16 gradient overflowed (the scaler then lowers its scale)
+scaler.update()
+scheduler.step()
+optimizer.zero_grad(set_to_none=True)
+if device.name == "cuda":
+    torch.cuda.synchronize()
+step_seconds = time.perf_counter() - started
+step_tokens = sum(len(examples[i]["input_ids"]) for indices in micro_batches for i in indices)
+print(f"one optimizer step: {step_tokens} tokens in {step_seconds:.1f} s, last micro-batch loss x n_targets = "
+      f"{float(loss) * n_targets:.1f}")''', "optimizer-step"),
+    md("How long the rest will take, from that step and one forward pass on this machine (printed "
+       "again by notebooks 2 and 3 before their long steps):"),
+    code('''from qlora_pipeline.model import free_memory
+from qlora_pipeline.notebook import forward_tokens_per_s
+from qlora_pipeline.timing import estimate, format_estimate, save_estimate, step_counts
+
+model_4bit.eval()
+forward_rate = forward_tokens_per_s(model_4bit, input_ids, position_ids, device)
+table = estimate(step_counts(cfg, RUN_DIR, ChatEncoder.from_hf(tokenizer)), step_tokens / step_seconds, forward_rate)
+save_estimate(RUN_DIR, table)
+print(format_estimate(table))
+del model_4bit, optimizer, scheduler, params, logits, loss  # the training stage loads its own model
+free_memory()'''),
     md("## Training (packed batches, warm-up + cosine, checkpoints you can resume from)"),
     code('''from IPython.display import Image
 from qlora_pipeline.pipeline import resume_training
 
 # After a disconnect, running the notebook again continues from the newest checkpoint in RUN_DIR.
 summary = run_stage("train", cfg, RUN_DIR, resume=resume_training(cfg, RUN_DIR, fresh=START_FRESH))
+free_memory()
 Image(f"{RUN_DIR}/loss.png")'''),
-    code('''import torch
-print(f"peak GPU memory during training: {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")''', "gpu"),
+    code('''print(f"peak GPU memory during training: {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")''', "gpu"),
     md("## Did it help? Perplexity and answers before and after"),
     code('''from qlora_pipeline.evaluate import evaluate_hf
 
-scores = evaluate_hf(cfg, RUN_DIR, with_merged=False)
+scores = evaluate_hf(cfg, RUN_DIR, with_merged=False)  # on the GPU when there is one, capped by the preset
 pd.DataFrame({"validation loss": [scores["base_val_loss"], scores["adapter_val_loss"]],
               "test perplexity": [scores["base_ppl"], scores["adapter_ppl"]]}, index=["base", "base + adapter"])'''),
     code('''from qlora_pipeline.merge import load_adapter
-from qlora_pipeline.model import load_base_full_precision
-from qlora_pipeline.notebook import hf_answers
+from qlora_pipeline.notebook import hf_answers, load_for_answers
 
 prompts = [c["messages"][0]["content"] for c in read_split(RUN_DIR, "test")[:4]]
-base_model = load_base_full_precision(base, cfg.model)
+base_model = load_for_answers(cfg, base)
 before = hf_answers(base_model, tokenizer, prompts)
 after = hf_answers(load_adapter(base_model, f"{RUN_DIR}/adapter"), tokenizer, prompts)
+del base_model
+free_memory()
 pd.DataFrame({"prompt": prompts, "base": before, "fine-tuned": after})'''),
-    md("The adapter is saved in `RUN_DIR/adapter` (PEFT format, safetensors). Optionally push it:"),
-    code('''from qlora_pipeline.hub import push_if_asked
+    md("The adapter is saved in `RUN_DIR/adapter` (PEFT format, safetensors). Optionally push it (with the "
+       "run's configuration), so that notebook 2 can start from the Hub:"),
+    code('''from qlora_pipeline.hub import push_run_part
 
-push_if_asked(f"{RUN_DIR}/adapter", HUB_REPO, PUSH_TO_HUB)'''),
+push_run_part(RUN_DIR, "adapter", HUB_REPO, PUSH_TO_HUB)'''),
 ]
 
 S29_INFERENCE = [
     md('''# S29 · Chat with the adapter, then merge it into the base
 
-Uses the adapter that `S29_finetuning_llm.ipynb` trained in the same `RUN_DIR`. The adapter is
-merged into the **16/32-bit** base (never into the 4-bit one, which would round the update
-away), and we check that the merged model computes what base + adapter computed.'''),
-    params('PUSH_TO_HUB = False\n# HUB_REPO: for example "your-name/phi35-oasst1-merged"\nHUB_REPO = None\nSYSTEM_PROMPT = None'),
+Uses the adapter that `S29_finetuning_llm.ipynb` trained: from `RUN_DIR` (on Colab, your Google
+Drive), or from the Hub repo it was pushed to (`ADAPTER_REPO`). The adapter is merged into the
+**16-bit** base (never into the 4-bit one, which would round the update away), and we check that
+the merged model computes what base + adapter computed.'''),
+    params('# ADAPTER_REPO: the Hub repo notebook 1 pushed to; used only when RUN_DIR has no adapter\n'
+           'ADAPTER_REPO = None\nPUSH_TO_HUB = False\n# HUB_REPO: for example "your-name/phi35-oasst1-merged"\n'
+           'HUB_REPO = None\nSYSTEM_PROMPT = None'),
     code(BOOTSTRAP),
     code('''import pandas as pd
-from qlora_pipeline.merge import load_adapter
-from qlora_pipeline.model import load_base_full_precision, load_tokenizer, resolve_base
-from qlora_pipeline.notebook import hf_answers
-from qlora_pipeline.pipeline import read_run_config, run_stage
+from qlora_pipeline.model import free_memory, load_tokenizer, resolve_base
+from qlora_pipeline.notebook import hf_answers, load_for_answers
+from qlora_pipeline.pipeline import continue_run, run_stage
+from qlora_pipeline.timing import print_estimate
 
-cfg = read_run_config(RUN_DIR)
-assert cfg is not None, f"{RUN_DIR} has no config.json: run S29_finetuning_llm.ipynb first"
+cfg = continue_run(RUN_DIR, {"adapter": ADAPTER_REPO})
+print_estimate(RUN_DIR, "S29_phi3_inference")
 base = resolve_base(cfg)
 tokenizer = load_tokenizer(base)
-model = load_adapter(load_base_full_precision(base, cfg.model), f"{RUN_DIR}/adapter")
+model = load_for_answers(cfg, base, f"{RUN_DIR}/adapter")  # base + adapter, on the GPU when there is one
 questions = ["What is the capital of France?", "What sound does a cow make?", "What is the opposite of hot?"]
-pd.DataFrame({"question": questions, "answer": hf_answers(model, tokenizer, questions, system=SYSTEM_PROMPT)})'''),
-    md("## Merge, and check the merged model against base + adapter"),
+answers = hf_answers(model, tokenizer, questions, system=SYSTEM_PROMPT)
+pd.DataFrame({"question": questions, "answer": answers})'''),
+    md('''## Merge, and check the merged model against base + adapter
+
+peft's `merge_and_unload` adds (alpha/r)·B·A into each adapted weight and removes the LoRA
+modules: the result is a plain Phi-3 model, as fast as the base.'''),
+    code('''merged = model.merge_and_unload()
+lora_left = [name for name, _ in merged.named_modules() if "lora" in name]
+print(type(merged).__name__, f"LoRA modules left: {len(lora_left)}")
+same = hf_answers(merged, tokenizer, questions, system=SYSTEM_PROMPT) == answers
+print("same greedy answers as base + adapter:", same)
+del model, merged  # the merge stage loads its own copy: never two full-size models at once
+free_memory()'''),
+    md("The merge stage does the same in the preset's dtype, checks logits of merged against base + "
+       "adapter, and writes `RUN_DIR/merged` atomically:"),
     code('''check = run_stage("merge", cfg, RUN_DIR)
+free_memory()
 pd.Series(check, name="merged vs base + adapter").to_frame()'''),
     code('''import os
 sorted(os.listdir(f"{RUN_DIR}/merged"))'''),
-    code('''from qlora_pipeline.hub import push_if_asked
+    code('''from qlora_pipeline.hub import push_run_part
 
-push_if_asked(f"{RUN_DIR}/merged", HUB_REPO, PUSH_TO_HUB)'''),
+push_run_part(RUN_DIR, "merged", HUB_REPO, PUSH_TO_HUB)'''),
 ]
 
 S29_QUANTIZE = [
@@ -207,15 +313,22 @@ Converts the merged model with llama.cpp's own `convert_hf_to_gguf.py`, quantize
 llama.cpp's quantizer, and measures every variant on held-out conversations: perplexity, KL
 divergence and top-1 agreement against F16, file size, bits per weight and generation speed.
 Then the same prompt goes through each variant, and you chat with the one you choose.'''),
-    params('TEMPERATURE = 0.7\nREPEAT_PENALTY = 1.1\nMAX_TOKENS = 64\nCHOSEN = "Q4_K_M"\nN_GPU_LAYERS = 0'),
+    params('# the Hub repos notebooks 1 and 2 pushed to; used only when RUN_DIR lacks the adapter / merged model\n'
+           'ADAPTER_REPO = None\nMERGED_REPO = None\n'
+           'TEMPERATURE = 0.7\nREPEAT_PENALTY = 1.1\nMAX_TOKENS = 64\nCHOSEN = "Q4_K_M"\nN_GPU_LAYERS = 0'),
     code(BOOTSTRAP),
     code('''import pandas as pd
 from IPython.display import Image
-from qlora_pipeline.pipeline import read_run_config, run_stage
+from qlora_pipeline.export import export_calls
+from qlora_pipeline.pipeline import continue_run, run_stage
+from qlora_pipeline.timing import print_estimate
 
-cfg = read_run_config(RUN_DIR)
-assert cfg is not None, f"{RUN_DIR} has no config.json: run the first two notebooks first"
-manifest = run_stage("export", cfg, RUN_DIR)
+cfg = continue_run(RUN_DIR, {"adapter": ADAPTER_REPO, "merged": MERGED_REPO})
+print_estimate(RUN_DIR, "S29_phi3_QuantizeLLMs_checkpoint")
+print("the export stage runs exactly these:")
+for call in export_calls(cfg, RUN_DIR):
+    print(" ", call)'''),
+    code('''manifest = run_stage("export", cfg, RUN_DIR)
 pd.DataFrame(manifest["files"]).T'''),
     code('''report = run_stage("evaluate", cfg, RUN_DIR)
 columns = ["bytes", "bits_per_weight", "ppl", "kld_vs_f16", "top1_vs_f16", "tokens_per_s"]

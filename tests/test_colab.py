@@ -59,3 +59,47 @@ def test_a_cpu_runtime_compiles_for_the_cpu_without_asking_the_wheel_index():
     (command, env), = calls
     assert command[-1] == f"llama-cpp-python=={VERSION}" and env is None
     assert "about 10-20 minutes" in said[0]
+
+
+def _fake_colab(monkeypatch, mounted: list):
+    import sys
+    import types
+
+    colab = types.ModuleType("google.colab")
+    drive = types.ModuleType("google.colab.drive")
+
+    def mount(where):
+        mounted.append(where)
+        (__import__("pathlib").Path(where) / "MyDrive").mkdir(parents=True)
+
+    drive.mount = mount
+    colab.drive = drive
+    monkeypatch.setitem(sys.modules, "google.colab", colab)
+    monkeypatch.setitem(sys.modules, "google.colab.drive", drive)
+
+
+def test_on_colab_run_dir_goes_to_drive_mounted_once(tmp_path, monkeypatch):
+    from qlora_pipeline.colab import course_run_dir
+
+    mounted: list = []
+    _fake_colab(monkeypatch, mounted)
+    mount = tmp_path / "drive"
+    first = course_run_dir("runs/notebooks/s29", mount=str(mount))
+    assert first == str(mount / "MyDrive" / "qlora-gguf-course" / "runs/notebooks/s29")
+    assert (mount / "MyDrive" / "qlora-gguf-course" / "runs" / "notebooks" / "s29").is_dir()
+    # A restarted kernel runs the set-up cell again: same folder, no second mount.
+    assert course_run_dir("runs/notebooks/s29", mount=str(mount)) == first and mounted == [str(mount)]
+
+
+def test_run_dir_stays_local_when_opted_out_absolute_or_off_colab(tmp_path, monkeypatch):
+    import sys
+
+    from qlora_pipeline.colab import course_run_dir
+
+    mounted: list = []
+    _fake_colab(monkeypatch, mounted)
+    assert course_run_dir("runs/x", use_drive=False, mount=str(tmp_path)) == "runs/x"
+    assert course_run_dir(str(tmp_path / "mine"), mount=str(tmp_path)) == str(tmp_path / "mine")
+    monkeypatch.delitem(sys.modules, "google.colab")
+    assert course_run_dir("runs/x", mount=str(tmp_path)) == "runs/x"
+    assert mounted == []

@@ -150,7 +150,7 @@ def _run_setup_as_on_colab(source: str, monkeypatch) -> list:
                         lambda name, *a: None if name == "qlora_pipeline" else real_find_spec(name, *a))
     monkeypatch.setattr(subprocess, "run", fake_run)
     try:
-        exec(compile(source, "setup-cell", "exec"), {})
+        exec(compile(source, "setup-cell", "exec"), {"RUN_DIR": "runs/x", "USE_DRIVE": True})
     except RuntimeError:
         pass
     return commands
@@ -189,7 +189,24 @@ def test_course_repo_rewrites_setup_cells_badges_and_the_space_readme(tmp_path, 
 def test_setup_cell_returns_to_the_course_folder_after_a_kernel_restart(tmp_path, monkeypatch):
     """After a restart the package is installed, so the cell skips the clone; it must still chdir
     into the course, or RUN_DIR would resolve somewhere else."""
+    import sys
+    import types
+
     (tmp_path / "course" / "src" / "qlora_pipeline").mkdir(parents=True)
     monkeypatch.chdir(tmp_path)
-    exec(compile(_setup_cell(REPO / ORDER[0]), "setup-cell", "exec"), {})
-    assert Path.cwd() == tmp_path / "course"
+    namespace = {"RUN_DIR": "runs/notebooks/s29", "USE_DRIVE": False}
+    exec(compile(_setup_cell(REPO / ORDER[0]), "setup-cell", "exec"), namespace)
+    assert Path.cwd() == tmp_path / "course" and namespace["RUN_DIR"] == "runs/notebooks/s29"
+    # On Colab, RUN_DIR goes to Drive, and running the cell again after a restart gives the same one.
+    drive = tmp_path / "content" / "drive"
+    (drive / "MyDrive").mkdir(parents=True)  # mounted by the first run
+    colab = types.ModuleType("google.colab")
+    monkeypatch.setitem(sys.modules, "google.colab", colab)
+    monkeypatch.setattr("qlora_pipeline.colab.DRIVE_MOUNT", str(drive))
+    seen = []
+    for _ in range(2):
+        monkeypatch.chdir(tmp_path)
+        namespace = {"RUN_DIR": "runs/notebooks/s29", "USE_DRIVE": True}
+        exec(compile(_setup_cell(REPO / ORDER[0]), "setup-cell", "exec"), namespace)
+        seen.append((Path.cwd(), namespace["RUN_DIR"]))
+    assert seen[0] == seen[1] == (tmp_path / "course", str(drive / "MyDrive" / "qlora-gguf-course" / "runs/notebooks/s29"))

@@ -61,3 +61,33 @@ def install_llama_cpp(requirements: Path = Path("requirements.txt"), cuda_versio
     env = {**os.environ, "CMAKE_ARGS": "-DGGML_CUDA=on"} if cuda_version else None
     run(pip + [f"llama-cpp-python=={version}"], check=True, env=env)
     return "compiled"
+
+
+# ---------------------------------------------------------------------------- RUN_DIR on Google Drive
+# Each Colab notebook gets its own VM whose disk is gone when it disconnects: notebook 2 would not
+# find notebook 1's adapter, and training could not resume from its checkpoints. On Colab the run
+# folder therefore lives on the user's Google Drive unless the notebook opts out.
+DRIVE_MOUNT = "/content/drive"
+DRIVE_FOLDER = "qlora-gguf-course"
+
+
+def on_colab() -> bool:
+    return "google.colab" in sys.modules
+
+
+def course_run_dir(run_dir: str, use_drive: bool = True, mount: str | None = None) -> str:
+    """RUN_DIR as the notebook will use it: on Colab (unless ``use_drive`` is False, or RUN_DIR is
+    already absolute) the same relative path under MyDrive/qlora-gguf-course, Drive mounted first
+    (once: a restarted kernel finds it mounted). Elsewhere RUN_DIR as given."""
+    if not use_drive or not on_colab() or os.path.isabs(run_dir):
+        return run_dir
+    mount = mount or DRIVE_MOUNT
+    my_drive = Path(mount) / "MyDrive"
+    if not my_drive.is_dir():
+        from google.colab import drive
+
+        drive.mount(mount)
+    path = my_drive / DRIVE_FOLDER / run_dir
+    path.mkdir(parents=True, exist_ok=True)
+    print(f"RUN_DIR on Google Drive: {path} (set USE_DRIVE = False to keep it on this VM's disk)")
+    return str(path)

@@ -99,23 +99,51 @@ def _run(cmd: list[str], what: str, out_path: Path, needed: int) -> None:
         raise PipelineError(f"{what} failed: {detail[:300]}")
 
 
+def converter_commands(merged_dir: Path, out_path: Path, meta_path: Path, model_name: str, end_of_turn_id: int,
+                       outtype: str = "f16") -> tuple[list[str], list[str]]:
+    """The two command lines of a conversion: llama.cpp's ``convert_hf_to_gguf.py``, then its
+    ``gguf_new_metadata.py`` writing ``<|end|>`` as the end-of-turn token (the Phi-3 converter
+    writes BOS/EOS but no end-of-turn id, which llama.cpp would otherwise guess from token text)."""
+    files = ensure_llama_cpp()
+    convert = [sys.executable, str(files.converter), str(merged_dir), "--outfile", str(out_path),
+               "--outtype", outtype, "--model-name", model_name]
+    new_metadata = files.root / "gguf-py" / "gguf" / "scripts" / "gguf_new_metadata.py"
+    metadata = [sys.executable, str(new_metadata), str(out_path), str(meta_path), "--special-token-by-id", "eot",
+                str(end_of_turn_id), "--force"]
+    return convert, metadata
+
+
+def export_calls(cfg: PipelineConfig, run_dir: Path) -> list[str]:
+    """What the export stage runs, written out (the notebooks print it before running the stage)."""
+    import shlex
+
+    from transformers import AutoTokenizer
+
+    run_dir = Path(run_dir)
+    merged, f16 = run_dir / "merged", gguf_path(run_dir, F16)
+    eot = AutoTokenizer.from_pretrained(str(merged)).convert_tokens_to_ids(END_OF_TURN)
+    tmp, tmp2 = (f16.with_name(f".{f16.name}.{step}.tmp") for step in ("convert", "meta"))
+    convert, metadata = converter_commands(merged, tmp, tmp2, cfg.export.model_name or default_model_name(cfg), eot)
+    calls = [shlex.join(convert), shlex.join(metadata), f"os.replace({str(tmp2)!r}, {str(f16)!r})"]
+    threads = cfg.export.threads or usable_cpus()
+    for quant in (q for q in cfg.export.quant_types if q != F16):
+        calls.append(f"llama_cpp.llama_model_quantize({str(f16)!r}, {str(gguf_path(run_dir, quant))!r}, "
+                     f"params(ftype={quant_types()[quant]} ({quant}), nthread={threads}))")
+    return calls
+
+
 def convert_to_gguf(merged_dir: Path, out_path: Path, model_name: str, end_of_turn_id: int,
                     outtype: str = "f16") -> None:
     """llama.cpp's converter (F16 by default), then its metadata tool to mark <|end|> as end-of-turn."""
-    files = ensure_llama_cpp()
     # The converter's file and the metadata tool's copy of it are on disk together for a moment.
     needed = 2 * gguf_size_estimate(count_parameters(str(merged_dir)), outtype.upper())
     require_free_space(out_path, needed)
     tmp = out_path.with_name(f".{out_path.name}.convert.tmp")
     tmp2 = out_path.with_name(f".{out_path.name}.meta.tmp")
     try:
-        _run([sys.executable, str(files.converter), str(merged_dir), "--outfile", str(tmp), "--outtype", outtype,
-              "--model-name", model_name], f"converting {merged_dir} to GGUF", out_path, needed)
-        # The Phi-3 converter writes BOS/EOS but no end-of-turn id; llama.cpp would guess it from
-        # the token text at load time. We write it, so every runtime reads the same stop token.
-        new_metadata = files.root / "gguf-py" / "gguf" / "scripts" / "gguf_new_metadata.py"
-        _run([sys.executable, str(new_metadata), str(tmp), str(tmp2), "--special-token-by-id", "eot",
-              str(end_of_turn_id), "--force"], "writing GGUF metadata", out_path, needed)
+        convert, metadata = converter_commands(merged_dir, tmp, tmp2, model_name, end_of_turn_id, outtype)
+        _run(convert, f"converting {merged_dir} to GGUF", out_path, needed)
+        _run(metadata, "writing GGUF metadata", out_path, needed)
         with open(tmp2, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp2, out_path)

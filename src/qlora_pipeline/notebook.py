@@ -145,6 +145,47 @@ def label_mask_view(tokenizer, example: dict) -> str:
     return "".join(out)
 
 
+def packed_batch_table(tokenizer, input_ids, labels, position_ids, context: int = 10):
+    """The tokens around the first boundary of a packed row: each token, its position id (back to
+    0 where the next conversation starts, so attention stays within a conversation) and whether
+    it is a training target (its label is not -100)."""
+    import pandas as pd
+
+    from qlora_pipeline.chat_format import IGNORE_INDEX
+
+    ids, labs, pos = (t[0].tolist() for t in (input_ids, labels, position_ids))
+    starts = [i for i, p in enumerate(pos) if p == 0 and i > 0]
+    middle = starts[0] if starts else len(ids) // 2
+    window = range(max(0, middle - context), min(len(ids), middle + context))
+    return pd.DataFrame([{"token": tokenizer.convert_ids_to_tokens(ids[i]), "position id": pos[i],
+                          "target": labs[i] != IGNORE_INDEX} for i in window], index=list(window))
+
+
+def forward_tokens_per_s(model, input_ids, position_ids, device) -> float:
+    """Tokens per second of one forward pass (no gradients) in the device's compute dtype."""
+    import time
+
+    import torch
+
+    with torch.no_grad(), torch.autocast(device.name, dtype=device.compute_dtype,
+                                         enabled=device.mixed_precision != "no"):
+        started = time.perf_counter()
+        model(input_ids=input_ids, position_ids=position_ids, use_cache=False)
+        if device.name == "cuda":
+            torch.cuda.synchronize()
+    return input_ids.numel() / (time.perf_counter() - started)
+
+
+def load_for_answers(cfg, base: str, adapter_dir: str | None = None):
+    """The 16-bit base (with an adapter, if given) where evaluation runs: the GPU when there is one."""
+    from qlora_pipeline.merge import load_adapter, merge_dtype
+    from qlora_pipeline.model import eval_placement, load_base_full_precision
+
+    device, dtype = eval_placement(merge_dtype(cfg, base))
+    model = load_base_full_precision(base, cfg.model, dtype=dtype, device=device)
+    return load_adapter(model, Path(adapter_dir)) if adapter_dir else model
+
+
 def pick_branching_tree(rows: list[dict], languages=("en",)) -> str:
     """A tree worth showing: the one with the most messages among English trees with ranked replies."""
     sizes: dict = {}

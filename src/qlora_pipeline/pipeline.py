@@ -176,6 +176,22 @@ def _train_resume(cfg: PipelineConfig, run_dir: Path, resume: bool, forced: bool
     return resume and checkpoint is not None
 
 
+def continue_run(run_dir: Path, parts: dict[str, str | None], log=print) -> PipelineConfig:
+    """Notebooks 2 and 3 on a fresh VM: pull each part ({"adapter": repo, ...}) RUN_DIR lacks from
+    the Hub repo named for it, read the run's configuration, and prepare the data splits again
+    (deterministic from that configuration) if RUN_DIR has none."""
+    from qlora_pipeline.hub import pull_run_part
+
+    for part, repo in parts.items():
+        pull_run_part(run_dir, part, repo, log=log)
+    cfg = read_run_config(run_dir)
+    if cfg is None:
+        raise PipelineError(f"{run_dir} has no config.json: run S29_finetuning_llm.ipynb with this RUN_DIR first")
+    if not all((Path(run_dir) / "data" / f"{split}.jsonl").is_file() for split in ("train", "val", "test")):
+        run_stage("prepare", cfg, run_dir, log=log)
+    return cfg
+
+
 def resume_training(cfg: PipelineConfig, run_dir: Path, fresh: bool = False, log=print) -> bool:
     """For a notebook: whether its train step continues from ``run_dir``'s newest checkpoint of
     this configuration (a Colab VM that disconnected mid-training), unless ``fresh``."""

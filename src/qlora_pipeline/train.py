@@ -344,6 +344,60 @@ def plot_loss(log_path: Path, out_png: Path) -> None:
     save_figure_atomic(fig, out_png)
 
 
+def step_plan(examples: list[dict], tcfg: TrainConfig, world: int = 1) -> tuple[int, list[list[int]]]:
+    """The number of optimizer steps, and every micro-batch they will take, in order."""
+    per_epoch = len(pack_examples(examples, tcfg.batch_tokens, list(range(len(examples)))))
+    micro_per_step = tcfg.gradient_accumulation_steps * world
+    if tcfg.max_steps is not None:
+        total_steps = tcfg.max_steps
+    else:
+        total_steps = max(1, math.ceil(tcfg.epochs * per_epoch / micro_per_step))
+    epochs_needed = math.ceil(total_steps * micro_per_step / per_epoch) + 1
+    return total_steps, batch_plan(examples, tcfg, epochs_needed)
+
+
+def make_optimizer(params: list, tcfg: TrainConfig, device_name: str, total_steps: int):
+    """AdamW (paged 8-bit on CUDA unless told otherwise) and linear warm-up + cosine decay."""
+    import torch
+
+    optimizer_name = tcfg.optimizer
+    if optimizer_name == "auto":
+        optimizer_name = "paged_adamw_8bit" if device_name == "cuda" else "adamw"
+    if optimizer_name == "paged_adamw_8bit":
+        import bitsandbytes as bnb
+
+        optimizer = bnb.optim.PagedAdamW8bit(params, lr=tcfg.learning_rate, weight_decay=tcfg.weight_decay)
+    else:
+        optimizer = torch.optim.AdamW(params, lr=tcfg.learning_rate, weight_decay=tcfg.weight_decay)
+    warmup = max(1, int(tcfg.warmup_ratio * total_steps))
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(total_steps, warmup))
+
+
+def optimizer_step(accelerator, model, examples: list[dict], micro_batches: list[list[int]], params: list,
+                   optimizer, scheduler, max_grad_norm: float) -> tuple[float, int]:
+    """One optimizer step over ``micro_batches`` (gradient accumulation): every labelled token of
+    the step weighs the same. Returns the step's loss and the tokens it read. The first notebook
+    writes this step out in plain torch; a test checks the two give the same weights."""
+    n_labels = sum(label_count(examples, idx) for idx in micro_batches)
+    step_loss, tokens = 0.0, 0
+    for j, indices in enumerate(micro_batches):
+        ids, labels, pos = (t.to(accelerator.device) for t in collate_packed(examples, indices))
+        last = j == len(micro_batches) - 1
+        sync = contextlib.nullcontext() if last else accelerator.no_sync(model)  # all-reduce once per step
+        with sync, accelerator.autocast():
+            loss_sum, _ = token_losses(model, ids, labels, pos)
+            loss = loss_sum / max(1, n_labels)
+            accelerator.backward(loss)  # scaled by the fp16 loss scaler, when there is one
+        step_loss += float(loss.detach())
+        tokens += ids.numel()
+    if max_grad_norm > 0:
+        accelerator.clip_grad_norm_(params, max_grad_norm)  # unscales first
+    optimizer.step()  # accelerate skips it when an fp16 gradient overflowed
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return step_loss, tokens
+
+
 def train(cfg: PipelineConfig, run_dir: Path, resume: bool = False, stop_after_steps: int | None = None,
           log=print, rank_state_dir: Path | None = None) -> dict:
     """Fine-tune LoRA adapters on RUN/data/train.jsonl; write RUN/adapter/ and return a summary.
@@ -392,28 +446,11 @@ def train(cfg: PipelineConfig, run_dir: Path, resume: bool = False, stop_after_s
     model, lora_report = attach_lora(model, cfg.lora, cfg.model, seed=tcfg.seed)
     say(format_lora_report(lora_report))
 
-    per_epoch = len(pack_examples(train_examples, tcfg.batch_tokens, list(range(len(train_examples)))))
     world = accelerator.num_processes
     micro_per_step = tcfg.gradient_accumulation_steps * world
-    if tcfg.max_steps is not None:
-        total_steps = tcfg.max_steps
-    else:
-        total_steps = max(1, math.ceil(tcfg.epochs * per_epoch / micro_per_step))
-    epochs_needed = math.ceil(total_steps * micro_per_step / per_epoch) + 1
-    plan = batch_plan(train_examples, tcfg, epochs_needed)
-    warmup = max(1, int(tcfg.warmup_ratio * total_steps))
-
+    total_steps, plan = step_plan(train_examples, tcfg, world)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer_name = tcfg.optimizer
-    if optimizer_name == "auto":
-        optimizer_name = "paged_adamw_8bit" if device.name == "cuda" else "adamw"
-    if optimizer_name == "paged_adamw_8bit":
-        import bitsandbytes as bnb
-
-        optimizer = bnb.optim.PagedAdamW8bit(params, lr=tcfg.learning_rate, weight_decay=tcfg.weight_decay)
-    else:
-        optimizer = torch.optim.AdamW(params, lr=tcfg.learning_rate, weight_decay=tcfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(total_steps, warmup))
+    optimizer, scheduler = make_optimizer(params, tcfg, device.name, total_steps)
     model, optimizer = accelerator.prepare(model, optimizer)
     unwrapped = accelerator.unwrap_model(model)
 
@@ -463,24 +500,10 @@ def train(cfg: PipelineConfig, run_dir: Path, resume: bool = False, stop_after_s
     with _StopRequest() as stop, contextlib.closing(bar):
         while state.step < total_steps and not state.stopped_early:
             first = state.step * micro_per_step
-            group = plan[first: first + micro_per_step]
-            mine = group[rank::world]
-            group_labels = sum(label_count(train_examples, idx) for idx in mine)
-            step_loss = 0.0
-            for j, indices in enumerate(mine):
-                ids, labels, pos = (t.to(accelerator.device) for t in collate_packed(train_examples, indices))
-                sync = contextlib.nullcontext() if j == len(mine) - 1 else accelerator.no_sync(model)
-                with sync, accelerator.autocast():
-                    loss_sum, _ = token_losses(model, ids, labels, pos)
-                    loss = loss_sum / max(1, group_labels)
-                    accelerator.backward(loss)
-                step_loss += float(loss.detach())
-                state.tokens_seen += ids.numel() * world
-            if tcfg.max_grad_norm > 0:
-                accelerator.clip_grad_norm_(params, tcfg.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            mine = plan[first: first + micro_per_step][rank::world]
+            step_loss, tokens = optimizer_step(accelerator, model, train_examples, mine, params, optimizer,
+                                               scheduler, tcfg.max_grad_norm)
+            state.tokens_seen += tokens * world
             state.step += 1
             bar.update(1)
             elapsed = time.time() - started

@@ -5,7 +5,8 @@
 # make app    - serve the chat app on the demo's Q4_K_M at http://127.0.0.1:7860
 # make screenshot - S29-gradio.png from the running app after one exchange (real browser)
 # make rehearsal - the phi35-colab-t4 preset through the real hub code path, offline, on CPU:
-#                  the twin hub (runs/twin-hub, cached) as HF_HOME, prepare through evaluate
+#                  the twin hub (runs/twin-hub, cached) as HF_HOME, prepare through evaluate; then the
+#                  three S29 notebooks as on Colab (own working dir and kernel each, a shared "Drive")
 # make course-repo REPO=OWNER/NAME - the course's GitHub repository in COURSE_REPO, the notebooks'
 #                  set-up cells, the README's Colab badges and the Space README
 # make bench  - benchmarks on the tiny model (a few minutes): bench/results/*.json, *.md, speed_vs_size.png
@@ -86,6 +87,9 @@ rehearsal: setup
 	@echo "rehearsal: preset phi35-colab-t4 from HF_HOME=$(TWIN_HUB) (offline); CPU overrides: $(REHEARSAL_OVERRIDES)"
 	HF_HOME=$(abspath $(TWIN_HUB)) HF_HUB_OFFLINE=1 $(VENV)/bin/qlora-pipeline run --preset phi35-colab-t4 \
 		--run-dir runs/rehearsal $(REHEARSAL_OVERRIDES)
+	@echo "rehearsal: the three S29 notebooks, each in its own working directory and kernel, sharing only a Drive folder"
+	HF_HOME=$(abspath $(TWIN_HUB)) HF_HUB_OFFLINE=1 $(PY) -m qlora_pipeline.rehearsal runs/rehearsal-notebooks \
+		--preset phi35-colab-t4 $(foreach o,$(REHEARSAL_OVERRIDES) eval.hf_max_tokens=2000,--override $(o))
 
 course-repo: setup
 	@test -n "$(REPO)" || { echo "error: give the repository: make course-repo REPO=OWNER/NAME"; exit 2; }

@@ -57,14 +57,18 @@ def _outputs(path: Path) -> str:
 
 @pytest.fixture(scope="module")
 def executed(tmp_path_factory) -> dict[str, str]:
+    """The S29 notebooks as on Colab: each in a fresh working directory and kernel ("VM"), sharing
+    only a "Drive" folder (run_sequence fails if a VM's directory is left with anything, or the
+    shared run lacks a stage's output); then the concept notebooks."""
     from qlora_pipeline.notebook import run_notebook
+    from qlora_pipeline.rehearsal import S29, run_sequence
 
     out_dir = tmp_path_factory.mktemp("executed")
-    run_dir = out_dir / "run"
-    outputs = {}
-    for name in ORDER:  # in order: the S29 notebooks chain through RUN_DIR
-        result = run_notebook(REPO / name, out_dir / name, parameters={"RUN_DIR": str(run_dir), "OVERRIDES": TEST_OVERRIDES},
-                              cwd=REPO)
+    run_sequence(out_dir, REPO, {"OVERRIDES": TEST_OVERRIDES}, timeout=900, log=lambda *a: None)
+    outputs = {name: _outputs(out_dir / "executed" / name) for name in S29}
+    for name in ORDER[len(S29):]:
+        result = run_notebook(REPO / name, out_dir / name, parameters={"RUN_DIR": str(out_dir / "concepts"),
+                                                                       "OVERRIDES": TEST_OVERRIDES}, cwd=REPO)
         outputs[name] = _outputs(result)
     return outputs
 
@@ -76,6 +80,23 @@ def test_finetuning_notebook_shows_check_curve_and_before_after(executed):
     assert "<<image/png>>" in text  # tree drawing and loss curve
     assert "test perplexity" in text and "base + adapter" in text
     assert "fine-tuned" in text
+
+
+def test_finetuning_notebook_teaches_one_step_and_estimates_the_rest(executed):
+    text = executed["S29_finetuning_llm.ipynb"]
+    assert "BitsAndBytesConfig" in text and "bnb_4bit_quant_type" in text and "LoraConfig(" in text
+    assert "position id" in text and "target" in text  # the packed batch table
+    assert "one optimizer step:" in text
+    assert "measured here: training" in text and "S29_phi3_QuantizeLLMs_checkpoint: base, adapter and merged scores" in text
+
+
+def test_later_notebooks_find_the_first_ones_work_on_drive_and_print_their_estimate(executed):
+    for name in ("S29_phi3_inference.ipynb", "S29_phi3_QuantizeLLMs_checkpoint.ipynb"):
+        assert "measured here: training" in executed[name]
+    assert "same greedy answers as base + adapter: True" in executed["S29_phi3_inference.ipynb"]
+    assert "LoRA modules left: 0" in executed["S29_phi3_inference.ipynb"]
+    calls = executed["S29_phi3_QuantizeLLMs_checkpoint.ipynb"]
+    assert "convert_hf_to_gguf.py" in calls and "--outtype f16" in calls and "llama_model_quantize(" in calls
 
 
 def test_inference_notebook_shows_merge_agreement(executed):

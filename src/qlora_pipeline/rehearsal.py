@@ -1,0 +1,162 @@
+"""The Colab path rehearsed: the three S29 notebooks, each on its own "VM", sharing only "Drive".
+
+    python -m qlora_pipeline.rehearsal OUT --preset phi35-colab-t4 [--override KEY=VALUE ...]
+
+On Colab every notebook gets a fresh VM: its working directory and kernel are new, and only Google
+Drive (and the Hub) outlive it. Here each notebook runs with papermill in a kernel of its own, in
+an empty working directory OUT/vm-N, with RUN_DIR under OUT/drive, the one folder they share. After
+each, the VM's directory must still be empty (the run's files all went to "Drive"), and notebooks 2
+and 3 run with no Hub repo named, so they can only have found notebook 1's work on "Drive".
+
+While a notebook runs, the resident memory (RSS) of its kernel and the kernel's children is
+sampled; OUT/rehearsal.json keeps each notebook's time and peak, and OUT/memory.png the curve
+(the Colab RAM line drawn), the memory figure of the Colab path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import threading
+import time
+from pathlib import Path
+
+from qlora_pipeline.errors import PipelineError
+from qlora_pipeline.paths import write_json_atomic
+
+S29 = ("S29_finetuning_llm.ipynb", "S29_phi3_inference.ipynb", "S29_phi3_QuantizeLLMs_checkpoint.ipynb")
+COLAB_RAM_BYTES = 12.7e9  # free Colab's RAM (the T4's VM)
+RUN_FILES = ("config.json", "adapter/adapter_model.safetensors", "merged/config.json", "gguf/model-F16.gguf",
+             "report.json")
+
+
+class MemorySampler:
+    """Peak and timeline of the summed RSS of this process's children (the notebook kernel and
+    whatever it starts), sampled every ``interval`` seconds in a background thread."""
+
+    def __init__(self, interval: float = 0.5):
+        self.interval = interval
+        self.samples: list[tuple[float, int]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _rss(self) -> int:
+        import psutil
+
+        total = 0
+        for child in psutil.Process().children(recursive=True):
+            try:
+                total += child.memory_info().rss
+            except psutil.Error:  # a child that just ended
+                pass
+        return total
+
+    def _run(self) -> None:
+        started = time.time()
+        while not self._stop.is_set():
+            self.samples.append((time.time() - started, self._rss()))
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> "MemorySampler":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    @property
+    def peak(self) -> int:
+        return max((rss for _, rss in self.samples), default=0)
+
+
+def drive_run_dir(out: Path) -> Path:
+    return Path(out).resolve() / "drive" / "MyDrive" / "qlora-gguf-course" / "s29"
+
+
+def run_sequence(out: Path, repo: Path, parameters: dict, timeout: int = 3600, log=print) -> dict:
+    """The three S29 notebooks in order, each in a fresh working directory and kernel."""
+    from qlora_pipeline.notebook import run_notebook
+
+    out = Path(out).resolve()
+    run_dir = drive_run_dir(out)
+    shutil.rmtree(out / "drive", ignore_errors=True)
+    results: dict = {"run_dir": str(run_dir), "notebooks": {}}
+    for i, name in enumerate(S29, start=1):
+        vm = out / f"vm-{i}"
+        shutil.rmtree(vm, ignore_errors=True)
+        vm.mkdir(parents=True)
+        params = {**parameters, "RUN_DIR": str(run_dir)}  # the same Drive path, as Colab's mount gives
+        started = time.time()
+        with MemorySampler() as memory:
+            run_notebook(repo / name, out / "executed" / name, parameters=params, cwd=vm, timeout=timeout)
+        left_on_vm = sorted(str(p.relative_to(vm)) for p in vm.rglob("*"))
+        if left_on_vm:
+            raise PipelineError(f"{name} wrote {left_on_vm[:3]} to its VM's disk, which Colab throws away; "
+                                "everything must go to RUN_DIR")
+        results["notebooks"][name] = {"seconds": round(time.time() - started, 1), "peak_rss_bytes": memory.peak,
+                                      "samples": memory.samples}
+        log(f"{name}: {time.time() - started:.0f} s on vm-{i}, kernel peak RSS {memory.peak / 1e9:.2f} GB")
+    missing = [f for f in RUN_FILES if not (run_dir / f).is_file()]
+    if missing:
+        raise PipelineError(f"the notebooks ran but {run_dir} lacks {missing}")
+    return results
+
+
+def plot_memory(results: dict, out_png: Path, full_model_bytes: int | None = None) -> None:
+    """RSS over time, notebook after notebook, against Colab's RAM (and one full-size model)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from qlora_pipeline.paths import save_figure_atomic
+
+    fig, ax = plt.subplots(figsize=(9, 3.6))
+    offset = 0.0
+    for name, nb in results["notebooks"].items():
+        xs = [offset + t for t, _ in nb["samples"]]
+        ax.plot(xs, [rss / 1e9 for _, rss in nb["samples"]], label=f"{name} (peak {nb['peak_rss_bytes'] / 1e9:.1f} GB)")
+        offset = xs[-1] if xs else offset
+    ax.axhline(COLAB_RAM_BYTES / 1e9, color="red", ls="--", lw=1, label="free Colab RAM (12.7 GB)")
+    if full_model_bytes:
+        for k, style in ((1, ":"), (2, "-.")):
+            ax.axhline(k * full_model_bytes / 1e9, color="grey", ls=style, lw=1,
+                       label=f"{k} full-size model{'s' if k > 1 else ''} ({k * full_model_bytes / 1e9:.1f} GB)")
+    ax.set_xlabel("seconds (three notebooks, three kernels)")
+    ax.set_ylabel("kernel RSS, GB")
+    ax.set_title("The Colab notebook sequence: resident memory")
+    ax.legend(fontsize=7, loc="upper left")
+    fig.tight_layout()
+    save_figure_atomic(fig, Path(out_png))
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("out", type=Path, help="folder for the VMs, the shared Drive and the executed notebooks")
+    parser.add_argument("--preset", default="phi35-colab-t4")
+    parser.add_argument("--override", action="append", default=[], help="KEY=VALUE for every notebook's OVERRIDES")
+    parser.add_argument("--repo", type=Path, default=Path.cwd(), help="the checkout holding the notebooks")
+    parser.add_argument("--full-model-bytes", type=int, default=None, help="draw this size as one model")
+    parser.add_argument("--timeout", type=int, default=3600, help="seconds per cell")
+    args = parser.parse_args(argv)
+    try:
+        results = run_sequence(args.out, args.repo.resolve(), {"PRESET": args.preset, "OVERRIDES": args.override},
+                               timeout=args.timeout)
+    except PipelineError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    plot_memory(results, args.out / "memory.png", args.full_model_bytes)
+    summary = {name: {k: v for k, v in nb.items() if k != "samples"} for name, nb in results["notebooks"].items()}
+    write_json_atomic(args.out / "rehearsal.json", {**results, "summary": summary})
+    print(json.dumps(summary, indent=1))
+    print(f"notebooks 2 and 3 found notebook 1's work through {results['run_dir']} alone; "
+          f"memory curve: {args.out / 'memory.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

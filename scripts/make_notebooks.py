@@ -93,7 +93,7 @@ On Colab, `RUN_DIR` lives on your Google Drive, so the next two notebooks (each 
 re-run after a disconnect find this notebook's work.'''),
     params('PUSH_TO_HUB = False\n# HUB_REPO: for example "your-name/phi35-oasst1-qlora-adapter"\nHUB_REPO = None\n'
            '# START_FRESH: True trains from step 0 even if RUN_DIR holds a checkpoint of this configuration\n'
-           'START_FRESH = False'),
+           'START_FRESH = False\nANSWER_TOKENS = 48  # longest before/after answer'),
     code(BOOTSTRAP),
     md("## The base model in 4 bits, and the LoRA check"),
     code('''import pandas as pd
@@ -211,8 +211,8 @@ if device.name == "cuda":
     torch.cuda.synchronize()
 step_seconds = time.perf_counter() - started
 step_tokens = sum(len(examples[i]["input_ids"]) for indices in micro_batches for i in indices)
-print(f"one optimizer step: {step_tokens} tokens in {step_seconds:.1f} s, last micro-batch loss x n_targets = "
-      f"{float(loss) * n_targets:.1f}")''', "optimizer-step"),
+print(f"one optimizer step: {step_tokens} tokens in {step_seconds:.1f} s; the last micro-batch's share of the "
+      f"step's loss: {float(loss.detach()):.4f}")''', "optimizer-step"),
     md("How long the rest will take, from that step and one forward pass on this machine (printed "
        "again by notebooks 2 and 3 before their long steps):"),
     code('''from qlora_pipeline.model import free_memory
@@ -246,8 +246,8 @@ from qlora_pipeline.notebook import hf_answers, load_for_answers
 
 prompts = [c["messages"][0]["content"] for c in read_split(RUN_DIR, "test")[:4]]
 base_model = load_for_answers(cfg, base)
-before = hf_answers(base_model, tokenizer, prompts)
-after = hf_answers(load_adapter(base_model, f"{RUN_DIR}/adapter"), tokenizer, prompts)
+before = hf_answers(base_model, tokenizer, prompts, max_new_tokens=ANSWER_TOKENS)
+after = hf_answers(load_adapter(base_model, f"{RUN_DIR}/adapter"), tokenizer, prompts, max_new_tokens=ANSWER_TOKENS)
 del base_model
 free_memory()
 pd.DataFrame({"prompt": prompts, "base": before, "fine-tuned": after})'''),
@@ -267,7 +267,7 @@ Drive), or from the Hub repo it was pushed to (`ADAPTER_REPO`). The adapter is m
 the merged model computes what base + adapter computed.'''),
     params('# ADAPTER_REPO: the Hub repo notebook 1 pushed to; used only when RUN_DIR has no adapter\n'
            'ADAPTER_REPO = None\nPUSH_TO_HUB = False\n# HUB_REPO: for example "your-name/phi35-oasst1-merged"\n'
-           'HUB_REPO = None\nSYSTEM_PROMPT = None'),
+           'HUB_REPO = None\nSYSTEM_PROMPT = None\nANSWER_TOKENS = 48  # longest answer'),
     code(BOOTSTRAP),
     code('''import pandas as pd
 from qlora_pipeline.model import free_memory, load_tokenizer, resolve_base
@@ -281,7 +281,7 @@ base = resolve_base(cfg)
 tokenizer = load_tokenizer(base)
 model = load_for_answers(cfg, base, f"{RUN_DIR}/adapter")  # base + adapter, on the GPU when there is one
 questions = ["What is the capital of France?", "What sound does a cow make?", "What is the opposite of hot?"]
-answers = hf_answers(model, tokenizer, questions, system=SYSTEM_PROMPT)
+answers = hf_answers(model, tokenizer, questions, max_new_tokens=ANSWER_TOKENS, system=SYSTEM_PROMPT)
 pd.DataFrame({"question": questions, "answer": answers})'''),
     md('''## Merge, and check the merged model against base + adapter
 
@@ -290,7 +290,7 @@ modules: the result is a plain Phi-3 model, as fast as the base.'''),
     code('''merged = model.merge_and_unload()
 lora_left = [name for name, _ in merged.named_modules() if "lora" in name]
 print(type(merged).__name__, f"LoRA modules left: {len(lora_left)}")
-same = hf_answers(merged, tokenizer, questions, system=SYSTEM_PROMPT) == answers
+same = hf_answers(merged, tokenizer, questions, max_new_tokens=ANSWER_TOKENS, system=SYSTEM_PROMPT) == answers
 print("same greedy answers as base + adapter:", same)
 del model, merged  # the merge stage loads its own copy: never two full-size models at once
 free_memory()'''),

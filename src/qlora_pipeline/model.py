@@ -154,9 +154,13 @@ def count_parameters(base: str) -> int:
                         n *= d
                     total += n
         return total
-    from huggingface_hub import get_safetensors_metadata
+    from huggingface_hub import get_safetensors_metadata, snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
 
-    return sum(get_safetensors_metadata(base).parameter_count.values())
+    try:  # already in the Hub cache (a second run, or an offline one): read the local headers
+        return count_parameters(snapshot_download(base, local_files_only=True, allow_patterns=["*.safetensors"]))
+    except LocalEntryNotFoundError:
+        return sum(get_safetensors_metadata(base).parameter_count.values())  # headers only, over HTTP
 
 
 def check_safetensors(file: Path, cause: Exception | None = None) -> None:

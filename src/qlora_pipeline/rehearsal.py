@@ -42,21 +42,33 @@ class MemorySampler:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def _rss(self) -> int:
+    @staticmethod
+    def _anonymous(pid: int) -> int:
+        """RssAnon: the resident memory that no file backs (a model's tensors, not its mapped files)."""
+        try:
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1]) * 1024
+        except OSError:
+            pass
+        return 0
+
+    def _measure(self) -> tuple[int, int]:
         import psutil
 
-        total = 0
+        rss = anon = 0
         for child in psutil.Process().children(recursive=True):
             try:
-                total += child.memory_info().rss
+                rss += child.memory_info().rss
+                anon += self._anonymous(child.pid)
             except psutil.Error:  # a child that just ended
                 pass
-        return total
+        return rss, anon
 
     def _run(self) -> None:
         started = time.time()
         while not self._stop.is_set():
-            self.samples.append((time.time() - started, self._rss()))
+            self.samples.append((time.time() - started, *self._measure()))
             self._stop.wait(self.interval)
 
     def __enter__(self) -> "MemorySampler":
@@ -69,7 +81,11 @@ class MemorySampler:
 
     @property
     def peak(self) -> int:
-        return max((rss for _, rss in self.samples), default=0)
+        return max((rss for _, rss, _ in self.samples), default=0)
+
+    @property
+    def peak_anonymous(self) -> int:
+        return max((anon for _, _, anon in self.samples), default=0)
 
 
 def drive_run_dir(out: Path) -> Path:
@@ -97,8 +113,9 @@ def run_sequence(out: Path, repo: Path, parameters: dict, timeout: int = 3600, l
             raise PipelineError(f"{name} wrote {left_on_vm[:3]} to its VM's disk, which Colab throws away; "
                                 "everything must go to RUN_DIR")
         results["notebooks"][name] = {"seconds": round(time.time() - started, 1), "peak_rss_bytes": memory.peak,
-                                      "samples": memory.samples}
-        log(f"{name}: {time.time() - started:.0f} s on vm-{i}, kernel peak RSS {memory.peak / 1e9:.2f} GB")
+                                      "peak_anonymous_bytes": memory.peak_anonymous, "samples": memory.samples}
+        log(f"{name}: {time.time() - started:.0f} s on vm-{i}, kernel peak RSS {memory.peak / 1e9:.2f} GB "
+            f"(anonymous {memory.peak_anonymous / 1e9:.2f} GB)")
     missing = [f for f in RUN_FILES if not (run_dir / f).is_file()]
     if missing:
         raise PipelineError(f"the notebooks ran but {run_dir} lacks {missing}")
@@ -117,8 +134,11 @@ def plot_memory(results: dict, out_png: Path, full_model_bytes: int | None = Non
     fig, ax = plt.subplots(figsize=(9, 3.6))
     offset = 0.0
     for name, nb in results["notebooks"].items():
-        xs = [offset + t for t, _ in nb["samples"]]
-        ax.plot(xs, [rss / 1e9 for _, rss in nb["samples"]], label=f"{name} (peak {nb['peak_rss_bytes'] / 1e9:.1f} GB)")
+        xs = [offset + t for t, _, _ in nb["samples"]]
+        line, = ax.plot(xs, [rss / 1e9 for _, rss, _ in nb["samples"]],
+                        label=f"{name}: RSS (peak {nb['peak_rss_bytes'] / 1e9:.1f} GB)")
+        ax.plot(xs, [anon / 1e9 for _, _, anon in nb["samples"]], color=line.get_color(), lw=0.8, ls="--",
+                label=f"  anonymous (peak {nb['peak_anonymous_bytes'] / 1e9:.1f} GB)")
         offset = xs[-1] if xs else offset
     ax.axhline(COLAB_RAM_BYTES / 1e9, color="red", ls="--", lw=1, label="free Colab RAM (12.7 GB)")
     if full_model_bytes:
@@ -126,7 +146,7 @@ def plot_memory(results: dict, out_png: Path, full_model_bytes: int | None = Non
             ax.axhline(k * full_model_bytes / 1e9, color="grey", ls=style, lw=1,
                        label=f"{k} full-size model{'s' if k > 1 else ''} ({k * full_model_bytes / 1e9:.1f} GB)")
     ax.set_xlabel("seconds (three notebooks, three kernels)")
-    ax.set_ylabel("kernel RSS, GB")
+    ax.set_ylabel("kernel memory, GB")
     ax.set_title("The Colab notebook sequence: resident memory")
     ax.legend(fontsize=7, loc="upper left")
     fig.tight_layout()

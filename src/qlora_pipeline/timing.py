@@ -64,6 +64,14 @@ def save_estimate(run_dir: Path, table: dict) -> None:
     write_json_atomic(Path(run_dir) / ESTIMATE_FILE, table)
 
 
+def format_duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
 def format_estimate(table: dict, notebook: str | None = None) -> str:
     """Lines of "notebook: step ≈ N min", for one notebook or all of them."""
     rates = table["rates"]
@@ -73,7 +81,7 @@ def format_estimate(table: dict, notebook: str | None = None) -> str:
         if name == "rates" or (notebook and name != notebook):
             continue
         for step, seconds in steps.items():
-            lines.append(f"  {name}: {step} ≈ {seconds / 60:.1f} min")
+            lines.append(f"  {name}: {step} ≈ {format_duration(seconds)}")
     return "\n".join(lines)
 
 

@@ -356,6 +356,7 @@ pd.DataFrame([{"variant": v, "answer": a, "tokens/s": s} for v, (a, s) in answer
     code('''from qlora_pipeline.chat import LlamaChat
 from qlora_pipeline.export import gguf_path
 
+assert CHOSEN in variants, f"CHOSEN = {CHOSEN!r} is not one of the exported variants {variants}: pick one"
 chat = LlamaChat(gguf_path(RUN_DIR, CHOSEN), n_ctx=cfg.eval.n_ctx, n_gpu_layers=N_GPU_LAYERS)
 history = []
 for question in ["What is the capital of Italy?", "And what is the opposite of big?"]:

@@ -134,3 +134,16 @@ def test_layerwise_fp32_rounds_only_matrices_for_the_f16_reference(trained_run, 
         widened = _logits(model, ids)
     assert torch.equal(widened, _logits(rounded_copy, ids))
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())  # restored, unrounded
+
+
+@pytest.mark.parametrize("cuda, gpu_build, expected", [(True, True, -1), (True, False, 0), (False, True, 0)])
+def test_gguf_layers_go_to_the_gpu_only_with_a_gpu_build_and_a_gpu(monkeypatch, cuda, gpu_build, expected):
+    import llama_cpp
+    import torch
+
+    from qlora_pipeline.evaluate import gguf_gpu_layers
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(llama_cpp, "llama_supports_gpu_offload", lambda: gpu_build)
+    assert gguf_gpu_layers(-1) == expected
+    assert gguf_gpu_layers(0) == 0  # the operator turned it off

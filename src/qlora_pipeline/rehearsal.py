@@ -38,7 +38,8 @@ class MemorySampler:
 
     def __init__(self, interval: float = 0.5):
         self.interval = interval
-        self.samples: list[tuple[float, int]] = []
+        self.samples: list[tuple[float, int, int]] = []  # (seconds, RSS, anonymous)
+        self.started = time.time()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -66,9 +67,9 @@ class MemorySampler:
         return rss, anon
 
     def _run(self) -> None:
-        started = time.time()
+        self.started = time.time()
         while not self._stop.is_set():
-            self.samples.append((time.time() - started, *self._measure()))
+            self.samples.append((time.time() - self.started, *self._measure()))
             self._stop.wait(self.interval)
 
     def __enter__(self) -> "MemorySampler":
@@ -113,13 +114,39 @@ def run_sequence(out: Path, repo: Path, parameters: dict, timeout: int = 3600, l
             raise PipelineError(f"{name} wrote {left_on_vm[:3]} to its VM's disk, which Colab throws away; "
                                 "everything must go to RUN_DIR")
         results["notebooks"][name] = {"seconds": round(time.time() - started, 1), "peak_rss_bytes": memory.peak,
-                                      "peak_anonymous_bytes": memory.peak_anonymous, "samples": memory.samples}
+                                      "peak_anonymous_bytes": memory.peak_anonymous, "started": memory.started,
+                                      "samples": memory.samples}
         log(f"{name}: {time.time() - started:.0f} s on vm-{i}, kernel peak RSS {memory.peak / 1e9:.2f} GB "
             f"(anonymous {memory.peak_anonymous / 1e9:.2f} GB)")
+        write_json_atomic(out / "rehearsal.json", results)  # what is measured so far survives a later failure
     missing = [f for f in RUN_FILES if not (run_dir / f).is_file()]
     if missing:
         raise PipelineError(f"the notebooks ran but {run_dir} lacks {missing}")
     return results
+
+
+def cell_peaks(executed: Path, samples: list, started: float | None = None) -> list[dict]:
+    """Peak memory per code cell of an executed notebook: the samples taken between the cell's
+    start and end (papermill's timestamps). ``started``: the sampler's start (epoch seconds);
+    without it, papermill's own start of the notebook (a kernel start-up later)."""
+    from datetime import datetime
+
+    import nbformat
+
+    nb = nbformat.read(str(executed), as_version=4)
+    epoch = lambda stamp: datetime.fromisoformat(stamp).timestamp()  # noqa: E731
+    origin = started if started is not None else epoch(nb.metadata.papermill["start_time"])
+    rows = []
+    for index, cell in enumerate(nb.cells):
+        meta = cell.metadata.get("papermill", {})
+        if cell.cell_type != "code" or not meta.get("start_time") or not meta.get("end_time"):
+            continue
+        begin, end = epoch(meta["start_time"]) - origin, epoch(meta["end_time"]) - origin
+        inside = [(rss, anon) for t, rss, anon in samples if begin <= t <= end]
+        if inside:
+            rows.append({"cell": index, "first_line": cell.source.splitlines()[0][:70], "seconds": round(end - begin, 1),
+                         "peak_rss_bytes": max(r for r, _ in inside), "peak_anonymous_bytes": max(a for _, a in inside)})
+    return rows
 
 
 def plot_memory(results: dict, out_png: Path, full_model_bytes: int | None = None) -> None:
@@ -154,18 +181,30 @@ def plot_memory(results: dict, out_png: Path, full_model_bytes: int | None = Non
     plt.close(fig)
 
 
+def _param(text: str) -> tuple[str, object]:
+    name, sep, value = text.partition("=")
+    if not sep or not name.isidentifier():
+        raise SystemExit(f"error: --param {text!r} is not NAME=VALUE")
+    try:
+        return name, json.loads(value)
+    except json.JSONDecodeError:
+        return name, value
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("out", type=Path, help="folder for the VMs, the shared Drive and the executed notebooks")
     parser.add_argument("--preset", default="phi35-colab-t4")
     parser.add_argument("--override", action="append", default=[], help="KEY=VALUE for every notebook's OVERRIDES")
+    parser.add_argument("--param", action="append", default=[],
+                        help="NAME=VALUE: a notebook parameter (VALUE read as JSON, else as a string)")
     parser.add_argument("--repo", type=Path, default=Path.cwd(), help="the checkout holding the notebooks")
     parser.add_argument("--full-model-bytes", type=int, default=None, help="draw this size as one model")
     parser.add_argument("--timeout", type=int, default=3600, help="seconds per cell")
     args = parser.parse_args(argv)
     try:
-        results = run_sequence(args.out, args.repo.resolve(), {"PRESET": args.preset, "OVERRIDES": args.override},
-                               timeout=args.timeout)
+        params = {"PRESET": args.preset, "OVERRIDES": args.override, **dict(_param(p) for p in args.param)}
+        results = run_sequence(args.out, args.repo.resolve(), params, timeout=args.timeout)
     except PipelineError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -56,10 +56,13 @@ def run_sequence(base: Path, out: Path) -> float:
 def report(base: Path, out: Path, minutes: float | None) -> None:
     """bench/results/colab_memory.{json,md,png} from the rehearsal's record, with each notebook's
     heaviest cells (peak memory per cell, from papermill's cell timestamps)."""
-    from qlora_pipeline.rehearsal import cell_peaks
+    from qlora_pipeline.rehearsal import cell_peaks, plot_memory
 
     rehearsal = json.loads((out / "rehearsal.json").read_text())
     model_bytes = sum(f.stat().st_size for f in base.glob("*.safetensors"))
+    plot_memory(rehearsal, out / "memory.png", model_bytes)
+    if minutes is None:  # --report-only: the notebooks' own time (without the model build)
+        minutes = round(sum(nb["seconds"] for nb in rehearsal["notebooks"].values()) / 60, 1)
     notebooks = {}
     for name, nb in rehearsal["notebooks"].items():
         cells = cell_peaks(out / "executed" / name, nb["samples"], nb.get("started"))

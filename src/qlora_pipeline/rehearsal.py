@@ -158,7 +158,7 @@ def plot_memory(results: dict, out_png: Path, full_model_bytes: int | None = Non
 
     from qlora_pipeline.paths import save_figure_atomic
 
-    fig, ax = plt.subplots(figsize=(9, 3.6))
+    fig, ax = plt.subplots(figsize=(11, 3.8))
     offset = 0.0
     for name, nb in results["notebooks"].items():
         xs = [offset + t for t, _, _ in nb["samples"]]
@@ -175,7 +175,7 @@ def plot_memory(results: dict, out_png: Path, full_model_bytes: int | None = Non
     ax.set_xlabel("seconds (three notebooks, three kernels)")
     ax.set_ylabel("kernel memory, GB")
     ax.set_title("The Colab notebook sequence: resident memory")
-    ax.legend(fontsize=7, loc="upper left")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the curves, not on them
     fig.tight_layout()
     save_figure_atomic(fig, Path(out_png))
     plt.close(fig)

@@ -111,3 +111,32 @@ def test_a_context_above_the_original_warns_and_changes_the_logits(trained_run, 
     # would be exactly 0 and 100%, as between 2,048 and 4,096.
     assert same == 0.0
     assert moved > 0.01 and top1 < 0.99
+
+
+def test_trimming_a_long_history_is_linear_and_keeps_the_newest_turns(trained_run):
+    """Doubling the history roughly doubles the time (re-encoding per dropped pair made it 4x),
+    and the kept turns are the newest ones, as many as fit."""
+    import time
+
+    from qlora_pipeline.chat import LlamaChat
+    from qlora_pipeline.export import gguf_path
+
+    def history(n):
+        turns = []
+        for i in range(n):
+            turns += [{"role": "user", "content": f"Question number {i} about something"},
+                      {"role": "assistant", "content": f"Answer number {i} about something"}]
+        return [{"role": "system", "content": "Be brief."}] + turns + [{"role": "user", "content": "Last"}]
+
+    with LlamaChat(gguf_path(trained_run, "Q8_0"), n_ctx=256) as chat:
+        timings = {}
+        for n in (500, 1000):
+            started = time.perf_counter()
+            ids, dropped = chat.prompt_ids(history(n), 32)
+            timings[n] = time.perf_counter() - started
+            assert len(ids) <= 256 - 32 and dropped % 2 == 0
+            kept = history(n)[1 + dropped:]
+            assert ids == chat.encoder.encode_prompt(history(n)[:1] + kept)
+            # one more pair would not have fitted
+            assert len(chat.encoder.encode_prompt(history(n)[:1] + history(n)[dropped - 1:])) > 256 - 32
+    assert timings[1000] < 3 * timings[500], timings

@@ -79,3 +79,17 @@ def test_overlong_conversations_are_cut_at_a_turn_or_dropped(encoder):
     assert examples == [] and counts["dropped_too_long"] == 1
     examples, counts = tokenize_conversations(encoder, [{"messages": CONVERSATION}], len(first_pair) - 1, "truncate")
     assert examples == [] and counts["dropped_too_long"] == 1
+
+
+def test_message_token_counts_add_up_to_the_prompt(tiny_tokenizer):
+    from qlora_pipeline.chat_format import ChatEncoder
+
+    encoder = ChatEncoder.from_hf(tiny_tokenizer)
+    messages = [{"role": "system", "content": "Be brief."}]
+    for i in range(5):
+        messages += [{"role": "user", "content": f"Question {i}: <|end|> what?"},
+                     {"role": "assistant", "content": f"Answer {i}."}]
+    messages.append({"role": "user", "content": "Last one"})
+    counts = encoder.message_token_counts(messages)
+    assert len(counts) == len(messages) and all(c > 0 for c in counts)
+    assert sum(counts) == len(encoder.encode_prompt(messages))

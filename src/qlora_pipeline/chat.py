@@ -174,16 +174,24 @@ class LlamaChat:
         budget = self.n_ctx - max_new_tokens
         head = [m for m in messages[:1] if m["role"] == "system"]
         turns = messages[len(head):]
+        # Count each turn's tokens once and drop pairs against those counts (linear in the history;
+        # re-encoding the conversation after each dropped pair was quadratic). The template text at
+        # the new first turn can differ by a token or two, so the result is encoded and checked.
+        every = self.encoder.message_token_counts(head + turns)
+        total, counts = sum(every), every[len(head):]
         dropped = 0
+        while total > budget and len(turns) - dropped > 1:
+            step = 2 if len(turns) - dropped > 2 else 1
+            total -= sum(counts[dropped:dropped + step])
+            dropped += step
         while True:
-            ids = self.encoder.encode_prompt(head + turns)
+            ids = self.encoder.encode_prompt(head + turns[dropped:])
             if len(ids) <= budget:
                 return ids, dropped
-            if len(turns) <= 1:
+            if len(turns) - dropped <= 1:
                 raise ConfigError(f"the message is too long for the context: {len(ids)} prompt tokens + "
                                   f"{max_new_tokens} new tokens > n_ctx={self.n_ctx}; shorten it or raise n_ctx")
-            turns = turns[2:] if len(turns) > 2 else turns[1:]
-            dropped += 2
+            dropped += 2 if len(turns) - dropped > 2 else 1
 
     def stream(self, messages: list[dict], params: SamplingParams, stats: dict | None = None) -> Iterator[str]:
         """Yield the answer's text as it is generated; fills ``stats`` (tokens, seconds, dropped turns)."""

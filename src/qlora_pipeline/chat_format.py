@@ -126,6 +126,17 @@ class ChatEncoder:
                 labels += [IGNORE_INDEX] * len(piece)
         return ids, labels
 
+    def message_token_counts(self, messages: Sequence[dict]) -> list[int]:
+        """Tokens each message adds to the prompt: its content and the template text after it (the
+        text before the first message counts for the first). One rendering and one tokenizing pass:
+        trimming a long history reads these instead of re-encoding the conversation per dropped turn."""
+        counts = [0] * len(messages)
+        owner = 0
+        for text, index in self._segments(messages, add_generation_prompt=True):
+            owner = index if index is not None else owner
+            counts[owner] += len(self.encode_text(text, index is None))
+        return counts
+
     def encode_prompt(self, messages: Sequence[dict]) -> list[int]:
         """Token ids that ask the model for the next assistant turn."""
         ids: list[int] = []

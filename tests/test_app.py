@@ -85,12 +85,12 @@ def test_bad_input_is_one_clear_error_and_the_app_still_answers(hello_backend, m
     assert ask(settings, backend, "Say hello number 8")[0] == "Hello there."
 
 
-def test_a_100_kb_message_is_refused_for_the_context_not_crashed(hello_backend):
+def test_a_message_within_the_caps_but_over_the_context_is_refused_for_the_context(hello_backend):
     import gradio as gr
 
     settings, backend = hello_backend
     with pytest.raises(gr.Error, match=r"too long for the context: \d+ prompt tokens"):
-        ask(settings, backend, "word " * 20_000)
+        ask(settings, backend, "word " * 3_000)  # 15,000 characters, ~3,000 tokens > n_ctx 256
 
 
 def test_special_tokens_typed_by_the_user_stay_text(hello_backend):
@@ -128,11 +128,11 @@ def test_switching_models_never_closes_one_that_is_answering(memorized_run):
     params = SamplingParams(temperature=0, top_k=1, repeat_penalty=1.0, max_tokens=32)
     messages = [{"role": "user", "content": "Say hello number 5"}]
     try:
-        in_flight = backend.stream(messages, params, "model-Q8_0.gguf", 0, {})
+        in_flight = backend.stream(messages, params, "model-Q8_0.gguf", {})
         first = next(in_flight)
         with backend.pool.use(backend.by_name["model-Q8_0.gguf"]) as old_chat:
             pass
-        other = "".join(backend.stream(messages, params, "model-F16.gguf", 0, {}))
+        other = "".join(backend.stream(messages, params, "model-F16.gguf", {}))
         assert backend.pool.loaded_names() == ["model-F16.gguf"]
         assert old_chat.llm is not None  # retired, not closed: it is still answering
         assert first + "".join(in_flight) == "Hello there." == other
@@ -197,17 +197,31 @@ def test_app_cli_without_a_model_or_with_bad_auth_fails_in_one_line(memorized_ru
     assert result.returncode == 2 and "--backend openai needs --base-url" in result.stderr
 
 
-def test_app_binds_localhost_without_share_unless_asked(monkeypatch):
+@pytest.mark.parametrize("argv, env, expected", [
+    ([], {}, ("127.0.0.1", "the default")),
+    ([], {"GRADIO_SERVER_NAME": "0.0.0.0"}, ("0.0.0.0", "the GRADIO_SERVER_NAME environment variable")),
+    (["--host", "10.0.0.5"], {"GRADIO_SERVER_NAME": "0.0.0.0"}, ("10.0.0.5", "--host")),
+])
+def test_the_bind_address_and_where_it_came_from(monkeypatch, argv, env, expected):
     import argparse
 
-    from qlora_pipeline.chat_app import add_app_arguments
+    from qlora_pipeline.chat_app import add_app_arguments, bind_address
 
     monkeypatch.delenv("GRADIO_SERVER_NAME", raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
     parser = argparse.ArgumentParser()
     add_app_arguments(parser)
-    args = parser.parse_args(["--model", "m.gguf"])
-    assert args.host == "127.0.0.1" and args.share is False and args.port == 7860
-    assert parser.parse_args(["--host", "0.0.0.0", "--share"]).share is True
+    args = parser.parse_args(["--model", "m.gguf", *argv])
+    assert bind_address(args) == expected and args.share is False
+
+
+def test_share_without_a_login_is_refused_and_a_network_bind_is_announced(memorized_run):
+    model = str(gguf_path(memorized_run, "Q8_0"))
+    result = run_cli("app", "--model", model, "--share", env={"APP_AUTH": ""})
+    assert result.returncode == 2 and "--share publishes the app" in result.stderr and "APP_AUTH" in result.stderr
+    result = run_cli("app", "--model", model, "--max-message-chars", "0")
+    assert result.returncode == 2 and "--max-message-chars=0 is invalid" in result.stderr
 
 
 def front_matter(readme: Path) -> dict:
@@ -271,3 +285,65 @@ def test_stop_ends_the_answer_and_frees_the_model_for_the_next_one(hello_backend
     running.close()
     assert not chat.lock.locked()
     assert ask(settings, backend, "Say hello number 12")[0] == "Hello there."
+
+
+@pytest.mark.parametrize("message, history, field, value, expected", [
+    ("hi", [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}] * 5_000, None, None,
+     "the chat history has 10,000 messages; the limit is 200: clear the chat"),
+    ("hi", [], "system", "s" * 100_000_000, "the system prompt has 100,000,000 characters; the limit is 4,000"),
+    ("hi", [{"role": "user", "content": "q" * 15_000}] * 5, None, None, "the conversation has 75,002 characters"),
+    ("hi", [{"role": "user", "content": "q" * 20_000}], None, None, "a message in the chat history has 20,000"),
+    ("hi", [], "model", "m" * 10_000_000, "the model name has 10,000,000 characters; choose one"),
+    ("hi", [], "model", ["model-Q8_0.gguf"], "the model must be one of this app's model names"),
+    ("hi \ud800 there", [], None, None, "the message holds characters that are not valid text"),
+    (None, [], None, None, "the message is empty"),
+    ("hi", "not a list", None, None, "the chat history must be a list of messages"),
+])
+def test_requests_over_the_caps_are_refused_before_tokenizing_in_a_short_message(hello_backend, message, history,
+                                                                                  field, value, expected):
+    import time
+
+    import gradio as gr
+
+    settings, backend = hello_backend
+    kw = {field: value} if field else {}
+    started = time.perf_counter()
+    with pytest.raises(gr.Error) as refused:
+        ask(settings, backend, message, history, **kw)
+    assert time.perf_counter() - started < 1.0
+    assert expected in refused.value.message and len(refused.value.message) < 300  # nothing echoed whole
+
+
+def test_gpu_layers_are_the_operators_not_a_requests(hello_backend):
+    import inspect
+
+    settings, backend = hello_backend
+    respond = make_respond(backend, settings)
+    assert "n_gpu_layers" not in inspect.signature(respond).parameters
+    with pytest.raises(TypeError):
+        list(respond("Say hello number 1", [], *UI_DEFAULTS.values(), -1))
+    assert [key[1] for key in backend.pool._loaded] == [settings.n_gpu_layers]
+
+
+def test_the_picker_lists_only_model_files_and_skips_a_dangling_link(memorized_run, tmp_path, caplog):
+    import shutil
+
+    folder = tmp_path / "models"
+    folder.mkdir()
+    shutil.copy2(gguf_path(memorized_run, "Q8_0"), folder / "model-Q8_0.gguf")
+    (folder / "model-gone.gguf").symlink_to(tmp_path / "nowhere.gguf")
+    (folder / "a-folder.gguf").mkdir()
+    (folder / "model-link.gguf").symlink_to(folder / "model-Q8_0.gguf")
+    with caplog.at_level("WARNING"):
+        choices, default = local_choices(None, folder)
+    assert sorted(c.name for c in choices) == ["model-Q8_0.gguf", "model-link.gguf"]
+    assert "skipping model-gone.gguf: it is a link to nothing" in caplog.text
+
+
+def test_page_errors_name_model_files_relative_to_their_folder(memorized_run):
+    from qlora_pipeline.chat_app import public_message
+
+    settings = settings_for(gguf_path(memorized_run, "Q8_0"))
+    folder = gguf_path(memorized_run, "Q8_0").parent
+    text = public_message(f"llama.cpp could not load {folder}/model-Q8_0.gguf (bad magic)", settings)
+    assert text == "llama.cpp could not load model-Q8_0.gguf (bad magic)"

@@ -14,15 +14,28 @@ from qlora_pipeline.export import gguf_path
 
 pytestmark = pytest.mark.slow
 
-# message, system, model, temperature, top_p, top_k, repeat_penalty, max_tokens, n_gpu_layers
-GREEDY = ("", "model-Q8_0.gguf", 0.0, 1.0, 1, 1.0, 32, 0)
+# message, system, model, temperature, top_p, top_k, repeat_penalty, max_tokens (GPU layers: the operator's)
+GREEDY = ("", "model-Q8_0.gguf", 0.0, 1.0, 1, 1.0, 32)
 
 
 @pytest.fixture(scope="module")
-def app_url(memorized_run, tmp_path_factory):
-    log = tmp_path_factory.mktemp("app") / "app.log"
-    with served(app_command("--model", str(gguf_path(memorized_run, "Q8_0")), "--n-ctx", "512"), log=log) as url:
-        yield url
+def app_server(memorized_run, tmp_path_factory):
+    """The app on a models folder that also holds a link to nothing (it must start anyway)."""
+    import shutil
+
+    folder = tmp_path_factory.mktemp("models")
+    shutil.copy2(gguf_path(memorized_run, "Q8_0"), folder / "model-Q8_0.gguf")
+    (folder / "model-gone.gguf").symlink_to(folder / "deleted.gguf")
+    log = folder.parent / "app.log"
+    started: list = []
+    with served(app_command("--model", str(folder / "model-Q8_0.gguf"), "--n-ctx", "512"), log=log,
+                started=started) as url:
+        yield {"url": url, "process": started[0], "log": log}
+
+
+@pytest.fixture(scope="module")
+def app_url(app_server):
+    return app_server["url"]
 
 
 @pytest.fixture(scope="module")
@@ -58,10 +71,10 @@ def test_eight_concurrent_users_all_get_answers_and_the_app_still_answers(client
 
 @pytest.mark.parametrize("message, index, value, expected", [
     ("", None, None, "the message is empty"),
-    ("word " * 20_000, None, None, "too long for the context"),
+    ("word " * 3_000, None, None, "too long for the context"),
     ("hi", 2, -3.0, "less than minimum value"),  # Gradio's own slider range check
     ("hi", 4, 1.5, "top_k=1.5 is invalid"),
-    ("hi", 1, "model-Q2_K.gguf", "not in the list of choices"),
+    ("hi", 1, "model-Q2_K.gguf", "model 'model-Q2_K.gguf' is not one of this app's models"),
 ])
 def test_bad_input_through_the_api_is_an_error_and_the_app_stays_up(client, message, index, value, expected):
     from gradio_client.exceptions import AppError
@@ -129,3 +142,67 @@ def test_basic_auth_from_the_environment_locks_the_api(memorized_run, tmp_path):
         client = Client(url, auth=("student", "s3cret-pw"), verbose=False)
         assert client.predict("Say hello number 1", *GREEDY, api_name="/chat")[0] == "Hello there."
     assert "s3cret-pw" not in (tmp_path / "app.log").read_text()  # the password is never logged
+
+
+def test_the_app_listens_on_loopback_only(app_server):
+    import psutil
+
+    listening = [c.laddr for c in psutil.Process(app_server["process"].pid).net_connections(kind="inet")
+                 if c.status == psutil.CONN_LISTEN]
+    assert listening and {address.ip for address in listening} == {"127.0.0.1"}
+    assert "skipping model-gone.gguf: it is a link to nothing" in app_server["log"].read_text()
+
+
+def _load_history(client, url: str, history: list[dict]) -> None:
+    """What the probe did: call ChatInterface's event that copies the chat display into the
+    session's history state (an internal event, still reachable by its index), in the client's
+    session, so that the next /chat of that session carries ``history``."""
+    import httpx
+
+    config = httpx.get(url + "/config", timeout=30).json()
+    copy_event = next(d["id"] for d in config["dependencies"] if d.get("api_name") == "lambda")
+    reply = httpx.post(url + "/gradio_api/run/predict", timeout=120, json={
+        "fn_index": copy_event, "data": [history], "session_hash": client.session_hash,
+        "event_data": None, "trigger_id": None})
+    assert reply.status_code == 200, reply.text[:200]
+
+
+def _refused(client, *args) -> tuple[float, str]:
+    from gradio_client.exceptions import AppError
+
+    started = time.perf_counter()
+    with pytest.raises(AppError) as refused:
+        client.predict(*args, api_name="/chat")
+    return time.perf_counter() - started, str(refused.value)
+
+
+def test_attacks_through_the_api_are_refused_at_once_and_leave_the_app_as_it_was(app_server):
+    """A 10,000-message history, a 20 MB system prompt and a 10 MB model name, each refused within
+    a second with a short message; the app then answers as before, holds no more memory, and its
+    log did not take the values. (The system prompt's transfer itself is the client's and Gradio's.)"""
+    import psutil
+    from gradio_client import Client
+
+    url, process = app_server["url"], psutil.Process(app_server["process"].pid)
+    attacker, visitor = Client(url, verbose=False), Client(url, verbose=False)
+    assert visitor.predict("Say hello number 1", *GREEDY, api_name="/chat")[0] == "Hello there."
+    _refused(attacker, "", *GREEDY)  # the client's first call sets up its connection (~0.5 s): not the app's time
+    rss_before, log_before = process.memory_info().rss, app_server["log"].stat().st_size
+
+    part = lambda text: [{"type": "text", "text": text}]  # noqa: E731 (Gradio 6's message content)
+    _load_history(attacker, url, [{"role": role, "content": part(role[0])}
+                                  for _ in range(5_000) for role in ("user", "assistant")])
+    seconds, message = _refused(attacker, "hi", *GREEDY)
+    assert seconds <= 1.0 and "the chat history has 10,000 messages" in message
+    system = list(GREEDY)
+    system[0] = "s" * 20_000_000
+    seconds, message = _refused(visitor, "hi", *system)
+    assert "the system prompt has 20,000,000 characters" in message and len(message) < 1024
+    model = list(GREEDY)
+    model[1] = "m" * 10_000_000
+    seconds, message = _refused(visitor, "hi", *model)
+    assert "the model name has 10,000,000 characters" in message and len(message) < 1024  # (~1.5 s to send 10 MB)
+
+    assert visitor.predict("Say hello number 2", *GREEDY, api_name="/chat")[0] == "Hello there."
+    assert process.memory_info().rss - rss_before < 200_000_000
+    assert app_server["log"].stat().st_size - log_before <= 4096

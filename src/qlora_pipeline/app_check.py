@@ -52,14 +52,17 @@ def wait_for_http(url: str, proc: subprocess.Popen, timeout: float, log: Path) -
 
 @contextmanager
 def served(command: list[str], ready_path: str = "/", timeout: float = 120, env: dict | None = None,
-           log: Path | None = None) -> Iterator[str]:
-    """Run a server command with ``{port}`` filled in; yield its base URL; stop it afterwards."""
+           log: Path | None = None, started: list | None = None) -> Iterator[str]:
+    """Run a server command with ``{port}`` filled in; yield its base URL; stop it afterwards.
+    ``started``, if given, receives the server's Popen (a test reads its sockets)."""
     port = free_port()
     command = [part.replace("{port}", str(port)) for part in command]
     log = Path(log or f"/tmp/qlora-served-{port}.log")
     full_env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1", **(env or {})}
     with open(log, "w") as out:
         proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=full_env)
+    if started is not None:
+        started.append(proc)
     url = f"http://127.0.0.1:{port}"
     try:
         wait_for_http(url + ready_path, proc, timeout, log)

@@ -37,8 +37,23 @@ DEFAULT_SYSTEM = "You are a helpful, concise assistant."
 DEFAULTS = SamplingParams(temperature=0.7, top_p=0.9, top_k=40, repeat_penalty=1.1, max_tokens=256)
 EXAMPLES = ["What is the capital of France?", "Explain LoRA in two sentences.",
             "Write a haiku about quantization."]
-MAX_MESSAGE_CHARS = 200_000
-"""Longer messages are refused before tokenizing (the context would not hold them anyway)."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may carry, checked before anything is tokenized: a request's cost grows
+    with its text, and a visitor's request must not hold the model (or the RAM) for long."""
+
+    history_messages: int = 200
+    """Messages of earlier turns (user and assistant); the context holds far fewer anyway."""
+    message_chars: int = 16_000
+    """Characters of one message, the new one or an earlier one (n_ctx 2048 holds ~8,000)."""
+    system_chars: int = 4_000
+    """Characters of the system prompt."""
+    total_chars: int = 64_000
+    """Characters of the whole request: system prompt, history and the new message."""
+    model_name_chars: int = 200
+    """Characters of a model name (longer ones are refused without being echoed)."""
 
 
 @dataclass(frozen=True)
@@ -64,6 +79,7 @@ class AppSettings:
     concurrency: int = 1
     max_loaded: int = 2
     queue_size: int = 64
+    limits: Limits = field(default_factory=Limits)
     title: str = "Phi-3.5 mini, fine-tuned on oasst1 (QLoRA → GGUF)"
 
 
@@ -76,7 +92,7 @@ def local_choices(model: Path | None, model_dir: Path | None) -> tuple[list[Mode
     app starts and tells the user in the page instead of dying at start-up.
     """
     folder = Path(model_dir) if model_dir else (Path(model).parent if model else None)
-    found = sorted(folder.glob("*.gguf"), key=lambda p: (p.stat().st_size, p.name)) if folder and folder.is_dir() else []
+    found = sorted(_model_files(folder), key=lambda p: (p.stat().st_size, p.name)) if folder and folder.is_dir() else []
     choices = [ModelChoice(p.name, path=p) for p in found]
     if model is not None and Path(model).name not in {c.name for c in choices}:
         choices.insert(0, ModelChoice(Path(model).name, path=Path(model)))
@@ -89,6 +105,18 @@ def local_choices(model: Path | None, model_dir: Path | None) -> tuple[list[Mode
         q4 = [c.name for c in choices if "Q4_K_M" in c.name]
         default = q4[0] if q4 else choices[0].name
     return choices, default
+
+
+def _model_files(folder: Path) -> list[Path]:
+    """The regular ``*.gguf`` files of ``folder`` (links to one count); a link to nothing is skipped
+    with a log line, a folder named like a model is not a model."""
+    files = []
+    for path in folder.glob("*.gguf"):
+        if path.is_file():
+            files.append(path)
+        elif path.is_symlink() and not path.exists():
+            log.warning("skipping %s: it is a link to nothing", path.name)
+    return files
 
 
 def hub_choices(repo: str, files: list[str]) -> tuple[list[ModelChoice], str]:
@@ -205,8 +233,9 @@ def message_text(content) -> str:
         return content
     if isinstance(content, dict):
         return content.get("text") or ""
-    if isinstance(content, (list, tuple)):
-        return "".join(message_text(part) for part in content)
+    if isinstance(content, (list, tuple)):  # parts are strings or {"text": ...}; nothing nested deeper
+        return "".join(part if isinstance(part, str) else (part.get("text") or "") if isinstance(part, dict) else ""
+                       for part in content)
     return ""
 
 
@@ -245,12 +274,13 @@ class LocalBackend:
 
     def _choice(self, name: str) -> ModelChoice:
         if name not in self.by_name:
-            raise ConfigError(f"model {name!r} is not one of this app's models: {', '.join(self.by_name)}")
+            raise ConfigError(f"model {_clip(name)!r} is not one of this app's models: {', '.join(self.by_name)}")
         return self.by_name[name]
 
-    def stream(self, messages: list[dict], params: SamplingParams, model: str, n_gpu_layers: int,
-               stats: dict) -> Iterator[str]:
-        with self.pool.use(self._choice(model), n_gpu_layers) as chat:
+    def stream(self, messages: list[dict], params: SamplingParams, model: str, stats: dict) -> Iterator[str]:
+        # GPU layers are the operator's setting (--n-gpu-layers), never a request's: a value per
+        # request would reload the model for every visitor who changes it.
+        with self.pool.use(self._choice(model), self.settings.n_gpu_layers) as chat:
             stats["n_ctx"] = chat.n_ctx
             yield from chat.stream(messages, params, stats)
 
@@ -289,8 +319,7 @@ class OpenAIBackend:
     def preload(self, name: str) -> None:
         """Nothing to load here; the server loads its model itself."""
 
-    def stream(self, messages: list[dict], params: SamplingParams, model: str, n_gpu_layers: int,
-               stats: dict) -> Iterator[str]:
+    def stream(self, messages: list[dict], params: SamplingParams, model: str, stats: dict) -> Iterator[str]:
         import time
 
         head = messages[:1] if messages and messages[0]["role"] == "system" else []
@@ -418,36 +447,88 @@ def status_line(stats: dict, model: str, params: SamplingParams | None = None) -
 def make_respond(backend, settings: AppSettings):
     """The ChatInterface function: validates everything first, then streams (answer, status line)."""
 
-    def respond(message, history, system, model, temperature, top_p, top_k, repeat_penalty, max_tokens,
-                n_gpu_layers=None):
+    def respond(message, history, system, model, temperature, top_p, top_k, repeat_penalty, max_tokens):
         import gradio as gr
 
-        text = message_text(message)
         try:
-            if not text.strip():
-                raise ConfigError("the message is empty: type something to ask")
-            if len(text) > MAX_MESSAGE_CHARS:
-                raise ConfigError(f"the message has {len(text):,} characters; the limit is {MAX_MESSAGE_CHARS:,} "
-                                  f"(and the context holds {settings.n_ctx} tokens): shorten it")
+            text, earlier, system_text, model = check_request(settings, message, history, system, model)
             params = SamplingParams(temperature=_number(temperature, "temperature", float),
                                     top_p=_number(top_p, "top_p", float), top_k=_number(top_k, "top_k", int),
                                     repeat_penalty=_number(repeat_penalty, "repeat_penalty", float),
                                     max_tokens=_number(max_tokens, "max_tokens", int))
-            layers = settings.n_gpu_layers if n_gpu_layers is None else _number(n_gpu_layers, "n_gpu_layers", int)
-            if not -1 <= layers <= 1000:
-                raise ConfigError(f"n_gpu_layers={layers} is invalid: use -1 (all) to 1000")
-            model = model or settings.default_model
-            messages = to_messages(system if isinstance(system, str) else "", history or [], text)
+            messages = to_messages(system_text, earlier, text)
             stats: dict = {}
             answer = ""
-            for piece in backend.stream(messages, params, model, layers, stats):
+            for piece in backend.stream(messages, params, model, stats):
                 answer += piece
                 yield answer, f"`{model}` · answering…"
             yield answer, status_line(stats, model, params)
         except PipelineError as exc:
-            raise gr.Error(str(exc), print_exception=False) from None
+            raise gr.Error(public_message(str(exc), settings), print_exception=False) from None
 
     return respond
+
+
+def _clip(value, limit: int = 80) -> str:
+    """A user-supplied value short enough to quote in a message or a log line."""
+    text = value if isinstance(value, str) else repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}… ({len(text):,} characters)"
+
+
+def _valid_text(text: str, what: str) -> str:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ConfigError(f"the {what} holds characters that are not valid text (unpaired surrogates); "
+                          "retype it") from None
+    return text
+
+
+def check_request(settings: AppSettings, message, history, system, model) -> tuple[str, list[dict], str, str]:
+    """The request's message, history, system prompt and model name, each within settings.limits:
+    checked on counts and lengths alone, before anything is rendered or tokenized."""
+    limits = settings.limits
+    if model is None:
+        model = settings.default_model
+    if not isinstance(model, str):
+        raise ConfigError("the model must be one of this app's model names (a string)")
+    if len(model) > limits.model_name_chars:
+        raise ConfigError(f"the model name has {len(model):,} characters; choose one of this app's models")
+    text = _valid_text(message_text(message), "message")
+    if not text.strip():
+        raise ConfigError("the message is empty: type something to ask")
+    if len(text) > limits.message_chars:
+        raise ConfigError(f"the message has {len(text):,} characters; the limit is {limits.message_chars:,} "
+                          f"(and the context holds {settings.n_ctx} tokens): shorten it")
+    system = system if isinstance(system, str) else ""
+    if len(system) > limits.system_chars:
+        raise ConfigError(f"the system prompt has {len(system):,} characters; the limit is {limits.system_chars:,}")
+    _valid_text(system, "system prompt")
+    history = history if history is not None else []
+    if not isinstance(history, list) or not all(isinstance(turn, dict) for turn in history):
+        raise ConfigError("the chat history must be a list of messages; clear the chat")
+    if len(history) > limits.history_messages:
+        raise ConfigError(f"the chat history has {len(history):,} messages; the limit is "
+                          f"{limits.history_messages:,}: clear the chat")
+    total = len(text) + len(system)
+    for turn in history:
+        turn_text = message_text(turn.get("content"))
+        if len(turn_text) > limits.message_chars:
+            raise ConfigError(f"a message in the chat history has {len(turn_text):,} characters; the limit is "
+                              f"{limits.message_chars:,}: clear the chat")
+        _valid_text(turn_text, "chat history")
+        total += len(turn_text)
+    if total > limits.total_chars:
+        raise ConfigError(f"the conversation has {total:,} characters; the limit is {limits.total_chars:,}: "
+                          "clear the chat")
+    return text, history, system, model
+
+
+def public_message(text: str, settings: AppSettings) -> str:
+    """An error for the page: model files named relative to their folder, never a server path."""
+    for folder in {str(c.path.parent) for c in settings.models if c.path is not None}:
+        text = text.replace(folder + os.sep, "")
+    return text[:500]
 
 
 def _number(value, name: str, kind: type):
@@ -482,7 +563,9 @@ def build_app(settings: AppSettings, backend=None):
             startup_error = str(exc)
             log.error("%s", exc)
 
-    with gr.Blocks(title=settings.title, fill_height=True) as demo:
+    # Uploaded and generated files are removed after an hour (the chat takes no uploads; this
+    # bounds what Gradio's own upload route can leave behind).
+    with gr.Blocks(title=settings.title, fill_height=True, delete_cache=(600, 3600)) as demo:
         gr.Markdown(f"## {settings.title}\nAnswers stream from a quantized GGUF through llama.cpp; "
                     "the prompt is built with the model's own chat template and stops at `<|end|>`.")
         with gr.Row(equal_height=False):
@@ -491,8 +574,10 @@ def build_app(settings: AppSettings, backend=None):
                                      elem_id="status-line")
                 with gr.Accordion("Model and sampling", open=True) as accordion:
                     system = gr.Textbox(DEFAULT_SYSTEM, label="System prompt", lines=2, elem_id="system-prompt")
+                    # The app checks the name itself (check_request): Gradio's own check would echo
+                    # a 10 MB name whole in its error.
                     model = gr.Dropdown(names, value=default, label="Model", elem_id="model-picker",
-                                        allow_custom_value=False)
+                                        allow_custom_value=True)
                     temperature = gr.Slider(0.0, 2.0, value=DEFAULTS.temperature, step=0.05, label="Temperature",
                                             elem_id="temperature")
                     top_p = gr.Slider(0.05, 1.0, value=DEFAULTS.top_p, step=0.05, label="Top-p", elem_id="top-p")
@@ -503,10 +588,6 @@ def build_app(settings: AppSettings, backend=None):
                                            value=min(DEFAULTS.max_tokens, settings.n_ctx // 2), step=16,
                                            label="Max new tokens", elem_id="max-tokens")
                     inputs = [system, model, temperature, top_p, top_k, repeat_penalty, max_tokens]
-                    if settings.backend == "local":
-                        inputs.append(gr.Number(settings.n_gpu_layers, precision=0, minimum=-1, maximum=1000,
-                                                label="GPU layers (-1 = all; needs a GPU build of llama-cpp-python)",
-                                                elem_id="n-gpu-layers"))
             with gr.Column(scale=2):
                 gr.ChatInterface(
                     make_respond(backend, settings),
@@ -516,6 +597,11 @@ def build_app(settings: AppSettings, backend=None):
                     additional_inputs=inputs, additional_inputs_accordion=accordion, additional_outputs=[status],
                     examples=[[e] for e in EXAMPLES], cache_examples=False, concurrency_limit=settings.concurrency,
                     api_name="chat", fill_height=True)
+    # ChatInterface's internal events (copying the chat into its state, retry, undo, ...) are
+    # "undocumented": callable by name. Only /chat is the app's API.
+    for fn in demo.fns.values():
+        if fn.api_name != "chat":
+            fn.api_visibility = "private"
     demo.queue(max_size=settings.queue_size, default_concurrency_limit=settings.concurrency)
     return demo, backend
 
@@ -535,8 +621,9 @@ def add_app_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the OpenAI-compatible server for --backend openai (env OPENAI_BASE_URL)")
     parser.add_argument("--api-model", action="append", default=[],
                         help="model name(s) on the server (default: the server's /v1/models)")
-    parser.add_argument("--host", default=env("GRADIO_SERVER_NAME", "127.0.0.1"),
-                        help="address to bind (default 127.0.0.1: this machine only; 0.0.0.0 serves the network)")
+    parser.add_argument("--host", default=None,
+                        help="address to bind (default 127.0.0.1: this machine only; 0.0.0.0 serves the network; "
+                             "env GRADIO_SERVER_NAME); any other than loopback prints a warning naming its source")
     parser.add_argument("--port", type=int, default=int(env("GRADIO_SERVER_PORT", "7860")))
     parser.add_argument("--n-ctx", type=int, default=int(env("N_CTX", "2048")))
     parser.add_argument("--threads", type=int, default=int(env("N_THREADS")) if env("N_THREADS") else None,
@@ -547,8 +634,18 @@ def add_app_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--concurrency", type=int, default=int(env("CONCURRENCY", "1")),
                         help="answers generated at once per event (a llama context runs one at a time)")
     parser.add_argument("--auth-env", default="APP_AUTH",
-                        help="environment variable holding user:password for basic auth (unset: no auth)")
-    parser.add_argument("--share", action="store_true", help="open a public gradio.live link (off by default)")
+                        help="environment variable holding user:password for Gradio's login form (a session "
+                             "cookie after it; unset: no login)")
+    parser.add_argument("--share", action="store_true",
+                        help="open a public gradio.live link (off by default; refused without a login, see --auth-env)")
+    limits = Limits()
+    for name, doc in (("history_messages", "messages of earlier turns"), ("message_chars", "characters per message"),
+                      ("system_chars", "characters of the system prompt"),
+                      ("total_chars", "characters of a whole request")):
+        flag, variable = name.replace("_", "-"), f"MAX_{name.upper()}"
+        parser.add_argument(f"--max-{flag}", type=int, default=int(env(variable, getattr(limits, name))),
+                            help=f"most {doc} one request may carry, checked before tokenizing "
+                                 f"(default {getattr(limits, name):,}; env {variable})")
 
 
 def settings_from_args(args) -> AppSettings:
@@ -556,9 +653,15 @@ def settings_from_args(args) -> AppSettings:
         raise ConfigError(f"--concurrency={args.concurrency} is invalid: use 1 or more")
     if args.n_ctx < 64:
         raise ConfigError(f"--n-ctx={args.n_ctx} is invalid: use at least 64 tokens")
+    for name in ("history_messages", "message_chars", "system_chars", "total_chars"):
+        if getattr(args, f"max_{name}") < 1:
+            raise ConfigError(f"--max-{name.replace('_', '-')}={getattr(args, f'max_{name}')} is invalid: use 1 or more")
     settings = AppSettings(backend=args.backend, n_ctx=args.n_ctx, n_threads=args.threads,
                            n_gpu_layers=args.n_gpu_layers, base_url=args.base_url,
-                           api_key=os.environ.get("OPENAI_API_KEY"), concurrency=args.concurrency)
+                           api_key=os.environ.get("OPENAI_API_KEY"), concurrency=args.concurrency,
+                           limits=Limits(history_messages=args.max_history_messages,
+                                         message_chars=args.max_message_chars, system_chars=args.max_system_chars,
+                                         total_chars=args.max_total_chars))
     if args.backend == "openai":
         settings.models = [ModelChoice(n) for n in args.api_model]
         settings.default_model = args.api_model[0] if args.api_model else None
@@ -582,14 +685,30 @@ def basic_auth(env_name: str) -> tuple[str, str] | None:
     return user, password
 
 
+def bind_address(args) -> tuple[str, str]:
+    """The address to bind and where it came from: --host, then GRADIO_SERVER_NAME, then loopback."""
+    if args.host:
+        return args.host, "--host"
+    if os.environ.get("GRADIO_SERVER_NAME"):
+        return os.environ["GRADIO_SERVER_NAME"], "the GRADIO_SERVER_NAME environment variable"
+    return "127.0.0.1", "the default"
+
+
 def app_main(args) -> int:
     settings = settings_from_args(args)
     auth = basic_auth(args.auth_env)
+    if args.share and auth is None:
+        raise ConfigError(f"--share publishes the app on a public gradio.live link: set {args.auth_env}=user:password "
+                          "first (a login form then guards it)")
+    host, source = bind_address(args)
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"warning: serving on {host} (from {source}): anyone who can reach this machine can use the app"
+              + ("" if auth else f"; set {args.auth_env}=user:password for a login"), flush=True)
     demo, backend = build_app(settings)
-    print(f"serving {settings.default_model or 'no model'} on http://{args.host}:{args.port}"
-          + (" (basic auth on)" if auth else ""), flush=True)
+    print(f"serving {settings.default_model or 'no model'} on http://{host}:{args.port}"
+          + (" (login form on)" if auth else ""), flush=True)
     try:
-        demo.launch(server_name=args.host, server_port=args.port, share=args.share, auth=auth,
+        demo.launch(server_name=host, server_port=args.port, share=args.share, auth=auth, max_file_size="1mb",
                     show_error=True, footer_links=["api", "settings"], quiet=True)
     finally:
         backend.close()

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import threading
 from collections import OrderedDict
 from contextlib import contextmanager
@@ -369,6 +370,7 @@ class OpenAIBackend:
     def _open(self, model: str, messages: list[dict], params: SamplingParams, stream: bool):
         import openai
 
+        messages = [{**m, "content": neutralise_special_text(m["content"])} for m in messages]
         try:
             return self.client.chat.completions.create(
                 model=model, messages=messages, stream=stream, temperature=params.temperature,
@@ -395,6 +397,19 @@ class OpenAIBackend:
 
     def close(self) -> None:
         self.client.close()
+
+
+_SPECIAL_OPEN = re.compile(r"<\|")
+WORD_JOINER = "\u2060"
+
+
+def neutralise_special_text(text: str) -> str:
+    """Text that no server reads as a control token. An OpenAI-compatible server renders the
+    template and tokenizes the result with special tokens parsed, so a user's ``<|end|><|assistant|>``
+    would become real turn markers (the injection the local path prevents by tokenizing contents as
+    plain text). An invisible word joiner after each ``<`` of ``<|`` keeps the text readable and
+    makes it ordinary text for the tokenizer."""
+    return _SPECIAL_OPEN.sub("<" + WORD_JOINER + "|", text)
 
 
 class _ContextExceeded(Exception):

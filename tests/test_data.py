@@ -197,3 +197,17 @@ def test_everything_filtered_names_the_filter(tmp_path):
     path.write_text("".join(json.dumps(r) + "\n" for r in f.rows))
     with pytest.raises(DataError, match="other language trees.*root languages are de"):
         prepare(DataConfig(source="files", data_files=(str(path),)), tmp_path / "run")
+
+
+def test_the_split_is_the_same_in_every_process():
+    """The split must not depend on Python's per-process string hashing (PYTHONHASHSEED)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    code = ("import json; from qlora_pipeline.data import tree_split; "
+            "print(json.dumps([tree_split(f'tree-{i}', 0, 0.1, 0.1) for i in range(200)]))")
+    runs = [json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                                      env={**os.environ, "PYTHONHASHSEED": seed}).stdout) for seed in ("1", "2")]
+    assert runs[0] == runs[1] and {"train", "val", "test"} <= set(runs[0])

@@ -199,3 +199,60 @@ def test_a_notebook_resumes_from_the_newest_checkpoint_unless_told_to_start_fres
     assert said[-1].startswith("[train] continuing from") and "step-000003" in said[-1]
     assert resume_training(cfg, run, fresh=True, log=said.append) is False
     assert resume_training(make_config("train.learning_rate=0.001"), run, log=lambda *a: None) is False  # other settings
+
+
+def test_a_target_missing_from_one_layer_is_refused(test_config, tiny_base):
+    """Every target in every layer: a model where one layer lacks down_proj is refused, naming it."""
+    from qlora_pipeline.model import check_lora_targets, load_base_for_training, pick_device
+
+    model = load_base_for_training(test_config.model, str(tiny_base), pick_device("float32", "no"))
+    mlp = model.model.layers[1].mlp
+    mlp.down_projection = mlp.down_proj  # the same layer under another name, in layer 1 only
+    del mlp.down_proj
+    with pytest.raises(ModelError, match=r"'down_proj' matches no module in layers \[1\]"):
+        check_lora_targets(model, test_config.lora.target_modules)
+
+
+def test_packed_conversations_do_not_see_each_other(trained_run, test_config, tiny_tokenizer):
+    """The loss of conversations packed into one row equals their loss one per row (the position
+    ids keep attention inside each conversation; a cache or a plain causal mask would not)."""
+    from qlora_pipeline.chat_format import ChatEncoder
+    from qlora_pipeline.data import read_split, tokenize_conversations
+    from qlora_pipeline.model import load_base_full_precision
+    from qlora_pipeline.train import evaluate_loss
+
+    examples, _ = tokenize_conversations(ChatEncoder.from_hf(tiny_tokenizer), read_split(trained_run, "val")[:12],
+                                         test_config.data.max_seq_len, test_config.data.overlong)
+    model = load_base_full_precision(str(trained_run / "merged"), test_config.model)
+    longest = max(len(ex["input_ids"]) for ex in examples)
+    packed = evaluate_loss(model, examples, 4096, "cpu")  # all twelve in one or two rows
+    alone = evaluate_loss(model, examples, longest, "cpu")  # one conversation per row
+    assert abs(packed - alone) < 1e-4, (packed, alone)
+
+
+def test_data_parallel_ranks_split_the_micro_batches(prepared_run, tmp_path, test_config, tiny_tokenizer):
+    """Each of two ranks takes half of every step's micro-batches: together they read exactly
+    the tokens of the planned micro-batches once (each rank running all of them would double it)."""
+    from qlora_pipeline.chat_format import ChatEncoder
+    from qlora_pipeline.data import read_split, tokenize_conversations
+    from qlora_pipeline.train import step_plan
+
+    cfg = make_config("train.max_steps=2", "train.gradient_accumulation_steps=2", "train.eval_every=2")
+    run = copy_run(prepared_run, tmp_path / "ddp")
+    save_run_config(cfg, run)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "tests")}
+    from qlora_pipeline.app_check import free_port
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+           str(REPO / "tests" / "ddp_train.py"), str(run), str(tmp_path / "ranks")]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    examples, _ = tokenize_conversations(ChatEncoder.from_hf(tiny_tokenizer), read_split(run, "train"),
+                                         cfg.data.max_seq_len, cfg.data.overlong)
+    _, plan = step_plan(examples, cfg.train, world=2)
+    planned = plan[: 2 * cfg.train.gradient_accumulation_steps * 2]
+    # each rank counts its own row lengths times the world size; the two ranks' rows are the plan's
+    per_rank = [sum(len(examples[i]["input_ids"]) for batch in planned[rank::2] for i in batch) for rank in (0, 1)]
+    summary = json.loads((run / "adapter" / "training_summary.json").read_text())
+    assert summary["tokens_seen"] == 2 * per_rank[0]
+    assert abs(per_rank[0] - per_rank[1]) < max(per_rank)  # two halves, not one rank taking all

@@ -65,8 +65,9 @@ def test_report_has_the_scorecard_schema(trained_run):
     assert set(report["gguf"]) == {"F16", "Q8_0", "Q4_K_M"}
     for row in report["gguf"].values():
         assert {"path", "bytes", "bits_per_weight", "ppl", "kld_vs_f16", "top1_vs_f16", "tokens_per_s"} <= row.keys()
-    assert report["gguf"]["F16"]["kld_vs_f16"] == 0.0
-    assert report["gguf"]["Q4_K_M"]["kld_vs_f16"] > 0  # quantization changes something measurable
+    # Fewer bits, more divergence from F16: Q8_0 is closer to it than Q4_K_M, by KL and by top-1.
+    q8, q4 = report["gguf"]["Q8_0"], report["gguf"]["Q4_K_M"]
+    assert 0 < q8["kld_vs_f16"] < q4["kld_vs_f16"] and q8["top1_vs_f16"] >= q4["top1_vs_f16"]
     assert 15 < report["gguf"]["F16"]["bits_per_weight"] < 17
     prompts = report["parity"]["chat_prompt_ids"]
     for route in ("transformers_stock", "transformers", "training", "app"):  # llama.cpp's ids: serving's

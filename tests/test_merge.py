@@ -9,8 +9,12 @@ import torch
 
 
 def test_merge_check_is_within_fp32_tolerance(trained_run):
+    from safetensors import safe_open
+
     check = json.loads((trained_run / "merge_check.json").read_text())
-    assert check["dtype"] == "float32"
+    # The dtype the weights were written in, read from the safetensors header (not from the config).
+    with safe_open(str(next((trained_run / "merged").glob("*.safetensors"))), framework="pt") as f:
+        assert {f.get_slice(name).get_dtype() for name in f.keys()} == {"F32"}
     assert check["tokens"] > 0
     assert check["max_abs_logit_diff"] <= 1e-3
     assert check["argmax_agreement"] == 1.0
@@ -49,7 +53,24 @@ def test_merged_folder_has_what_llama_cpp_needs(trained_run):
         assert (merged / name).is_file(), name
     assert list(merged.glob("*.safetensors"))
     assert not list(merged.glob("*.bin")) and not list(merged.glob("*.pt"))
-    assert 32007 in json.loads((merged / "generation_config.json").read_text())["eos_token_id"]
+
+
+
+def test_the_merged_models_generation_stops_at_end_of_turn(memorized_run):
+    """With only the merged folder's own generation config, generate() stops at <|end|> (32007)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from qlora_pipeline.chat_format import ChatEncoder
+
+    merged = memorized_run / "merged"
+    tokenizer = AutoTokenizer.from_pretrained(merged)
+    model = AutoModelForCausalLM.from_pretrained(merged).eval()
+    ids = torch.tensor([ChatEncoder.from_hf(tokenizer).encode_prompt([{"role": "user", "content": "Say hello number 5"}])])
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=40, do_sample=False)
+    new = out[0, ids.shape[1]:].tolist()
+    assert new[-1] == 32007 and len(new) < 40  # stopped there, well before the limit
+    assert tokenizer.decode(new[:-1]).strip() == "Hello there."
 
 
 def test_merge_before_train_is_a_clear_error(prepared_run, test_config, tmp_path):

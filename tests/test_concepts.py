@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from qlora_pipeline import concepts
@@ -37,9 +38,18 @@ def test_blockwise_codes_equal_bitsandbytes():
     assert torch.allclose(absmax, state.absmax)
 
 
-def test_double_quantization_bits():
-    assert concepts.bits_per_parameter(64) == 4.5
-    assert abs(concepts.bits_per_parameter(64, double_quant=True) - 4.127) < 1e-3
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_bits_per_parameter_is_what_bitsandbytes_stores(double_quant):
+    """The formula against the bytes bitsandbytes actually keeps: packed codes, the absmax values
+    (8-bit with double quantization) and the scales of the scales."""
+    import bitsandbytes.functional as F
+
+    weight = torch.randn(512, 1024, generator=torch.Generator().manual_seed(0))
+    packed, state = F.quantize_4bit(weight, blocksize=64, quant_type="nf4", compress_statistics=double_quant)
+    stored = packed.numel() * packed.element_size() + state.absmax.numel() * state.absmax.element_size()
+    if double_quant:
+        stored += state.state2.absmax.numel() * state.state2.absmax.element_size()
+    assert abs(8 * stored / weight.numel() - concepts.bits_per_parameter(64, double_quant=double_quant)) < 1e-3
 
 
 def test_nf4_beats_fp4_and_int4_on_normal_weights():

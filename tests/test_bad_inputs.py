@@ -270,10 +270,6 @@ def test_bad_input(case, tmp_path, request, capsys):
         assert not output.exists(), f"{output} was written"
 
 
-def test_the_table_has_at_least_25_cases():
-    assert len(CASES) >= 25
-
-
 def test_debug_shows_the_traceback_instead(tmp_path):
     from qlora_pipeline.errors import ConfigError
 

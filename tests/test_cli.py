@@ -64,7 +64,10 @@ def test_run_records_config_and_skips_done_stages(trained_run, tmp_path):
 
 def test_report_has_the_hf_section(trained_run):
     report = json.loads((trained_run / "report.json").read_text())
-    for key in ("base_val_loss", "adapter_val_loss", "base_ppl", "adapter_ppl", "merged_ppl"):
-        assert isinstance(report["hf"][key], float), key
+    hf = report["hf"]
+    # Six steps at a high learning rate on an untrained base: fine-tuning must lower the loss on
+    # the validation split and the perplexity on the test split, neither of which it trained on.
+    assert hf["adapter_val_loss"] < hf["base_val_loss"]
+    assert hf["adapter_ppl"] < hf["base_ppl"]
     assert abs(report["hf"]["adapter_ppl"] - report["hf"]["merged_ppl"]) < 1e-3 * report["hf"]["adapter_ppl"]
     assert "| base + adapter |" in (trained_run / "report.md").read_text()

@@ -79,7 +79,9 @@ def test_report_has_the_scorecard_schema(trained_run):
     stock_llama = prompts["routes"]["transformers_tokenizer_files_only"]  # the declared LlamaTokenizer's
     assert stock_llama["identical"] == 0 and stock_llama["first_difference"]["position"] == 1
     assert report["parity"]["f16_long"]["n_ctx"] == 8192 and report["parity"]["f16_long"]["tokens"] == 4608
-    assert report["parity"]["f32_short"]["passes"] and report["parity"]["f32_long"]["passes"]
+    # llama.cpp's F32 file against transformers' fp32 logits: only arithmetic order differs.
+    assert report["parity"]["f32_short"]["relative_diff"] < 1e-3
+    assert report["parity"]["f32_long"]["relative_diff"] < 1e-3
     heldout = report["heldout"]
     assert set(heldout["exact_match"]) == {"base", "adapter", "merged", "F16", "Q8_0", "Q4_K_M"}
     assert len(heldout["answers"]) == heldout["questions"] > 0

@@ -41,6 +41,29 @@ TEST_OVERRIDES = [
 ]
 
 
+def shared_run(tmp_path_factory, name: str, build) -> Path:
+    """A run folder that several tests read, made once per session by ``build(folder)``.
+
+    With QLORA_TEST_RUN_CACHE set (``make mutation`` sets it), it is made once into that folder and
+    reused by later sessions: each mutant's pytest session then skips minutes of training. The
+    runs are built by unmutated code, so a mutant must be caught by the tests that call it directly.
+    """
+    cache = os.environ.get("QLORA_TEST_RUN_CACHE")
+    if not cache:
+        folder = tmp_path_factory.mktemp(name)
+        build(folder)
+        return folder
+    done = Path(cache) / name
+    if not done.is_dir():
+        partial = Path(tmp_path_factory.mktemp(f"{name}-partial"))
+        build(partial)
+        done.parent.mkdir(parents=True, exist_ok=True)
+        staged = done.with_name(f".{name}.{os.getpid()}")
+        shutil.move(str(partial), str(staged))  # maybe across file systems: staged beside, then renamed
+        os.replace(staged, done)
+    return done
+
+
 def make_config(*extra: str):
     from qlora_pipeline.config import load_config
 
@@ -71,9 +94,8 @@ def prepared_run(tmp_path_factory, test_config) -> Path:
     """A run folder with data prepared (read-only for tests: copy it to change it)."""
     from qlora_pipeline.pipeline import run_pipeline
 
-    run_dir = tmp_path_factory.mktemp("prepared")
-    run_pipeline(test_config, run_dir, log=lambda *a: None, until="prepare")
-    return run_dir
+    return shared_run(tmp_path_factory, "prepared",
+                      lambda run_dir: run_pipeline(test_config, run_dir, log=lambda *a: None, until="prepare"))
 
 
 @pytest.fixture(scope="session")
@@ -81,9 +103,8 @@ def trained_run(tmp_path_factory, test_config, tiny_base) -> Path:
     """A run with every stage done on the untrained test variant."""
     from qlora_pipeline.pipeline import run_pipeline
 
-    run_dir = tmp_path_factory.mktemp("trained")
-    run_pipeline(test_config, run_dir, log=lambda *a: None)
-    return run_dir
+    return shared_run(tmp_path_factory, "trained",
+                      lambda run_dir: run_pipeline(test_config, run_dir, log=lambda *a: None))
 
 
 def copy_run(src: Path, dest: Path) -> Path:
@@ -94,11 +115,14 @@ def copy_run(src: Path, dest: Path) -> Path:
 @pytest.fixture(scope="session")
 def memorized_run(tmp_path_factory) -> Path:
     """A model that has learned one answer ("Hello there.") and to end it with <|end|>."""
+    return shared_run(tmp_path_factory, "memorized", make_memorized_run) / "run"
+
+
+def make_memorized_run(root: Path) -> None:
     import json
 
     from qlora_pipeline.pipeline import run_pipeline
 
-    root = tmp_path_factory.mktemp("memorized")
     rows = []
     for i in range(40):
         rows.append({"message_id": f"q{i}", "parent_id": None, "message_tree_id": f"q{i}", "role": "prompter",
@@ -112,7 +136,6 @@ def memorized_run(tmp_path_factory) -> Path:
                       "train.learning_rate=0.01", "train.eval_every=40", "train.checkpoint_every=40",
                       "export.quant_types=[Q8_0]")
     run_pipeline(cfg, root / "run", log=lambda *a: None, until="export")
-    return root / "run"
 
 
 @pytest.fixture

@@ -202,10 +202,26 @@ def _refused(client, *args) -> tuple[float, str]:
     return time.perf_counter() - started, str(refused.value)
 
 
+def _post_raw(url: str, body: bytes) -> tuple[float, int | None, bytes]:
+    """POST ``body`` to Gradio's queue as one request; (seconds, status or None if the server
+    closed the connection mid-upload, response body)."""
+    import httpx
+
+    started = time.perf_counter()
+    try:
+        reply = httpx.post(url + "/gradio_api/queue/join", content=body, timeout=60,
+                           headers={"content-type": "application/json"})
+    except (httpx.WriteError, httpx.RemoteProtocolError, httpx.ReadError):
+        return time.perf_counter() - started, None, b""
+    return time.perf_counter() - started, reply.status_code, reply.content
+
+
 def test_attacks_through_the_api_are_refused_at_once_and_leave_the_app_as_it_was(app_server):
-    """A 10,000-message history, a 20 MB system prompt and a 10 MB model name, each refused within
-    a second with a short message; the app then answers as before, holds no more memory, and its
-    log did not take the values. (The system prompt's transfer itself is the client's and Gradio's.)"""
+    """A 10,000-message history, a 100 MB request, a 1 MB system prompt and a 10 MB model name,
+    each refused within a second with a short message; the app then answers as before, holds no
+    more memory, and its log did not take the values."""
+    import json
+
     import psutil
     from gradio_client import Client
 
@@ -220,15 +236,31 @@ def test_attacks_through_the_api_are_refused_at_once_and_leave_the_app_as_it_was
                                   for _ in range(5_000) for role in ("user", "assistant")])
     seconds, message = _refused(attacker, "hi", *GREEDY)
     assert seconds <= 1.0 and "the chat history has 10,000 messages" in message
+
+    # 100 MB of system prompt in one request: refused from its Content-Length, before it is read.
+    import httpx
+
+    config = httpx.get(url + "/config", timeout=30).json()
+    chat_event = next(d["id"] for d in config["dependencies"] if d.get("api_name") == "chat")
+    request = {"data": ["hi", [], "s" * 100_000_000, *GREEDY[1:]], "fn_index": chat_event,
+               "session_hash": visitor.session_hash, "event_data": None, "trigger_id": None}
+    seconds, status, reply = _post_raw(url, json.dumps(request).encode())
+    assert seconds <= 1.0 and status in (413, None) and len(reply) < 1024, (seconds, status, reply[:200])
+    # Within the body limit, the field caps answer, by name and without echoing the value.
     system = list(GREEDY)
-    system[0] = "s" * 20_000_000
+    system[0] = "s" * 1_000_000
     seconds, message = _refused(visitor, "hi", *system)
-    assert "the system prompt has 20,000,000 characters" in message and len(message) < 1024
+    assert seconds <= 1.0 and "the system prompt has 1,000,000 characters" in message and len(message) < 1024
     model = list(GREEDY)
     model[1] = "m" * 10_000_000
+    started = time.perf_counter()
+    with pytest.raises(Exception) as refused:  # gradio_client reports the 413 from queue/join
+        visitor.predict("hi", *model, api_name="/chat")
+    assert time.perf_counter() - started <= 1.0 and len(str(refused.value)) < 1024
+    model[1] = "m" * 100_000
     seconds, message = _refused(visitor, "hi", *model)
-    assert "the model name has 10,000,000 characters" in message and len(message) < 1024  # (~1.5 s to send 10 MB)
+    assert "the model name has 100,000 characters" in message and len(message) < 1024
 
     assert visitor.predict("Say hello number 2", *GREEDY, api_name="/chat")[0] == "Hello there."
-    assert process.memory_info().rss - rss_before < 200_000_000
+    assert process.memory_info().rss - rss_before < 100_000_000
     assert app_server["log"].stat().st_size - log_before <= 4096

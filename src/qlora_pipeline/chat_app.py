@@ -55,6 +55,9 @@ class Limits:
     """Characters of the whole request: system prompt, history and the new message."""
     model_name_chars: int = 200
     """Characters of a model name (longer ones are refused without being echoed)."""
+    request_bytes: int = 2_000_000
+    """Bytes of one HTTP request body, refused (413) before it is read or parsed; well above what
+    the character caps allow as JSON (Gradio's uploads have their own 1 MB cap)."""
 
 
 @dataclass(frozen=True)
@@ -656,11 +659,15 @@ def add_app_arguments(parser: argparse.ArgumentParser) -> None:
     limits = Limits()
     for name, doc in (("history_messages", "messages of earlier turns"), ("message_chars", "characters per message"),
                       ("system_chars", "characters of the system prompt"),
-                      ("total_chars", "characters of a whole request")):
+                      ("total_chars", "characters of a whole request"),
+                      ("request_bytes", "bytes of one HTTP request body (413 before it is read)")):
         flag, variable = name.replace("_", "-"), f"MAX_{name.upper()}"
         parser.add_argument(f"--max-{flag}", type=int, default=int(env(variable, getattr(limits, name))),
                             help=f"most {doc} one request may carry, checked before tokenizing "
                                  f"(default {getattr(limits, name):,}; env {variable})")
+
+
+LIMIT_FLAGS = ("history_messages", "message_chars", "system_chars", "total_chars", "request_bytes")
 
 
 def settings_from_args(args) -> AppSettings:
@@ -668,7 +675,7 @@ def settings_from_args(args) -> AppSettings:
         raise ConfigError(f"--concurrency={args.concurrency} is invalid: use 1 or more")
     if args.n_ctx < 64:
         raise ConfigError(f"--n-ctx={args.n_ctx} is invalid: use at least 64 tokens")
-    for name in ("history_messages", "message_chars", "system_chars", "total_chars"):
+    for name in LIMIT_FLAGS:
         if getattr(args, f"max_{name}") < 1:
             raise ConfigError(f"--max-{name.replace('_', '-')}={getattr(args, f'max_{name}')} is invalid: use 1 or more")
     settings = AppSettings(backend=args.backend, n_ctx=args.n_ctx, n_threads=args.threads,
@@ -676,7 +683,7 @@ def settings_from_args(args) -> AppSettings:
                            api_key=os.environ.get("OPENAI_API_KEY"), concurrency=args.concurrency,
                            limits=Limits(history_messages=args.max_history_messages,
                                          message_chars=args.max_message_chars, system_chars=args.max_system_chars,
-                                         total_chars=args.max_total_chars))
+                                         total_chars=args.max_total_chars, request_bytes=args.max_request_bytes))
     if args.backend == "openai":
         settings.models = [ModelChoice(n) for n in args.api_model]
         settings.default_model = args.api_model[0] if args.api_model else None
@@ -710,6 +717,10 @@ def bind_address(args) -> tuple[str, str]:
 
 
 def app_main(args) -> int:
+    from starlette.middleware import Middleware
+
+    from qlora_pipeline.body_limit import BodyLimit
+
     settings = settings_from_args(args)
     auth = basic_auth(args.auth_env)
     if args.share and auth is None:
@@ -724,7 +735,8 @@ def app_main(args) -> int:
           + (" (login form on)" if auth else ""), flush=True)
     try:
         demo.launch(server_name=host, server_port=args.port, share=args.share, auth=auth, max_file_size="1mb",
-                    show_error=True, footer_links=["api", "settings"], quiet=True)
+                    show_error=True, footer_links=["api", "settings"], quiet=True,
+                    app_kwargs={"middleware": [Middleware(BodyLimit, max_bytes=settings.limits.request_bytes)]})
     finally:
         backend.close()
     return 0

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from qlora_pipeline.config import CONFIGS_DIR, PipelineConfig, load_config
+from qlora_pipeline.config import PRESETS_DIR, PipelineConfig, load_config
 from qlora_pipeline.errors import ConfigError
 
-PRESETS = sorted(p.stem for p in Path(CONFIGS_DIR).glob("*.yaml"))
+PRESETS = sorted(p.stem for p in Path(PRESETS_DIR).glob("*.yaml"))
 
 
 def test_the_three_presets_exist():
@@ -20,7 +20,7 @@ def test_the_three_presets_exist():
 @pytest.mark.parametrize("preset", PRESETS)
 def test_every_preset_loads_and_opens_with_its_command(preset):
     cfg = load_config(preset)
-    assert (Path(CONFIGS_DIR) / f"{preset}.yaml").read_text().startswith(f"# qlora-pipeline run --preset {preset}")
+    assert (Path(PRESETS_DIR) / f"{preset}.yaml").read_text().startswith(f"# qlora-pipeline run --preset {preset}")
     assert set(cfg.lora.target_modules) <= {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"}
 
 
@@ -79,3 +79,27 @@ def test_string_settings_are_taken_as_typed_not_as_yaml():
     cfg = load_config("tiny", ["train.mixed_precision=no", "data.system_prompt=yes", "train.learning_rate=2e-3"])
     assert cfg.train.mixed_precision == "no" and cfg.data.system_prompt == "yes"
     assert cfg.train.learning_rate == 0.002
+
+
+@pytest.mark.slow
+def test_an_installed_wheel_has_the_presets(tmp_path):
+    """``pip wheel .`` then an install of that wheel elsewhere: ``--preset tiny`` (the default)
+    and the other presets resolve from the installed copy, not from this checkout."""
+    import subprocess
+    import sys
+    import zipfile
+
+    repo = Path(__file__).resolve().parents[1]
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "--quiet"]
+    subprocess.run([*pip, "wheel", str(repo), "--no-deps", "--no-build-isolation", "-w", str(tmp_path / "wheel")],
+                   check=True, cwd=tmp_path)
+    wheel = next((tmp_path / "wheel").glob("qlora_pipeline-*.whl"))
+    assert {f"qlora_pipeline/presets/{name}.yaml" for name in PRESETS} <= set(zipfile.ZipFile(wheel).namelist())
+    subprocess.run([*pip, "install", "--no-deps", "--target", str(tmp_path / "site"), str(wheel)], check=True)
+    probe = ("import qlora_pipeline.config as c, sys; print(c.__file__); "
+             "print(*(c.load_config(name).preset for name in sys.argv[1:]))")
+    out = subprocess.run([sys.executable, "-c", probe, *PRESETS], capture_output=True, text=True, cwd=tmp_path,
+                         env={"PYTHONPATH": str(tmp_path / "site"), "PATH": "/usr/bin:/bin"}, check=True).stdout
+    where, names = out.splitlines()
+    assert where.startswith(str(tmp_path / "site")), where
+    assert names.split() == PRESETS

@@ -29,7 +29,7 @@ from qlora_pipeline.errors import PipelineError
 def _common(parser: argparse.ArgumentParser, default_run_dir: str | None) -> None:
     parser.add_argument("--run-dir", default=default_run_dir, help="folder of this run (default: runs/<preset>)")
     parser.add_argument("--preset", default=None,
-                        help="preset name in configs/ or a YAML path (default: tiny, or the run's config.json)")
+                        help="preset name (tiny, phi35-colab-t4, phi35-a100) or a YAML path (default: tiny, or the run's config.json)")
     parser.add_argument("--data-files", nargs="+", default=None,
                         help="local oasst1 message files (.jsonl/.json/.parquet); sets data.source=files")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")

@@ -3,7 +3,7 @@
     from qlora_pipeline.config import load_config
     cfg = load_config("tiny", ["train.max_steps=20", "lora.r=4"])
 
-A preset is a YAML file in ``configs/`` (or any path). Every field of every section has a
+A preset is a YAML file in the package's ``presets/`` folder (or any path). Every field of every section has a
 docstring, and ``__post_init__`` rejects values that cannot work with one sentence that names
 the key and says what is allowed.
 """
@@ -13,9 +13,9 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
-import os
 import re
 from dataclasses import dataclass, field, fields
+from importlib import resources
 from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
 
@@ -23,7 +23,8 @@ import yaml
 
 from qlora_pipeline.errors import ConfigError
 
-CONFIGS_DIR = Path(os.environ.get("QLORA_PIPELINE_CONFIGS", Path(__file__).resolve().parents[2] / "configs"))
+# Package data (pyproject's package-data), so that an installed wheel has its presets too.
+PRESETS_DIR = Path(str(resources.files("qlora_pipeline") / "presets"))
 PHI3_FUSED_TARGETS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
 
 
@@ -415,9 +416,9 @@ def preset_path(preset: str) -> Path:
         if not candidate.is_file():
             raise ConfigError(f"preset file {candidate} does not exist; give a YAML file or a preset name")
         return candidate
-    path = CONFIGS_DIR / f"{preset}.yaml"
+    path = PRESETS_DIR / f"{preset}.yaml"
     if not path.is_file():
-        names = sorted(p.stem for p in CONFIGS_DIR.glob("*.yaml"))
+        names = sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
         raise ConfigError(f"unknown preset {preset!r}; choose one of {', '.join(names)} or give a .yaml path")
     return path
 

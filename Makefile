@@ -1,6 +1,6 @@
 # make setup  - create .venv and install the pinned set (first time ~10 min: llama-cpp-python compiles)
 # make demo   - setup, then the whole pipeline on the built-in tiny model (runs/demo)
-# make test   - setup, then the test suite (the six notebooks included)
+# make test   - setup, then ruff (lint and format) and the test suite (the six notebooks included)
 # make notebooks - execute the notebooks into runs/notebooks/ with their outputs
 # make app    - serve the chat app on the demo's Q4_K_M at http://127.0.0.1:7860
 # make screenshot - S29-gradio.png from the running app after one exchange (real browser)
@@ -59,6 +59,8 @@ demo: setup
 	$(VENV)/bin/qlora-pipeline run --preset tiny --run-dir $(RUN_DIR)
 
 test: setup
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 	$(PY) -m pytest -q
 
 # Execute the six notebooks on the tiny preset into runs/notebooks/ (with outputs, for reading).

@@ -27,12 +27,26 @@ CACHE = Path.home() / ".cache" / "qlora_pipeline" / "fullsize"
 RESULTS = REPO / "bench" / "results"
 
 CAPS = [
-    "model.compute_dtype=float32", "train.mixed_precision=no",  # no fp16 autocast on a CPU
-    "train.max_steps=1", "train.batch_tokens=256", "train.gradient_accumulation_steps=1", "train.eval_every=1",
-    "train.checkpoint_every=1", "train.eval_max_batches=1", "data.max_seq_len=256",
-    "merge.dtype=bfloat16", "merge.check_samples=1", "export.quant_types=[Q8_0]",
-    "eval.hf_max_tokens=256", "eval.parity_tokens=128", "eval.kld_max_tokens=128", "eval.heldout_questions=none",
-    "eval.speed_runs=1", "eval.speed_new_tokens=4", "eval.samples=1", "eval.sample_max_tokens=4",
+    "model.compute_dtype=float32",
+    "train.mixed_precision=no",  # no fp16 autocast on a CPU
+    "train.max_steps=1",
+    "train.batch_tokens=256",
+    "train.gradient_accumulation_steps=1",
+    "train.eval_every=1",
+    "train.checkpoint_every=1",
+    "train.eval_max_batches=1",
+    "data.max_seq_len=256",
+    "merge.dtype=bfloat16",
+    "merge.check_samples=1",
+    "export.quant_types=[Q8_0]",
+    "eval.hf_max_tokens=256",
+    "eval.parity_tokens=128",
+    "eval.kld_max_tokens=128",
+    "eval.heldout_questions=none",
+    "eval.speed_runs=1",
+    "eval.speed_new_tokens=4",
+    "eval.samples=1",
+    "eval.sample_max_tokens=4",
 ]
 
 # Notebook parameters: the variant exported above, and short answers (a CPU makes ~1 token/s).
@@ -44,8 +58,18 @@ def run_sequence(base: Path, out: Path) -> float:
     subprocess.run([sys.executable, "-m", "qlora_pipeline.cli", "hub-twin", "--out", str(hub)], check=True)
     overrides = [f"model.name_or_path={base}"] + CAPS
     env = {**os.environ, "HF_HOME": str(hub), "HF_HUB_OFFLINE": "1"}
-    command = [sys.executable, "-m", "qlora_pipeline.rehearsal", str(out), "--preset", "phi35-colab-t4",
-               "--repo", str(REPO), "--full-model-bytes", str(sum(f.stat().st_size for f in base.glob("*.safetensors")))]
+    command = [
+        sys.executable,
+        "-m",
+        "qlora_pipeline.rehearsal",
+        str(out),
+        "--preset",
+        "phi35-colab-t4",
+        "--repo",
+        str(REPO),
+        "--full-model-bytes",
+        str(sum(f.stat().st_size for f in base.glob("*.safetensors"))),
+    ]
     command += [arg for o in overrides for arg in ("--override", o)]
     command += [arg for p in PARAMS for arg in ("--param", p)]
     started = time.time()
@@ -67,30 +91,54 @@ def report(base: Path, out: Path, minutes: float | None) -> None:
     for name, nb in rehearsal["notebooks"].items():
         cells = cell_peaks(out / "executed" / name, nb["samples"], nb.get("started"))
         notebooks[name] = {**{k: v for k, v in nb.items() if k != "samples"}, "cells": cells}
-    result = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
-              "date": time.strftime("%Y-%m-%d"), "model_bytes": model_bytes, "caps": CAPS,
-              "minutes": minutes, "notebooks": notebooks}
+    result = {
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+        "date": time.strftime("%Y-%m-%d"),
+        "model_bytes": model_bytes,
+        "caps": CAPS,
+        "minutes": minutes,
+        "notebooks": notebooks,
+    }
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "colab_memory.json").write_text(json.dumps(result, indent=1))
     (RESULTS / "colab_memory.png").write_bytes((out / "memory.png").read_bytes())
-    lines = ["# The Colab notebook sequence at Phi-3.5-mini's full size: kernel memory", "",
-             f"{result['machine']}, {result['date']}; one full-size model is {model_bytes / 1e9:.2f} GB (bf16); "
-             "free Colab has 12.7 GB of RAM. Each notebook in its own kernel, as on Colab; on a CPU the models "
-             "Colab puts on the T4 are in RAM too, so these are upper bounds.", "",
-             "| notebook | time | peak RSS | peak anonymous | peak RSS / one model |", "| --- | ---: | ---: | ---: | ---: |"]
+    lines = [
+        "# The Colab notebook sequence at Phi-3.5-mini's full size: kernel memory",
+        "",
+        f"{result['machine']}, {result['date']}; one full-size model is {model_bytes / 1e9:.2f} GB (bf16); "
+        "free Colab has 12.7 GB of RAM. Each notebook in its own kernel, as on Colab; on a CPU the models "
+        "Colab puts on the T4 are in RAM too, so these are upper bounds.",
+        "",
+        "| notebook | time | peak RSS | peak anonymous | peak RSS / one model |",
+        "| --- | ---: | ---: | ---: | ---: |",
+    ]
     for name, nb in notebooks.items():
-        lines.append(f"| {name} | {nb['seconds'] / 60:.1f} min | {nb['peak_rss_bytes'] / 1e9:.2f} GB | "
-                     f"{nb['peak_anonymous_bytes'] / 1e9:.2f} GB | {nb['peak_rss_bytes'] / model_bytes:.2f} |")
-    lines += ["", "The cells above 1 GB (peak while the cell ran):", "",
-              "| notebook | cell | first line | time | peak RSS | peak anonymous |", "| --- | ---: | --- | ---: | ---: | ---: |"]
+        lines.append(
+            f"| {name} | {nb['seconds'] / 60:.1f} min | {nb['peak_rss_bytes'] / 1e9:.2f} GB | "
+            f"{nb['peak_anonymous_bytes'] / 1e9:.2f} GB | {nb['peak_rss_bytes'] / model_bytes:.2f} |"
+        )
+    lines += [
+        "",
+        "The cells above 1 GB (peak while the cell ran):",
+        "",
+        "| notebook | cell | first line | time | peak RSS | peak anonymous |",
+        "| --- | ---: | --- | ---: | ---: | ---: |",
+    ]
     for name, nb in notebooks.items():
         for cell in nb["cells"]:
             if cell["peak_rss_bytes"] > 1e9:
-                lines.append(f"| {name} | {cell['cell']} | `{cell['first_line']}` | {cell['seconds']:.0f} s | "
-                             f"{cell['peak_rss_bytes'] / 1e9:.2f} GB | {cell['peak_anonymous_bytes'] / 1e9:.2f} GB |")
-    lines += ["", "RSS counts mapped safetensors/GGUF pages (page cache the kernel can drop under pressure); "
-              "anonymous memory is what the process itself holds. Caps: " + ", ".join(CAPS), "",
-              "![memory](colab_memory.png)", ""]
+                lines.append(
+                    f"| {name} | {cell['cell']} | `{cell['first_line']}` | {cell['seconds']:.0f} s | "
+                    f"{cell['peak_rss_bytes'] / 1e9:.2f} GB | {cell['peak_anonymous_bytes'] / 1e9:.2f} GB |"
+                )
+    lines += [
+        "",
+        "RSS counts mapped safetensors/GGUF pages (page cache the kernel can drop under pressure); "
+        "anonymous memory is what the process itself holds. Caps: " + ", ".join(CAPS),
+        "",
+        "![memory](colab_memory.png)",
+        "",
+    ]
     (RESULTS / "colab_memory.md").write_text("\n".join(lines))
     print("\n".join(lines))
 

@@ -38,10 +38,16 @@ def machine() -> dict:
     import torch
     import transformers
 
-    return {"cpu": cpu, "cores": os.cpu_count(), "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
-            "python": platform.python_version(), "torch": torch.__version__,
-            "transformers": transformers.__version__, "llama_cpp_python": llama_cpp.__version__,
-            "date": datetime.date.today().isoformat()}
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "llama_cpp_python": llama_cpp.__version__,
+        "date": datetime.date.today().isoformat(),
+    }
 
 
 def machine_line(m: dict) -> str:
@@ -72,8 +78,12 @@ def measured_run(cmd: list[str], env: dict | None = None) -> dict:
     seconds = time.perf_counter() - started
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd[:4])}... failed ({proc.returncode}): {err.decode()[-1500:]}")
-    return {"seconds": seconds, "peak_rss_bytes": usage.ru_maxrss * 1024, "peak_anon_bytes": peak_anon[0],
-            "stdout": out.decode()}
+    return {
+        "seconds": seconds,
+        "peak_rss_bytes": usage.ru_maxrss * 1024,
+        "peak_anon_bytes": peak_anon[0],
+        "stdout": out.decode(),
+    }
 
 
 def _sample_anonymous(pid: int, peak: list, done) -> None:
@@ -99,8 +109,10 @@ def _sample_anonymous(pid: int, peak: list, done) -> None:
         time.sleep(0.05)
 
 
-CHILDREN_RSS = ("\nimport resource as _r, json as _j\n"
-                "print(_j.dumps({'children_peak_rss_bytes': _r.getrusage(_r.RUSAGE_CHILDREN).ru_maxrss * 1024}))")
+CHILDREN_RSS = (
+    "\nimport resource as _r, json as _j\n"
+    "print(_j.dumps({'children_peak_rss_bytes': _r.getrusage(_r.RUSAGE_CHILDREN).ru_maxrss * 1024}))"
+)
 
 
 def python_step(code: str, env: dict | None = None) -> dict:

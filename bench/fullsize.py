@@ -41,8 +41,10 @@ def gguf(quant: str) -> Path:
 
 
 def step_build() -> dict:
-    run = python_step(f"import sys; sys.argv = ['x', {str(BASE)!r}]; sys.path.insert(0, {str(HERE)!r}); "
-                      "import runpy; runpy.run_path(sys.path[0] + '/fullsize_model.py', run_name='__main__')")
+    run = python_step(
+        f"import sys; sys.argv = ['x', {str(BASE)!r}]; sys.path.insert(0, {str(HERE)!r}); "
+        "import runpy; runpy.run_path(sys.path[0] + '/fullsize_model.py', run_name='__main__')"
+    )
     return {**run, **(run.pop("result") or {})}
 
 
@@ -50,7 +52,8 @@ def step_convert() -> dict:
     GGUF.mkdir(parents=True, exist_ok=True)
     run = python_step(
         "from pathlib import Path; from qlora_pipeline.export import convert_to_gguf; "
-        f"convert_to_gguf(Path({str(BASE)!r}), Path({str(gguf('F16'))!r}), 'Phi-3.5 mini random (bench)', 32007)")
+        f"convert_to_gguf(Path({str(BASE)!r}), Path({str(gguf('F16'))!r}), 'Phi-3.5 mini random (bench)', 32007)"
+    )
     run.pop("result", None)
     return {**run, "bytes": gguf("F16").stat().st_size}
 
@@ -58,7 +61,8 @@ def step_convert() -> dict:
 def step_quantize(quant: str) -> dict:
     run = python_step(
         "from pathlib import Path; from qlora_pipeline.export import quantize_gguf; "
-        f"quantize_gguf(Path({str(gguf('F16'))!r}), Path({str(gguf(quant))!r}), {quant!r}, 2)")
+        f"quantize_gguf(Path({str(gguf('F16'))!r}), Path({str(gguf(quant))!r}), {quant!r}, 2)"
+    )
     run.pop("result", None)
     return {**run, "bytes": gguf(quant).stat().st_size}
 
@@ -128,8 +132,11 @@ def run_step(steps: dict, name: str, fn, done: bool, redo: set) -> None:
     print(f"{name}: running", flush=True)
     steps[name] = fn()
     write_json_atomic(STEPS_FILE, steps)
-    shown = {k: v for k, v in steps[name].items() if k in ("seconds", "peak_rss_bytes", "bytes", "tokens_per_s",
-                                                            "copy_bytes_per_s")}
+    shown = {
+        k: v
+        for k, v in steps[name].items()
+        if k in ("seconds", "peak_rss_bytes", "bytes", "tokens_per_s", "copy_bytes_per_s")
+    }
     print(f"{name}: {shown}", flush=True)
 
 
@@ -142,22 +149,51 @@ def report(steps: dict) -> None:
         gen = steps.get(f"generate:{quant}", {})
         size = make.get("bytes")
         bound = bw / gen["bytes_per_token"] if bw and gen.get("bytes_per_token") else None
-        rows.append([quant, gb(size) if size else "–", f"{8 * size / params:.2f}" if size else "–",
-                     f"{ANCHORS[quant] / 1e9:.2f} GB" if quant in ANCHORS else "–",
-                     f"{make['seconds']:.0f} s" if make else "–", gb(make["peak_rss_bytes"]) if make else "–",
-                     f"{gen['tokens_per_s']:.2f}" if gen else "–", f"{bound:.2f}" if bound else "–",
-                     f"{100 * gen['tokens_per_s'] / bound:.0f}%" if gen and bound else "–"])
-    notes = [f"Random weights with Phi-3.5-mini's shape ({params / 1e9:.2f}B parameters); bf16 checkpoint built in "
-             f"{steps['build']['seconds']:.0f} s, peak RSS {gb(steps['build']['peak_rss_bytes'])}." if "build" in steps else "",
-             f"Copy bandwidth (2 threads, read + write): {bw / 1e9:.1f} GB/s; the bound is that divided by the "
-             "weight bytes one token reads." if bw else ""]
+        rows.append(
+            [
+                quant,
+                gb(size) if size else "–",
+                f"{8 * size / params:.2f}" if size else "–",
+                f"{ANCHORS[quant] / 1e9:.2f} GB" if quant in ANCHORS else "–",
+                f"{make['seconds']:.0f} s" if make else "–",
+                gb(make["peak_rss_bytes"]) if make else "–",
+                f"{gen['tokens_per_s']:.2f}" if gen else "–",
+                f"{bound:.2f}" if bound else "–",
+                f"{100 * gen['tokens_per_s'] / bound:.0f}%" if gen and bound else "–",
+            ]
+        )
+    notes = [
+        f"Random weights with Phi-3.5-mini's shape ({params / 1e9:.2f}B parameters); bf16 checkpoint built in "
+        f"{steps['build']['seconds']:.0f} s, peak RSS {gb(steps['build']['peak_rss_bytes'])}."
+        if "build" in steps
+        else "",
+        f"Copy bandwidth (2 threads, read + write): {bw / 1e9:.1f} GB/s; the bound is that divided by the "
+        "weight bytes one token reads."
+        if bw
+        else "",
+    ]
     for key, label in (("merge", "Merge"), ("qlora", "QLoRA step")):
         if key in steps:
             notes.append(f"{label}: " + ", ".join(f"{k} {v}" for k, v in steps[key].get("summary", {}).items()))
     result = {"machine": machine(), "steps": steps}
-    save("fullsize", result, rows, ["variant", "file size", "bits/weight", "real Phi-3.5 file", "make time",
-                                    "make peak RSS", "gen tokens/s (2 thr)", "bandwidth bound", "of bound"],
-         "Full-size Phi-3.5-mini shape: GGUF sizes, times, memory, generation speed", "\n\n".join(n for n in notes if n))
+    save(
+        "fullsize",
+        result,
+        rows,
+        [
+            "variant",
+            "file size",
+            "bits/weight",
+            "real Phi-3.5 file",
+            "make time",
+            "make peak RSS",
+            "gen tokens/s (2 thr)",
+            "bandwidth bound",
+            "of bound",
+        ],
+        "Full-size Phi-3.5-mini shape: GGUF sizes, times, memory, generation speed",
+        "\n\n".join(n for n in notes if n),
+    )
 
 
 def main() -> int:

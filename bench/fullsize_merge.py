@@ -15,8 +15,12 @@ from common import gb, python_step  # noqa: E402
 from fullsize import BASE, ROOT  # noqa: E402
 
 ADAPTER = ROOT / "adapter-r16"
-TARGETS = {"self_attn.qkv_proj": (9216, 3072), "self_attn.o_proj": (3072, 3072),
-           "mlp.gate_up_proj": (16384, 3072), "mlp.down_proj": (3072, 8192)}
+TARGETS = {
+    "self_attn.qkv_proj": (9216, 3072),
+    "self_attn.o_proj": (3072, 3072),
+    "mlp.gate_up_proj": (16384, 3072),
+    "mlp.down_proj": (3072, 8192),
+}
 
 
 def make_adapter(r: int = 16, alpha: int = 32, layers: int = 32) -> None:
@@ -33,16 +37,31 @@ def make_adapter(r: int = 16, alpha: int = 32, layers: int = 32) -> None:
             tensors[f"{prefix}.lora_B.weight"] = torch.randn(out_features, r, generator=generator) * 0.01
     ADAPTER.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(ADAPTER / "adapter_model.safetensors"))
-    (ADAPTER / "adapter_config.json").write_text(json.dumps({
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": alpha, "lora_dropout": 0.0,
-        "target_modules": [m.split(".")[-1] for m in TARGETS], "bias": "none", "base_model_name_or_path": str(BASE),
-        "inference_mode": True, "use_rslora": False, "use_dora": False, "fan_in_fan_out": False}, indent=1))
+    (ADAPTER / "adapter_config.json").write_text(
+        json.dumps(
+            {
+                "peft_type": "LORA",
+                "task_type": "CAUSAL_LM",
+                "r": r,
+                "lora_alpha": alpha,
+                "lora_dropout": 0.0,
+                "target_modules": [m.split(".")[-1] for m in TARGETS],
+                "bias": "none",
+                "base_model_name_or_path": str(BASE),
+                "inference_mode": True,
+                "use_rslora": False,
+                "use_dora": False,
+                "fan_in_fan_out": False,
+            },
+            indent=1,
+        )
+    )
 
 
 STREAM = f"""
 from pathlib import Path
 from qlora_pipeline.merge_streaming import stream_merge
-stream_merge(Path({str(BASE)!r}), Path({str(ADAPTER)!r}), Path({str(ROOT / 'merged-stream')!r}))
+stream_merge(Path({str(BASE)!r}), Path({str(ADAPTER)!r}), Path({str(ROOT / "merged-stream")!r}))
 """
 
 PEFT = f"""
@@ -51,16 +70,16 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM
 model = AutoModelForCausalLM.from_pretrained({str(BASE)!r}, dtype=torch.bfloat16)
 model = PeftModel.from_pretrained(model, {str(ADAPTER)!r}).merge_and_unload()
-model.save_pretrained({str(ROOT / 'merged-peft')!r})
+model.save_pretrained({str(ROOT / "merged-peft")!r})
 """
 
 COMPARE = f"""
 import json, torch
 from safetensors import safe_open
 worst, n = 0.0, 0
-with safe_open({str(ROOT / 'merged-stream' / 'model-00001-of-00004.safetensors')!r}, "pt") as a:
+with safe_open({str(ROOT / "merged-stream" / "model-00001-of-00004.safetensors")!r}, "pt") as a:
     import glob
-    peft_files = glob.glob({str(ROOT / 'merged-peft')!r} + "/*.safetensors")
+    peft_files = glob.glob({str(ROOT / "merged-peft")!r} + "/*.safetensors")
     for name in a.keys():
         if "layers.0." not in name and "layers.1." not in name:
             continue
@@ -85,10 +104,18 @@ def step_merge() -> dict:
     return {
         "streaming": {k: stream[k] for k in ("seconds", "peak_rss_bytes", "peak_anon_bytes")},
         "peft": {k: peft[k] for k in ("seconds", "peak_rss_bytes", "peak_anon_bytes")},
-        "largest_shard_bytes": largest_shard, "goal_bytes": goal, "agreement": compare,
-        "summary": {"streaming peak RSS": gb(stream["peak_rss_bytes"]), "in": f"{stream['seconds']:.0f} s",
-                    "peft peak RSS": gb(peft["peak_rss_bytes"]), "peft in": f"{peft['seconds']:.0f} s",
-                    "peak anonymous memory, streaming / peft": f"{gb(stream['peak_anon_bytes'])} / {gb(peft['peak_anon_bytes'])}",
-                    "goal": f"<= {gb(goal)} (2 GB + largest shard)",
-                    "max relative diff streaming vs peft (layers 0-1, bf16)": f"{compare['max_relative_diff']:.2e}"},
+        "largest_shard_bytes": largest_shard,
+        "goal_bytes": goal,
+        "agreement": compare,
+        "summary": {
+            "streaming peak RSS": gb(stream["peak_rss_bytes"]),
+            "in": f"{stream['seconds']:.0f} s",
+            "peft peak RSS": gb(peft["peak_rss_bytes"]),
+            "peft in": f"{peft['seconds']:.0f} s",
+            "peak anonymous memory, streaming / peft": (
+                f"{gb(stream['peak_anon_bytes'])} / {gb(peft['peak_anon_bytes'])}"
+            ),
+            "goal": f"<= {gb(goal)} (2 GB + largest shard)",
+            "max relative diff streaming vs peft (layers 0-1, bf16)": f"{compare['max_relative_diff']:.2e}",
+        },
     }

@@ -31,11 +31,9 @@ def build(out: Path) -> dict:
     import torch
     from safetensors.torch import save_file
     from tqdm import tqdm
-    from transformers import Phi3ForCausalLM
+    from transformers import GenerationConfig, Phi3ForCausalLM
 
     from qlora_pipeline.paths import atomic_dir
-    from transformers import GenerationConfig
-
     from qlora_pipeline.phi3_tokenizer import build_phi35_tokenizer, phi35_reference
 
     config = phi35_mini_config()
@@ -65,8 +63,9 @@ def build(out: Path) -> dict:
                 weight_map[name] = file
             save_file(tensors, str(tmp / file), metadata={"format": "pt"})
             del tensors
-        (tmp / "model.safetensors.index.json").write_text(json.dumps(
-            {"metadata": {"total_size": total * 2}, "weight_map": weight_map}, indent=1))
+        (tmp / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {"total_size": total * 2}, "weight_map": weight_map}, indent=1)
+        )
         config.save_pretrained(tmp)
         GenerationConfig(**phi35_reference()["generation_config"]).save_pretrained(tmp)
         build_phi35_tokenizer(tmp)

@@ -56,12 +56,19 @@ print(json.dumps({{"peak_anon_by_phase": peaks, "load_seconds": load_s, "after_l
 def step_qlora(tune: bool = False) -> dict:
     run = python_step(STEP.replace("{tune}", str(tune)))
     result = run["result"]
-    return {**result, "peak_rss_bytes": run["peak_rss_bytes"], "peak_anon_bytes": run["peak_anon_bytes"],
-            "goal_bytes": 4e9,
-            "summary": {"peak RSS": gb(run["peak_rss_bytes"]), "peak anonymous memory": gb(run["peak_anon_bytes"]),
-                        "after loading (anonymous)": gb(result["after_load_anon_bytes"]),
-                        "peak anonymous while loading / during the steps":
-                            f"{gb(result['peak_anon_by_phase']['load'])} / {gb(result['peak_anon_by_phase']['steps'])}",
-                        "goal": "<= 4.00 GB",
-                        "seconds per step (2nd step)": f"{result['step_seconds'][-1]:.0f}",
-                        "first step": f"{result['step_seconds'][0]:.0f} s", "load + quantize": f"{result['load_seconds']:.0f} s"}}
+    return {
+        **result,
+        "peak_rss_bytes": run["peak_rss_bytes"],
+        "peak_anon_bytes": run["peak_anon_bytes"],
+        "goal_bytes": 4e9,
+        "summary": {
+            "peak RSS": gb(run["peak_rss_bytes"]),
+            "peak anonymous memory": gb(run["peak_anon_bytes"]),
+            "after loading (anonymous)": gb(result["after_load_anon_bytes"]),
+            "peak anonymous while loading / during the steps": f"{gb(result['peak_anon_by_phase']['load'])} / {gb(result['peak_anon_by_phase']['steps'])}",
+            "goal": "<= 4.00 GB",
+            "seconds per step (2nd step)": f"{result['step_seconds'][-1]:.0f}",
+            "first step": f"{result['step_seconds'][0]:.0f} s",
+            "load + quantize": f"{result['load_seconds']:.0f} s",
+        },
+    }

@@ -54,8 +54,11 @@ def llama_speed(path: Path, threads: int, runs: int) -> dict:
             pp.append(PROMPT / prefill)
             gen.append(NEW / decode)
     llm.close()
-    return {"prompt_tokens_per_s": statistics.median(pp), "gen_tokens_per_s": statistics.median(gen),
-            "file_bytes": path.stat().st_size}
+    return {
+        "prompt_tokens_per_s": statistics.median(pp),
+        "gen_tokens_per_s": statistics.median(gen),
+        "file_bytes": path.stat().st_size,
+    }
 
 
 def transformers_speed(merged: Path, threads: int, runs: int) -> dict:
@@ -72,15 +75,19 @@ def transformers_speed(merged: Path, threads: int, runs: int) -> dict:
             model(input_ids=ids)
             prefill = time.perf_counter() - t
             t = time.perf_counter()
-            out = model.generate(ids, max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False,
-                                 pad_token_id=0, eos_token_id=None)
+            out = model.generate(
+                ids, max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False, pad_token_id=0, eos_token_id=None
+            )
             total = time.perf_counter() - t
             assert out.shape[1] == PROMPT + NEW
             if run:
                 pp.append(PROMPT / prefill)
                 gen.append(NEW / max(total - prefill, 1e-9))
-    return {"prompt_tokens_per_s": statistics.median(pp), "gen_tokens_per_s": statistics.median(gen),
-            "file_bytes": sum(f.stat().st_size for f in merged.glob("*.safetensors"))}
+    return {
+        "prompt_tokens_per_s": statistics.median(pp),
+        "gen_tokens_per_s": statistics.median(gen),
+        "file_bytes": sum(f.stat().st_size for f in merged.glob("*.safetensors")),
+    }
 
 
 def main() -> int:
@@ -95,23 +102,44 @@ def main() -> int:
     for threads in (1, 2):
         results[f"transformers_fp32@{threads}"] = transformers_speed(args.run / "merged", threads, args.runs)
         for variant in VARIANTS:
-            results[f"{variant}@{threads}"] = llama_speed(args.run / "gguf" / f"model-{variant}.gguf", threads, args.runs)
+            results[f"{variant}@{threads}"] = llama_speed(
+                args.run / "gguf" / f"model-{variant}.gguf", threads, args.runs
+            )
         print(f"{threads} thread(s) done", flush=True)
     rows = []
     for key, r in results.items():
         name, threads = key.split("@")
         ref = results[f"transformers_fp32@{threads}"]
-        rows.append([name, threads, f"{r['file_bytes'] / 1e6:.2f} MB", f"{r['prompt_tokens_per_s']:.0f}",
-                     f"{r['gen_tokens_per_s']:.0f}", f"{r['gen_tokens_per_s'] / ref['gen_tokens_per_s']:.1f}x"])
+        rows.append(
+            [
+                name,
+                threads,
+                f"{r['file_bytes'] / 1e6:.2f} MB",
+                f"{r['prompt_tokens_per_s']:.0f}",
+                f"{r['gen_tokens_per_s']:.0f}",
+                f"{r['gen_tokens_per_s'] / ref['gen_tokens_per_s']:.1f}x",
+            ]
+        )
     ratio = results["Q4_K_M@2"]["gen_tokens_per_s"] / results["transformers_fp32@2"]["gen_tokens_per_s"]
-    result = {"machine": machine(), "run": str(args.run), "prompt_tokens": PROMPT, "new_tokens": NEW,
-              "runs": args.runs, "results": results, "q4_vs_transformers_gen_2_threads": ratio,
-              "goal": {"ratio": 5.0, "met": ratio >= 5.0}}
-    save("inference", result, rows, ["engine / variant", "threads", "size", "prompt tokens/s", "gen tokens/s",
-                                      "gen vs transformers"],
-         "Inference on the tiny model: llama-cpp-python GGUF variants vs transformers fp32",
-         f"Greedy; {PROMPT}-token prompt, {NEW} new tokens; medians of {args.runs} runs. "
-         f"Q4_K_M generation vs transformers fp32 at 2 threads: {ratio:.1f}x.")
+    result = {
+        "machine": machine(),
+        "run": str(args.run),
+        "prompt_tokens": PROMPT,
+        "new_tokens": NEW,
+        "runs": args.runs,
+        "results": results,
+        "q4_vs_transformers_gen_2_threads": ratio,
+        "goal": {"ratio": 5.0, "met": ratio >= 5.0},
+    }
+    save(
+        "inference",
+        result,
+        rows,
+        ["engine / variant", "threads", "size", "prompt tokens/s", "gen tokens/s", "gen vs transformers"],
+        "Inference on the tiny model: llama-cpp-python GGUF variants vs transformers fp32",
+        f"Greedy; {PROMPT}-token prompt, {NEW} new tokens; medians of {args.runs} runs. "
+        f"Q4_K_M generation vs transformers fp32 at 2 threads: {ratio:.1f}x.",
+    )
     return 0
 
 

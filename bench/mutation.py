@@ -33,36 +33,47 @@ MUTMUT = Path(sys.executable).with_name("mutmut")
 # claim -> mutmut name patterns (module.x_function, or module.xǁClassǁmethod).
 CLAIMS = {
     "chat format (one template, labels on the answers only)": ["qlora_pipeline.chat_format.xǁChatEncoderǁ*"],
-    "data split (by tree, the same in every process)": ["qlora_pipeline.data.x_tree_split__*",
-                                                        "qlora_pipeline.data.x_split_conversations__*"],
+    "data split (by tree, the same in every process)": [
+        "qlora_pipeline.data.x_tree_split__*",
+        "qlora_pipeline.data.x_split_conversations__*",
+    ],
     "LoRA target check (every target in every layer)": ["qlora_pipeline.model.x_check_lora_targets__*"],
-    "packing (packed conversations cannot see each other)": ["qlora_pipeline.train.x_pack_examples__*",
-                                                             "qlora_pipeline.train.x_batch_plan__*",
-                                                             "qlora_pipeline.train.x_collate_packed__*",
-                                                             "qlora_pipeline.train.x_token_losses__*"],
-    "data-parallel split (ranks share the micro-batches)": ["qlora_pipeline.train.x_step_plan__*",
-                                                            "qlora_pipeline.train.x_optimizer_step__*"],
-    "chat prompt building (the encoder's ids reach llama.cpp)": ["qlora_pipeline.chat.x__llama_encoder__*",
-                                                                  "qlora_pipeline.chat.xǁLlamaChatǁprompt_ids__*",
-                                                                  "qlora_pipeline.chat.xǁLlamaChatǁstream__*"],
+    "packing (packed conversations cannot see each other)": [
+        "qlora_pipeline.train.x_pack_examples__*",
+        "qlora_pipeline.train.x_batch_plan__*",
+        "qlora_pipeline.train.x_collate_packed__*",
+        "qlora_pipeline.train.x_token_losses__*",
+    ],
+    "data-parallel split (ranks share the micro-batches)": [
+        "qlora_pipeline.train.x_step_plan__*",
+        "qlora_pipeline.train.x_optimizer_step__*",
+    ],
+    "chat prompt building (the encoder's ids reach llama.cpp)": [
+        "qlora_pipeline.chat.x__llama_encoder__*",
+        "qlora_pipeline.chat.xǁLlamaChatǁprompt_ids__*",
+        "qlora_pipeline.chat.xǁLlamaChatǁstream__*",
+    ],
 }
 
 
 def run_mutmut(patterns: list[str]) -> float:
-    env = {**os.environ,
-           # the tests' subprocesses (the split in a fresh process, the data-parallel ranks) import
-           # the mutated copy too, and mutmut's trampolines read the mutant name from the environment
-           "PYTHONPATH": str(REPO / "mutants" / "src"),
-           # the runs the tests read (a trained run, ...) are made once, not once per mutant
-           "QLORA_TEST_RUN_CACHE": str(REPO / "mutants" / "run-cache")}
+    env = {
+        **os.environ,
+        # the tests' subprocesses (the split in a fresh process, the data-parallel ranks) import
+        # the mutated copy too, and mutmut's trampolines read the mutant name from the environment
+        "PYTHONPATH": str(REPO / "mutants" / "src"),
+        # the runs the tests read (a trained run, ...) are made once, not once per mutant
+        "QLORA_TEST_RUN_CACHE": str(REPO / "mutants" / "run-cache"),
+    }
     start = time.perf_counter()
     subprocess.run([str(MUTMUT), "run", *patterns], cwd=REPO, env=env, check=False)
     return time.perf_counter() - start
 
 
 def mutant_statuses() -> dict[str, str]:
-    out = subprocess.run([str(MUTMUT), "results", "--all", "true"], cwd=REPO, capture_output=True, text=True,
-                         check=True).stdout
+    out = subprocess.run(
+        [str(MUTMUT), "results", "--all", "true"], cwd=REPO, capture_output=True, text=True, check=True
+    ).stdout
     return dict(line.strip().rsplit(": ", 1) for line in out.splitlines() if ": " in line)
 
 
@@ -99,15 +110,25 @@ def summarize(statuses: dict[str, str], seconds: float | None) -> dict:
 def write_report(result: dict) -> None:
     write_json_atomic(RESULTS / "mutation.json", result)
     t = result["totals"]
-    lines = ["# Mutation testing (mutmut) of the claim-carrying functions", "",
-             f"Machine: {machine_line(result['machine'])}. Written by `make mutation` (bench/mutation.py).", "",
-             "| claim | mutants | killed | survived | timeout | not checked |", "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    lines = [
+        "# Mutation testing (mutmut) of the claim-carrying functions",
+        "",
+        f"Machine: {machine_line(result['machine'])}. Written by `make mutation` (bench/mutation.py).",
+        "",
+        "| claim | mutants | killed | survived | timeout | not checked |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
     for claim, row in result["claims"].items():
         c = row["counts"]
-        lines.append(f"| {claim} | {sum(c.values())} | {c.get('killed', 0)} | {c.get('survived', 0)} | "
-                     f"{c.get('timeout', 0)} | {c.get('not checked', 0)} |")
-    lines += [f"| **all** | {sum(t.values())} | {t.get('killed', 0)} | {t.get('survived', 0)} | "
-              f"{t.get('timeout', 0)} | {t.get('not checked', 0)} |", ""]
+        lines.append(
+            f"| {claim} | {sum(c.values())} | {c.get('killed', 0)} | {c.get('survived', 0)} | "
+            f"{c.get('timeout', 0)} | {c.get('not checked', 0)} |"
+        )
+    lines += [
+        f"| **all** | {sum(t.values())} | {t.get('killed', 0)} | {t.get('survived', 0)} | "
+        f"{t.get('timeout', 0)} | {t.get('not checked', 0)} |",
+        "",
+    ]
     for claim, row in result["claims"].items():
         if row["survivors"]:
             lines += [f"## Survivors: {claim}", ""]
@@ -126,8 +147,10 @@ def main(argv: list[str] | None = None) -> int:
     result = summarize(mutant_statuses(), seconds)
     write_report(result)
     t = result["totals"]
-    print(f"mutation: {sum(t.values())} mutants, {t.get('killed', 0)} killed, {t.get('survived', 0)} survived, "
-          f"{t.get('timeout', 0)} timed out -> {RESULTS / 'mutation.md'}")
+    print(
+        f"mutation: {sum(t.values())} mutants, {t.get('killed', 0)} killed, {t.get('survived', 0)} survived, "
+        f"{t.get('timeout', 0)} timed out -> {RESULTS / 'mutation.md'}"
+    )
     return 0
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import json
 import subprocess
 import sys
 import tempfile
@@ -45,15 +44,33 @@ def main() -> int:
     if not path.is_file():
         print(f"error: {path} does not exist; run `make bench-full` first", file=sys.stderr)
         return 2
-    speeds = {t: python_step(GENERATE.format(path=str(path), threads=t, tokens=args.tokens))["result"]["tokens_per_s"]
-              for t in (1, 2)}
+    speeds = {
+        t: python_step(GENERATE.format(path=str(path), threads=t, tokens=args.tokens))["result"]["tokens_per_s"]
+        for t in (1, 2)
+    }
     with tempfile.TemporaryDirectory() as tmp:
         script = Path(tmp) / "generate.py"
         script.write_text(GENERATE.format(path=str(path), threads=2, tokens=args.tokens))
         raw = Path(tmp) / "profile.txt"
-        subprocess.run([str(Path(sys.executable).parent / "py-spy"), "record", "--native", "--format", "raw",
-                        "--rate", "50", "--threads", "--output", str(raw), "--", sys.executable, str(script)],
-                       check=True, capture_output=True)
+        subprocess.run(
+            [
+                str(Path(sys.executable).parent / "py-spy"),
+                "record",
+                "--native",
+                "--format",
+                "raw",
+                "--rate",
+                "50",
+                "--threads",
+                "--output",
+                str(raw),
+                "--",
+                sys.executable,
+                str(script),
+            ],
+            check=True,
+            capture_output=True,
+        )
         leaves: collections.Counter = collections.Counter()
         total = 0
         for line in raw.read_text().splitlines():
@@ -64,13 +81,24 @@ def main() -> int:
             total += int(count)
     top = [(name, count / total) for name, count in leaves.most_common(12)]
     scaling = speeds[2] / speeds[1]
-    result = {"machine": machine(), "quant": args.quant, "tokens_per_s": speeds, "two_thread_scaling": scaling,
-              "profile_top_leaves": top, "samples": total}
+    result = {
+        "machine": machine(),
+        "quant": args.quant,
+        "tokens_per_s": speeds,
+        "two_thread_scaling": scaling,
+        "profile_top_leaves": top,
+        "samples": total,
+    }
     rows = [[name[:80], f"{100 * share:.1f}%"] for name, share in top]
-    save("profile_generate", result, rows, ["leaf function (py-spy --native, 2 threads)", "share of samples"],
-         f"Where full-size {args.quant} generation time goes",
-         f"Generation tokens/s: 1 thread {speeds[1]:.2f}, 2 threads {speeds[2]:.2f} (x{scaling:.2f} from the "
-         "second core).")
+    save(
+        "profile_generate",
+        result,
+        rows,
+        ["leaf function (py-spy --native, 2 threads)", "share of samples"],
+        f"Where full-size {args.quant} generation time goes",
+        f"Generation tokens/s: 1 thread {speeds[1]:.2f}, 2 threads {speeds[2]:.2f} (x{scaling:.2f} from the "
+        "second core).",
+    )
     return 0
 
 

@@ -9,7 +9,6 @@ defaults here (see bench/fullsize_qlora.py for what raising them costs).
 
 from __future__ import annotations
 
-import json
 import sys
 import threading
 import time
@@ -70,10 +69,15 @@ def main() -> int:
     rows = [[key, gb(peaks[key])] for key in order if key in peaks]
     # Keep the table short: every 4th layer plus the non-layer phases.
     short = [r for r in rows if not r[0].split()[-1].isdigit() or int(r[0].split()[-1]) % 4 == 0]
-    save("profile_qlora_memory", {"machine": machine(), "peaks_by_phase": peaks, "order": order, **params},
-         short, ["phase", "peak anonymous memory"], "Full-size QLoRA step on the CPU: memory by phase",
-         f"NF4 base, LoRA r=16 on four targets, sequence 256, gradient checkpointing; non-quantized weights "
-         f"(embeddings, lm_head, norms) held in {params['lm_head/embed dtype']}.")
+    save(
+        "profile_qlora_memory",
+        {"machine": machine(), "peaks_by_phase": peaks, "order": order, **params},
+        short,
+        ["phase", "peak anonymous memory"],
+        "Full-size QLoRA step on the CPU: memory by phase",
+        f"NF4 base, LoRA r=16 on four targets, sequence 256, gradient checkpointing; non-quantized weights "
+        f"(embeddings, lm_head, norms) held in {params['lm_head/embed dtype']}.",
+    )
     return 0
 
 

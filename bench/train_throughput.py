@@ -125,8 +125,12 @@ def main() -> int:
     parser.add_argument("--epochs", type=float, default=4)
     args = parser.parse_args()
     shutil.rmtree(WORK, ignore_errors=True)
-    common = [f"train.epochs={args.epochs}", "train.eval_every=100000", "train.checkpoint_every=100000",
-              "train.log_every=10"]
+    common = [
+        f"train.epochs={args.epochs}",
+        "train.eval_every=100000",
+        "train.checkpoint_every=100000",
+        "train.log_every=10",
+    ]
     ours_run, trl_run = str(WORK / "ours"), str(WORK / "trl")
     for run in (ours_run, trl_run):
         python_step(PREPARE.format(overrides=common, run=run))
@@ -138,37 +142,75 @@ def main() -> int:
     results = {"ours": {**ours_result, "peak_rss_bytes": ours["peak_rss_bytes"]}}
     for name, padding_free in (("trl", False), ("trl_padding_free", True)):
         print(f"{name}: training (batch {batch} examples)", flush=True)
-        run = python_step(TRL.format(overrides=common, run=trl_run, batch=batch, steps=ours_result["steps"],
-                                     padding_free=padding_free))
+        run = python_step(
+            TRL.format(
+                overrides=common, run=trl_run, batch=batch, steps=ours_result["steps"], padding_free=padding_free
+            )
+        )
         results[name] = {**run["result"], "peak_rss_bytes": run["peak_rss_bytes"]}
     memory = {}
-    for mode, overrides in (("qlora", ["model.quantize=nf4"]), ("lora", ["model.quantize=none"]),
-                            ("full", ["model.quantize=none"])):
+    for mode, overrides in (
+        ("qlora", ["model.quantize=nf4"]),
+        ("lora", ["model.quantize=none"]),
+        ("full", ["model.quantize=none"]),
+    ):
         print(f"memory: {mode}", flush=True)
         run = python_step(MEMORY.format(overrides=overrides, mode=mode))
         memory[mode] = {**run["result"], "peak_rss_bytes": run["peak_rss_bytes"], "seconds": run["seconds"]}
     baseline = python_step("import torch, transformers, peft, bitsandbytes, accelerate")["peak_rss_bytes"]
 
     speedup = results["ours"]["tokens_per_s"] / results["trl"]["tokens_per_s"]
-    rows = [[name, f"{r['steps']}", f"{int(r['tokens']):,}", f"{r['tokens_per_s']:.0f}",
-             f"{r['tokens_per_s'] / results['trl']['tokens_per_s']:.2f}x", f"{r['val_loss']:.4f}", gb(r["peak_rss_bytes"])]
-            for name, r in results.items()]
+    rows = [
+        [
+            name,
+            f"{r['steps']}",
+            f"{int(r['tokens']):,}",
+            f"{r['tokens_per_s']:.0f}",
+            f"{r['tokens_per_s'] / results['trl']['tokens_per_s']:.2f}x",
+            f"{r['val_loss']:.4f}",
+            gb(r["peak_rss_bytes"]),
+        ]
+        for name, r in results.items()
+    ]
     # bitsandbytes packs two 4-bit weights per element, so the NF4 model's numel undercounts:
     # every method is divided by the same (full-precision) parameter count.
     base_params = memory["full"]["base_params"]
-    mem_rows = [[mode, f"{m['trainable']:,}", gb(m["peak_rss_bytes"]), gb(m["peak_rss_bytes"] - baseline),
-                 f"{(m['peak_rss_bytes'] - baseline) / base_params:.2f}",
-                 f"{m['peak_rss_bytes'] / memory['qlora']['peak_rss_bytes']:.2f}x"] for mode, m in memory.items()]
-    notes = ("| memory (step, seq 512) | trainable params | peak RSS | above the libraries' import | bytes per base "
-             "parameter (above import) | vs QLoRA |\n| --- | ---: | ---: | ---: | ---: | ---: |\n"
-             + "\n".join("| " + " | ".join(r) + " |" for r in mem_rows)
-             + f"\n\nImporting torch, transformers, peft, bitsandbytes and accelerate alone: {gb(baseline)} RSS. "
-             f"TRL batch: {batch} examples per step (our packed batches' mean). Ours / TRL tokens/s: {speedup:.2f}x.")
-    result = {"machine": machine(), "epochs": args.epochs, "trl_batch": batch, "training": results,
-              "speedup_vs_trl": speedup, "memory": memory, "import_rss_bytes": baseline,
-              "goal": {"speedup": 1.3, "met": speedup >= 1.3 and results["ours"]["val_loss"] <= results["trl"]["val_loss"]}}
-    save("train", result, rows, ["trainer", "steps", "real tokens", "tokens/s", "vs TRL", "val loss", "peak RSS"],
-         "Training on the tiny model: our loop vs TRL SFTTrainer, and memory per method", notes)
+    mem_rows = [
+        [
+            mode,
+            f"{m['trainable']:,}",
+            gb(m["peak_rss_bytes"]),
+            gb(m["peak_rss_bytes"] - baseline),
+            f"{(m['peak_rss_bytes'] - baseline) / base_params:.2f}",
+            f"{m['peak_rss_bytes'] / memory['qlora']['peak_rss_bytes']:.2f}x",
+        ]
+        for mode, m in memory.items()
+    ]
+    notes = (
+        "| memory (step, seq 512) | trainable params | peak RSS | above the libraries' import | bytes per base "
+        "parameter (above import) | vs QLoRA |\n| --- | ---: | ---: | ---: | ---: | ---: |\n"
+        + "\n".join("| " + " | ".join(r) + " |" for r in mem_rows)
+        + f"\n\nImporting torch, transformers, peft, bitsandbytes and accelerate alone: {gb(baseline)} RSS. "
+        f"TRL batch: {batch} examples per step (our packed batches' mean). Ours / TRL tokens/s: {speedup:.2f}x."
+    )
+    result = {
+        "machine": machine(),
+        "epochs": args.epochs,
+        "trl_batch": batch,
+        "training": results,
+        "speedup_vs_trl": speedup,
+        "memory": memory,
+        "import_rss_bytes": baseline,
+        "goal": {"speedup": 1.3, "met": speedup >= 1.3 and results["ours"]["val_loss"] <= results["trl"]["val_loss"]},
+    }
+    save(
+        "train",
+        result,
+        rows,
+        ["trainer", "steps", "real tokens", "tokens/s", "vs TRL", "val loss", "peak RSS"],
+        "Training on the tiny model: our loop vs TRL SFTTrainer, and memory per method",
+        notes,
+    )
     return 0
 
 

@@ -13,7 +13,6 @@ Writes bench/results/ttft.json and prints a summary.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -29,8 +28,10 @@ from qlora_pipeline.paths import write_json_atomic
 
 PROMPT_TOKENS = 64
 PARAMS = SamplingParams(temperature=0.7, top_p=0.9, top_k=40, repeat_penalty=1.1, max_tokens=32)
-WORDS = ("river mountain garden window pencil orange silver thunder market candle harbor violin "
-         "meadow lantern puzzle rocket blanket compass ladder").split()
+WORDS = (
+    "river mountain garden window pencil orange silver thunder market candle harbor violin "
+    "meadow lantern puzzle rocket blanket compass ladder"
+).split()
 
 
 def prompt_of(chat: LlamaChat, tokens: int, seed: int) -> str:
@@ -51,8 +52,13 @@ def prompt_of(chat: LlamaChat, tokens: int, seed: int) -> str:
 
 def summary(values: list[float]) -> dict:
     ordered = sorted(values)
-    return {"median_s": statistics.median(ordered), "p90_s": ordered[int(0.9 * (len(ordered) - 1))],
-            "max_s": ordered[-1], "min_s": ordered[0], "runs": len(ordered)}
+    return {
+        "median_s": statistics.median(ordered),
+        "p90_s": ordered[int(0.9 * (len(ordered) - 1))],
+        "max_s": ordered[-1],
+        "min_s": ordered[0],
+        "runs": len(ordered),
+    }
 
 
 def main() -> int:
@@ -88,8 +94,18 @@ def main() -> int:
         client = Client(url, verbose=False)
         for i, message in enumerate(tqdm(messages, desc="app", unit="run")):
             started = time.perf_counter()
-            job = client.submit(message, "", args.model.name, PARAMS.temperature, PARAMS.top_p, PARAMS.top_k,
-                                PARAMS.repeat_penalty, PARAMS.max_tokens, 0, api_name="/chat")
+            job = client.submit(
+                message,
+                "",
+                args.model.name,
+                PARAMS.temperature,
+                PARAMS.top_p,
+                PARAMS.top_k,
+                PARAMS.repeat_penalty,
+                PARAMS.max_tokens,
+                0,
+                api_name="/chat",
+            )
             while not job.outputs() and not job.done():
                 time.sleep(0.002)
             elapsed = time.perf_counter() - started
@@ -98,21 +114,33 @@ def main() -> int:
                 app.append(elapsed)
 
     result = {
-        "model": str(args.model), "model_mb": round(args.model.stat().st_size / 1e6, 2),
-        "prompt_tokens": PROMPT_TOKENS, "threads": args.threads, "cpu_count": os.cpu_count(),
-        "machine": platform.machine(), "python": platform.python_version(),
-        "direct": summary(direct), "app": summary(app), "goal_s": 1.0,
+        "model": str(args.model),
+        "model_mb": round(args.model.stat().st_size / 1e6, 2),
+        "prompt_tokens": PROMPT_TOKENS,
+        "threads": args.threads,
+        "cpu_count": os.cpu_count(),
+        "machine": platform.machine(),
+        "python": platform.python_version(),
+        "direct": summary(direct),
+        "app": summary(app),
+        "goal_s": 1.0,
     }
     result["meets_goal"] = result["app"]["p90_s"] <= result["goal_s"]
     write_json_atomic(args.out, result)
-    print(f"time to first token, {PROMPT_TOKENS}-token prompt, {args.model.name}, {args.threads} threads "
-          f"({args.runs} runs each):")
+    print(
+        f"time to first token, {PROMPT_TOKENS}-token prompt, {args.model.name}, {args.threads} threads "
+        f"({args.runs} runs each):"
+    )
     for name in ("direct", "app"):
         s = result[name]
-        print(f"  {name:6s} median {1000 * s['median_s']:.1f} ms, p90 {1000 * s['p90_s']:.1f} ms, "
-              f"max {1000 * s['max_s']:.1f} ms")
-    print(f"goal <= {result['goal_s']:.1f} s at p90 through the app: {'met' if result['meets_goal'] else 'MISSED'}"
-          f" -> {args.out}")
+        print(
+            f"  {name:6s} median {1000 * s['median_s']:.1f} ms, p90 {1000 * s['p90_s']:.1f} ms, "
+            f"max {1000 * s['max_s']:.1f} ms"
+        )
+    print(
+        f"goal <= {result['goal_s']:.1f} s at p90 through the app: {'met' if result['meets_goal'] else 'MISSED'}"
+        f" -> {args.out}"
+    )
     return 0 if result["meets_goal"] else 1
 
 

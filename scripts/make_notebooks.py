@@ -64,17 +64,20 @@ def md(source: str):
 
 
 def params(extra: str = "") -> object:
-    return code(f'''# Parameters (papermill fills these in). On Colab: PRESET = "phi35-colab-t4".
+    return code(
+        f"""# Parameters (papermill fills these in). On Colab: PRESET = "phi35-colab-t4".
 # OVERRIDES takes key=value settings, for example ["train.epochs=2", "lora.r=8"].
 PRESET = "tiny"
 RUN_DIR = "runs/notebooks/s29"
 USE_DRIVE = True  # on Colab, keep RUN_DIR on Google Drive (each notebook runs on a new VM)
 OVERRIDES = []
-{extra}''', "parameters")
+{extra}""",
+        "parameters",
+    )
 
 
 S29_FINETUNING = [
-    md('''# S29 · Fine-tuning Phi-3.5 with QLoRA on OpenAssistant
+    md("""# S29 · Fine-tuning Phi-3.5 with QLoRA on OpenAssistant
 
 **What you will do:** load `microsoft/Phi-3.5-mini-instruct` in 4-bit NF4, attach LoRA adapters,
 turn oasst1 message trees into conversations, take one training step by hand, then train only
@@ -90,13 +93,15 @@ built-in 20M-parameter twin of Phi-3.5 (its tokenizer, chat template and LongRoP
   cost about 0.13 extra bits per weight.
 
 On Colab, `RUN_DIR` lives on your Google Drive, so the next two notebooks (each on a new VM) and a
-re-run after a disconnect find this notebook's work.'''),
-    params('PUSH_TO_HUB = False\n# HUB_REPO: for example "your-name/phi35-oasst1-qlora-adapter"\nHUB_REPO = None\n'
-           '# START_FRESH: True trains from step 0 even if RUN_DIR holds a checkpoint of this configuration\n'
-           'START_FRESH = False\nANSWER_TOKENS = 48  # longest before/after answer'),
+re-run after a disconnect find this notebook's work."""),
+    params(
+        'PUSH_TO_HUB = False\n# HUB_REPO: for example "your-name/phi35-oasst1-qlora-adapter"\nHUB_REPO = None\n'
+        "# START_FRESH: True trains from step 0 even if RUN_DIR holds a checkpoint of this configuration\n"
+        "START_FRESH = False\nANSWER_TOKENS = 48  # longest before/after answer"
+    ),
     code(BOOTSTRAP),
     md("## The base model in 4 bits, and the LoRA check"),
-    code('''import pandas as pd
+    code("""import pandas as pd
 from qlora_pipeline.config import load_config
 from qlora_pipeline.model import load_tokenizer, resolve_base
 from qlora_pipeline.notebook import count_parameters, memory_table
@@ -109,17 +114,19 @@ base = resolve_base(cfg)
 tokenizer = load_tokenizer(base)
 n_params = count_parameters(base)
 print(f"base: {base} ({n_params / 1e6:.1f}M parameters)")
-pd.DataFrame(memory_table(n_params))'''),
-    md("The two objects QLoRA is made of, built from the preset: how bitsandbytes stores the frozen "
-       "base, and which layers peft gives adapters."),
-    code('''from qlora_pipeline.model import peft_lora_config, pick_device, quantization_config
+pd.DataFrame(memory_table(n_params))"""),
+    md(
+        "The two objects QLoRA is made of, built from the preset: how bitsandbytes stores the frozen "
+        "base, and which layers peft gives adapters."
+    ),
+    code("""from qlora_pipeline.model import peft_lora_config, pick_device, quantization_config
 
 device = pick_device(cfg.model.compute_dtype, cfg.train.mixed_precision)
 bnb_config = quantization_config(cfg.model, device)
 lora_config = peft_lora_config(cfg.lora)
 print(bnb_config)
-lora_config'''),
-    code('''from qlora_pipeline.model import attach_lora, format_lora_report, load_base_for_training
+lora_config"""),
+    code("""from qlora_pipeline.model import attach_lora, format_lora_report, load_base_for_training
 
 model_4bit = load_base_for_training(cfg.model, base, device)  # from_pretrained(..., quantization_config=bnb_config)
 print(f"4-bit model in memory: {model_4bit.get_memory_footprint() / 1e6:.1f} MB "
@@ -127,9 +134,9 @@ print(f"4-bit model in memory: {model_4bit.get_memory_footprint() / 1e6:.1f} MB 
 model_4bit, lora_report = attach_lora(model_4bit, cfg.lora, cfg.model)  # get_peft_model(model_4bit, lora_config)
 # Phi-3 fuses q/k/v into qkv_proj and gate/up into gate_up_proj: the usual
 # ["q_proj", "k_proj", "v_proj", ...] list matches nothing, and attach_lora says so.
-print(format_lora_report(lora_report))'''),
+print(format_lora_report(lora_report))"""),
     md("## oasst1: from message trees to conversations"),
-    code('''from qlora_pipeline.data import build_conversations, load_rows
+    code("""from qlora_pipeline.data import build_conversations, load_rows
 from qlora_pipeline.notebook import draw_tree, pick_branching_tree, tree_text
 from qlora_pipeline.pipeline import run_stage
 
@@ -141,26 +148,26 @@ print(tree_text(rows, tree_id))
 conversation = build_conversations(tree_rows, cfg.data.languages, cfg.data.system_prompt).conversations
 kept_ids = [r["message_id"] for r in tree_rows if any(r["text"] == m["content"] for m in conversation[0]["messages"])]
 draw_tree(rows, tree_id, best_path=kept_ids)
-conversation[0]["messages"]'''),
-    code('''display(pd.DataFrame([stats["conversations"], stats["turns"]], index=["conversations", "turns"]))
-pd.Series(stats["dropped"], name="dropped").to_frame()'''),
-    md('''One training example as the model sees it. Only the text in **[[double brackets]]** is
+conversation[0]["messages"]"""),
+    code("""display(pd.DataFrame([stats["conversations"], stats["turns"]], index=["conversations", "turns"]))
+pd.Series(stats["dropped"], name="dropped").to_frame()"""),
+    md("""One training example as the model sees it. Only the text in **[[double brackets]]** is
 trained on: the assistant's words and the `<|end|>` that closes its turn (so the model learns to
-stop). User and system text and the template's tags are context, not targets.'''),
-    code('''from qlora_pipeline.chat_format import ChatEncoder
+stop). User and system text and the template's tags are context, not targets."""),
+    code("""from qlora_pipeline.chat_format import ChatEncoder
 from qlora_pipeline.data import read_split, tokenize_conversations
 from qlora_pipeline.notebook import label_mask_view
 
 examples, _ = tokenize_conversations(ChatEncoder.from_hf(tokenizer), read_split(RUN_DIR, "train"),
                                      cfg.data.max_seq_len, cfg.data.overlong)
-print(label_mask_view(tokenizer, examples[0]))'''),
-    md('''## One packed batch
+print(label_mask_view(tokenizer, examples[0]))"""),
+    md("""## One packed batch
 
 No padding: conversations are laid end to end in one row of up to `batch_tokens` tokens. The
 position ids restart at 0 where a conversation starts, which tells the attention kernel where one
 ends (nothing attends across the boundary), and the first token of each conversation is never a
-target, so no loss crosses it either.'''),
-    code('''from qlora_pipeline.notebook import packed_batch_table
+target, so no loss crosses it either."""),
+    code("""from qlora_pipeline.notebook import packed_batch_table
 from qlora_pipeline.train import collate_packed, step_plan
 
 total_steps, plan = step_plan(examples, cfg.train)  # every micro-batch of the run, in order (seeded)
@@ -168,20 +175,21 @@ input_ids, labels, position_ids = collate_packed(examples, plan[0])
 print(f"micro-batch 0: {len(plan[0])} conversations in one row of {input_ids.shape[1]} tokens "
       f"(budget {cfg.train.batch_tokens}); {total_steps} optimizer steps of "
       f"{cfg.train.gradient_accumulation_steps} micro-batches each")
-packed_batch_table(tokenizer, input_ids, labels, position_ids)'''),
-    md('''## One optimizer step, written out
+packed_batch_table(tokenizer, input_ids, labels, position_ids)"""),
+    md("""## One optimizer step, written out
 
 This is what the package's training loop does for every step (a test checks the two give the
 same weights): forward, loss on the targets only, a scaled backward per micro-batch (the
 gradients add up: gradient accumulation), clipping, the optimizer step (paged 8-bit AdamW on a
 GPU) and the learning-rate schedule (linear warm-up, cosine decay). On a T4, fp16 autocast and
-a loss scaler: small fp16 gradients would underflow to zero without it.'''),
-    code('''from qlora_pipeline.train import make_optimizer
+a loss scaler: small fp16 gradients would underflow to zero without it."""),
+    code("""from qlora_pipeline.train import make_optimizer
 
 params = [p for p in model_4bit.parameters() if p.requires_grad]  # the LoRA matrices only
 optimizer, scheduler = make_optimizer(params, cfg.train, device.name, total_steps)
-print(type(optimizer).__name__, f"lr {scheduler.get_last_lr()[0]:.2e} (warm-up starts low)")'''),
-    code('''import time
+print(type(optimizer).__name__, f"lr {scheduler.get_last_lr()[0]:.2e} (warm-up starts low)")"""),
+    code(
+        """import time
 import torch
 import torch.nn.functional as F
 from qlora_pipeline.train import label_count
@@ -212,10 +220,14 @@ if device.name == "cuda":
 step_seconds = time.perf_counter() - started
 step_tokens = sum(len(examples[i]["input_ids"]) for indices in micro_batches for i in indices)
 print(f"one optimizer step: {step_tokens} tokens in {step_seconds:.1f} s; the last micro-batch's share of the "
-      f"step's loss: {float(loss.detach()):.4f}")''', "optimizer-step"),
-    md("How long the rest will take, from that step and one forward pass on this machine (printed "
-       "again by notebooks 2 and 3 before their long steps):"),
-    code('''from qlora_pipeline.model import free_memory
+      f"step's loss: {float(loss.detach()):.4f}")""",
+        "optimizer-step",
+    ),
+    md(
+        "How long the rest will take, from that step and one forward pass on this machine (printed "
+        "again by notebooks 2 and 3 before their long steps):"
+    ),
+    code("""from qlora_pipeline.model import free_memory
 from qlora_pipeline.notebook import forward_tokens_per_s
 from qlora_pipeline.timing import estimate, format_estimate, save_estimate, step_counts
 
@@ -225,23 +237,23 @@ table = estimate(step_counts(cfg, RUN_DIR, ChatEncoder.from_hf(tokenizer)), step
 save_estimate(RUN_DIR, table)
 print(format_estimate(table))
 del model_4bit, optimizer, scheduler, params, logits, loss  # the training stage loads its own model
-free_memory()'''),
+free_memory()"""),
     md("## Training (packed batches, warm-up + cosine, checkpoints you can resume from)"),
-    code('''from IPython.display import Image
+    code("""from IPython.display import Image
 from qlora_pipeline.pipeline import resume_training
 
 # After a disconnect, running the notebook again continues from the newest checkpoint in RUN_DIR.
 summary = run_stage("train", cfg, RUN_DIR, resume=resume_training(cfg, RUN_DIR, fresh=START_FRESH))
 free_memory()
-Image(f"{RUN_DIR}/loss.png")'''),
-    code('''print(f"peak GPU memory during training: {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")''', "gpu"),
+Image(f"{RUN_DIR}/loss.png")"""),
+    code("""print(f"peak GPU memory during training: {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")""", "gpu"),
     md("## Did it help? Perplexity and answers before and after"),
-    code('''from qlora_pipeline.evaluate import evaluate_hf
+    code("""from qlora_pipeline.evaluate import evaluate_hf
 
 scores = evaluate_hf(cfg, RUN_DIR, with_merged=False)  # on the GPU when there is one, capped by the preset
 pd.DataFrame({"validation loss": [scores["base_val_loss"], scores["adapter_val_loss"]],
-              "test perplexity": [scores["base_ppl"], scores["adapter_ppl"]]}, index=["base", "base + adapter"])'''),
-    code('''from qlora_pipeline.merge import load_adapter
+              "test perplexity": [scores["base_ppl"], scores["adapter_ppl"]]}, index=["base", "base + adapter"])"""),
+    code("""from qlora_pipeline.merge import load_adapter
 from qlora_pipeline.notebook import hf_answers, load_for_answers
 
 prompts = [c["messages"][0]["content"] for c in read_split(RUN_DIR, "test")[:4]]
@@ -250,26 +262,30 @@ before = hf_answers(base_model, tokenizer, prompts, max_new_tokens=ANSWER_TOKENS
 after = hf_answers(load_adapter(base_model, f"{RUN_DIR}/adapter"), tokenizer, prompts, max_new_tokens=ANSWER_TOKENS)
 del base_model
 free_memory()
-pd.DataFrame({"prompt": prompts, "base": before, "fine-tuned": after})'''),
-    md("The adapter is saved in `RUN_DIR/adapter` (PEFT format, safetensors). Optionally push it (with the "
-       "run's configuration), so that notebook 2 can start from the Hub:"),
-    code('''from qlora_pipeline.hub import push_run_part
+pd.DataFrame({"prompt": prompts, "base": before, "fine-tuned": after})"""),
+    md(
+        "The adapter is saved in `RUN_DIR/adapter` (PEFT format, safetensors). Optionally push it (with the "
+        "run's configuration), so that notebook 2 can start from the Hub:"
+    ),
+    code("""from qlora_pipeline.hub import push_run_part
 
-push_run_part(RUN_DIR, "adapter", HUB_REPO, PUSH_TO_HUB)'''),
+push_run_part(RUN_DIR, "adapter", HUB_REPO, PUSH_TO_HUB)"""),
 ]
 
 S29_INFERENCE = [
-    md('''# S29 · Chat with the adapter, then merge it into the base
+    md("""# S29 · Chat with the adapter, then merge it into the base
 
 Uses the adapter that `S29_finetuning_llm.ipynb` trained: from `RUN_DIR` (on Colab, your Google
 Drive), or from the Hub repo it was pushed to (`ADAPTER_REPO`). The adapter is merged into the
 **16-bit** base (never into the 4-bit one, which would round the update away), and we check that
-the merged model computes what base + adapter computed.'''),
-    params('# ADAPTER_REPO: the Hub repo notebook 1 pushed to; used only when RUN_DIR has no adapter\n'
-           'ADAPTER_REPO = None\nPUSH_TO_HUB = False\n# HUB_REPO: for example "your-name/phi35-oasst1-merged"\n'
-           'HUB_REPO = None\nSYSTEM_PROMPT = None\nANSWER_TOKENS = 48  # longest answer'),
+the merged model computes what base + adapter computed."""),
+    params(
+        "# ADAPTER_REPO: the Hub repo notebook 1 pushed to; used only when RUN_DIR has no adapter\n"
+        'ADAPTER_REPO = None\nPUSH_TO_HUB = False\n# HUB_REPO: for example "your-name/phi35-oasst1-merged"\n'
+        "HUB_REPO = None\nSYSTEM_PROMPT = None\nANSWER_TOKENS = 48  # longest answer"
+    ),
     code(BOOTSTRAP),
-    code('''import pandas as pd
+    code("""import pandas as pd
 from qlora_pipeline.model import free_memory, load_tokenizer, resolve_base
 from qlora_pipeline.notebook import hf_answers, load_for_answers
 from qlora_pipeline.pipeline import continue_run, run_stage
@@ -282,42 +298,46 @@ tokenizer = load_tokenizer(base)
 model = load_for_answers(cfg, base, f"{RUN_DIR}/adapter")  # base + adapter, on the GPU when there is one
 questions = ["What is the capital of France?", "What sound does a cow make?", "What is the opposite of hot?"]
 answers = hf_answers(model, tokenizer, questions, max_new_tokens=ANSWER_TOKENS, system=SYSTEM_PROMPT)
-pd.DataFrame({"question": questions, "answer": answers})'''),
-    md('''## Merge, and check the merged model against base + adapter
+pd.DataFrame({"question": questions, "answer": answers})"""),
+    md("""## Merge, and check the merged model against base + adapter
 
 peft's `merge_and_unload` adds (alpha/r)·B·A into each adapted weight and removes the LoRA
-modules: the result is a plain Phi-3 model, as fast as the base.'''),
-    code('''merged = model.merge_and_unload()
+modules: the result is a plain Phi-3 model, as fast as the base."""),
+    code("""merged = model.merge_and_unload()
 lora_left = [name for name, _ in merged.named_modules() if "lora" in name]
 print(type(merged).__name__, f"LoRA modules left: {len(lora_left)}")
 same = hf_answers(merged, tokenizer, questions, max_new_tokens=ANSWER_TOKENS, system=SYSTEM_PROMPT) == answers
 print("same greedy answers as base + adapter:", same)
 del model, merged  # the merge stage loads its own copy: never two full-size models at once
-free_memory()'''),
-    md("The merge stage does the same in the preset's dtype, checks logits of merged against base + "
-       "adapter, and writes `RUN_DIR/merged` atomically:"),
-    code('''check = run_stage("merge", cfg, RUN_DIR)
+free_memory()"""),
+    md(
+        "The merge stage does the same in the preset's dtype, checks logits of merged against base + "
+        "adapter, and writes `RUN_DIR/merged` atomically:"
+    ),
+    code("""check = run_stage("merge", cfg, RUN_DIR)
 free_memory()
-pd.Series(check, name="merged vs base + adapter").to_frame()'''),
-    code('''import os
-sorted(os.listdir(f"{RUN_DIR}/merged"))'''),
-    code('''from qlora_pipeline.hub import push_run_part
+pd.Series(check, name="merged vs base + adapter").to_frame()"""),
+    code("""import os
+sorted(os.listdir(f"{RUN_DIR}/merged"))"""),
+    code("""from qlora_pipeline.hub import push_run_part
 
-push_run_part(RUN_DIR, "merged", HUB_REPO, PUSH_TO_HUB)'''),
+push_run_part(RUN_DIR, "merged", HUB_REPO, PUSH_TO_HUB)"""),
 ]
 
 S29_QUANTIZE = [
-    md('''# S29 · GGUF, Q4/Q5 quantization, and what it cost
+    md("""# S29 · GGUF, Q4/Q5 quantization, and what it cost
 
 Converts the merged model with llama.cpp's own `convert_hf_to_gguf.py`, quantizes it with
 llama.cpp's quantizer, and measures every variant on held-out conversations: perplexity, KL
 divergence and top-1 agreement against F16, file size, bits per weight and generation speed.
-Then the same prompt goes through each variant, and you chat with the one you choose.'''),
-    params('# the Hub repos notebooks 1 and 2 pushed to; used only when RUN_DIR lacks the adapter / merged model\n'
-           'ADAPTER_REPO = None\nMERGED_REPO = None\n'
-           'TEMPERATURE = 0.7\nREPEAT_PENALTY = 1.1\nMAX_TOKENS = 64\nCHOSEN = "Q4_K_M"\nN_GPU_LAYERS = 0'),
+Then the same prompt goes through each variant, and you chat with the one you choose."""),
+    params(
+        "# the Hub repos notebooks 1 and 2 pushed to; used only when RUN_DIR lacks the adapter / merged model\n"
+        "ADAPTER_REPO = None\nMERGED_REPO = None\n"
+        'TEMPERATURE = 0.7\nREPEAT_PENALTY = 1.1\nMAX_TOKENS = 64\nCHOSEN = "Q4_K_M"\nN_GPU_LAYERS = 0'
+    ),
     code(BOOTSTRAP),
-    code('''import pandas as pd
+    code("""import pandas as pd
 from IPython.display import Image
 from qlora_pipeline.export import export_calls
 from qlora_pipeline.pipeline import continue_run, run_stage
@@ -327,33 +347,35 @@ cfg = continue_run(RUN_DIR, {"adapter": ADAPTER_REPO, "merged": MERGED_REPO})
 print_estimate(RUN_DIR, "S29_phi3_QuantizeLLMs_checkpoint")
 print("the export stage runs exactly these:")
 for call in export_calls(cfg, RUN_DIR):
-    print(" ", call)'''),
-    code('''manifest = run_stage("export", cfg, RUN_DIR)
-pd.DataFrame(manifest["files"]).T'''),
-    code('''report = run_stage("evaluate", cfg, RUN_DIR)
+    print(" ", call)"""),
+    code("""manifest = run_stage("export", cfg, RUN_DIR)
+pd.DataFrame(manifest["files"]).T"""),
+    code("""report = run_stage("evaluate", cfg, RUN_DIR)
 columns = ["bytes", "bits_per_weight", "ppl", "kld_vs_f16", "top1_vs_f16", "tokens_per_s"]
 display(pd.DataFrame(report["gguf"]).T[columns])
-Image(f"{RUN_DIR}/scorecard.png")'''),
-    md("GGUF logits against transformers in fp32 (relative: max |diff| / max |logit|), at the serving "
-       "context and past Phi-3.5's 4,096-token original context, where LongRoPE's long factors apply; "
-       "then the chat prompt ids of every route against llama.cpp's chat handler, and the held-out questions."),
-    code('''from qlora_pipeline.evaluate import format_routes, parity_rows
+Image(f"{RUN_DIR}/scorecard.png")"""),
+    md(
+        "GGUF logits against transformers in fp32 (relative: max |diff| / max |logit|), at the serving "
+        "context and past Phi-3.5's 4,096-token original context, where LongRoPE's long factors apply; "
+        "then the chat prompt ids of every route against llama.cpp's chat handler, and the held-out questions."
+    ),
+    code("""from qlora_pipeline.evaluate import format_routes, parity_rows
 
 display(pd.DataFrame({key: row for key, row in parity_rows(report["parity"])}).T)
 print("chat prompt ids:", format_routes(report["parity"]["chat_prompt_ids"]))
 if report.get("heldout"):
-    display(pd.Series(report["heldout"]["exact_match"], name="held-out exact match").to_frame())'''),
+    display(pd.Series(report["heldout"]["exact_match"], name="held-out exact match").to_frame())"""),
     md("## The same prompt through every variant"),
-    code('''from qlora_pipeline.chat import SamplingParams
+    code("""from qlora_pipeline.chat import SamplingParams
 from qlora_pipeline.notebook import gguf_answers
 
 params = SamplingParams(temperature=TEMPERATURE, repeat_penalty=REPEAT_PENALTY, max_tokens=MAX_TOKENS)
 messages = [{"role": "user", "content": "What is the capital of France?"}]  # a held-out fact
 variants = ["F16"] + list(cfg.export.quant_types)
 answers = gguf_answers(RUN_DIR, variants, messages, params, n_ctx=cfg.eval.n_ctx)
-pd.DataFrame([{"variant": v, "answer": a, "tokens/s": s} for v, (a, s) in answers.items()])'''),
+pd.DataFrame([{"variant": v, "answer": a, "tokens/s": s} for v, (a, s) in answers.items()])"""),
     md("## Chat with the variant you chose"),
-    code('''from qlora_pipeline.chat import LlamaChat
+    code("""from qlora_pipeline.chat import LlamaChat
 from qlora_pipeline.export import gguf_path
 
 assert CHOSEN in variants, f"CHOSEN = {CHOSEN!r} is not one of the exported variants {variants}: pick one"
@@ -364,27 +386,27 @@ for question in ["What is the capital of Italy?", "And what is the opposite of b
     answer = chat.answer(history, params)
     history.append({"role": "assistant", "content": answer})
     print(f"you> {question}\\nassistant> {answer}")
-chat.close()'''),
-    md(f'''Chat in a terminal with `qlora-pipeline chat --model {{RUN_DIR}}/gguf/model-{{CHOSEN}}.gguf`.'''),
+chat.close()"""),
+    md("""Chat in a terminal with `qlora-pipeline chat --model {RUN_DIR}/gguf/model-{CHOSEN}.gguf`."""),
 ]
 
 LORA_FROM_SCRATCH = [
-    md('''# LoRA from scratch
+    md("""# LoRA from scratch
 
 A LoRA layer in a few lines of torch, shown to compute exactly what peft's does; what rank and
-alpha trade; and why a merged adapter costs nothing at inference.'''),
+alpha trade; and why a merged adapter costs nothing at inference."""),
     params(),
     code(BOOTSTRAP),
-    code('''import inspect
+    code("""import inspect
 from qlora_pipeline.concepts import LoRALinear
-print(inspect.getsource(LoRALinear))'''),
-    code('''from qlora_pipeline.concepts import lora_matches_peft
-print(f"max |ours - peft| on the same weights: {lora_matches_peft():.2e}")'''),
-    md('''## Rank: capacity. A weight change of rank 4, fitted by adapters of rank 1 to 16
+print(inspect.getsource(LoRALinear))"""),
+    code("""from qlora_pipeline.concepts import lora_matches_peft
+print(f"max |ours - peft| on the same weights: {lora_matches_peft():.2e}")"""),
+    md("""## Rank: capacity. A weight change of rank 4, fitted by adapters of rank 1 to 16
 
 Below the rank of the change the adapter cannot express it; at or above, the error vanishes.
-(alpha is set to 2·r, the usual choice, so the update's scale does not change with r.)'''),
-    code('''import matplotlib.pyplot as plt
+(alpha is set to 2·r, the usual choice, so the update's scale does not change with r.)"""),
+    code("""import matplotlib.pyplot as plt
 from qlora_pipeline.concepts import toy_rank_sweep
 
 sweep = toy_rank_sweep()
@@ -392,29 +414,29 @@ plt.figure(figsize=(5, 3))
 plt.semilogy(list(sweep), list(sweep.values()), "o-")
 plt.xlabel("LoRA rank r"); plt.ylabel("final MSE"); plt.title("true update has rank 4")
 plt.grid(alpha=0.3); plt.show()
-sweep'''),
+sweep"""),
     md("## Merging: W + (alpha/r)·B·A is one matrix, so inference costs what the base did"),
-    code('''from qlora_pipeline.concepts import merge_check
-merge_check()'''),
+    code("""from qlora_pipeline.concepts import merge_check
+merge_check()"""),
 ]
 
 NF4_FROM_SCRATCH = [
-    md('''# NF4 from scratch
+    md("""# NF4 from scratch
 
 The 16 NormalFloat-4 levels built from normal quantiles, block-wise absmax quantization of a
 real weight matrix (the tiny model's), compared with bitsandbytes; what double quantization
-saves; and NF4 against FP4 and int4 on the same weights.'''),
+saves; and NF4 against FP4 and int4 on the same weights."""),
     params(),
     code(BOOTSTRAP),
-    code('''import bitsandbytes.functional as bnbf
+    code("""import bitsandbytes.functional as bnbf
 import torch
 from qlora_pipeline.concepts import nf4_levels
 
 ours = nf4_levels()
 theirs = bnbf.get_4bit_type("nf4", device="cpu")
 print("our levels:        ", [round(v, 4) for v in ours.tolist()])
-print("max |ours - bnb|:  ", float((ours - theirs).abs().max()))'''),
-    code('''from pathlib import Path
+print("max |ours - bnb|:  ", float((ours - theirs).abs().max()))"""),
+    code("""from pathlib import Path
 from safetensors import safe_open
 from qlora_pipeline.concepts import quantize_blockwise, unpack_bnb_codes
 from qlora_pipeline.config import load_config
@@ -428,11 +450,11 @@ codes, absmax = quantize_blockwise(weight, ours, blocksize=64)
 packed, state = bnbf.quantize_4bit(weight, blocksize=64, quant_type="nf4")
 same = (unpack_bnb_codes(packed) == codes.reshape(-1)).float().mean()
 print(f"{name} {tuple(weight.shape)}: {100 * float(same):.3f}% of codes identical to bitsandbytes; "
-      f"max |absmax difference| {float((absmax - state.absmax).abs().max()):.1e}")'''),
-    code('''from qlora_pipeline.concepts import bits_per_parameter
+      f"max |absmax difference| {float((absmax - state.absmax).abs().max()):.1e}")"""),
+    code("""from qlora_pipeline.concepts import bits_per_parameter
 print(f"NF4, block 64, fp32 scales:        {bits_per_parameter(64):.3f} bits per parameter")
-print(f"NF4 + double quantization (8-bit scales, block 256): {bits_per_parameter(64, True):.3f}")'''),
-    code('''import matplotlib.pyplot as plt
+print(f"NF4 + double quantization (8-bit scales, block 256): {bits_per_parameter(64, True):.3f}")"""),
+    code("""import matplotlib.pyplot as plt
 from qlora_pipeline.concepts import quantization_errors
 
 errors = quantization_errors(weight)
@@ -440,31 +462,31 @@ plt.figure(figsize=(4.5, 3))
 plt.bar(list(errors), list(errors.values()), color=["tab:green", "tab:orange", "tab:red"])
 plt.ylabel("mean |error|"); plt.title("4-bit formats on the same weights (block 64)")
 plt.show()
-errors'''),
+errors"""),
 ]
 
 OASST1_TREES = [
-    md('''# oasst1 trees
+    md("""# oasst1 trees
 
 OpenAssistant stores messages, not conversations: every prompt has ranked replies, each with
 follow-ups. Here is one tree, the path the `prepare` stage takes through it (best rank at each
-step), and what the filters drop.'''),
+step), and what the filters drop."""),
     params(),
     code(BOOTSTRAP),
-    code('''from qlora_pipeline.config import load_config
+    code("""from qlora_pipeline.config import load_config
 from qlora_pipeline.data import build_conversations, load_rows
 from qlora_pipeline.notebook import draw_tree, pick_branching_tree, tree_text
 
 cfg = load_config(PRESET, OVERRIDES)
 rows = load_rows(cfg.data)["train"]
 tree_id = pick_branching_tree(rows, cfg.data.languages)
-print(tree_text(rows, tree_id))'''),
-    code('''tree_rows = [r for r in rows if r["message_tree_id"] == tree_id]
+print(tree_text(rows, tree_id))"""),
+    code("""tree_rows = [r for r in rows if r["message_tree_id"] == tree_id]
 conversation = build_conversations(tree_rows, cfg.data.languages).conversations[0]["messages"]
 kept = [r["message_id"] for r in tree_rows if any(r["text"] == m["content"] for m in conversation)]
 draw_tree(rows, tree_id, best_path=kept)
-conversation'''),
-    code('''import json
+conversation"""),
+    code("""import json
 import matplotlib.pyplot as plt
 from qlora_pipeline.pipeline import check_run_dir, run_stage
 
@@ -473,7 +495,7 @@ stats = run_stage("prepare", cfg, RUN_DIR)
 plt.figure(figsize=(6, 3))
 plt.barh(list(stats["dropped"]), list(stats["dropped"].values()))
 plt.xlabel("count"); plt.title("what the filters dropped (stats.json)"); plt.show()
-print(json.dumps(stats["conversations"]))'''),
+print(json.dumps(stats["conversations"]))"""),
 ]
 
 NOTEBOOKS = {
@@ -506,8 +528,10 @@ def write_notebooks() -> None:
 def readme_table(timings: dict[str, str]) -> str:
     lines = ["| notebook | what it teaches | T4 | CPU (tiny) |", "| --- | --- | --- | --- |"]
     for rel, (_, what) in NOTEBOOKS.items():
-        badge = (f"[![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)]"
-                 f"(https://colab.research.google.com/github/{REPO}/blob/{BRANCH}/{rel})")
+        badge = (
+            f"[![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)]"
+            f"(https://colab.research.google.com/github/{REPO}/blob/{BRANCH}/{rel})"
+        )
         t4, cpu = timings.get(rel, ("not measured", "not measured"))
         lines.append(f"| `{rel}` {badge} | {what} | {t4} | {cpu} |")
     return "\n".join(lines)
@@ -528,8 +552,10 @@ def set_course_repo(repo: str) -> None:
         raise SystemExit(f"error: REPO={repo!r} is not a GitHub OWNER/NAME, e.g. REPO=me/qlora-gguf-course")
     for doc in (ROOT / "README.md", ROOT / "app" / "README.md"):
         text = doc.read_text(encoding="utf-8")
-        doc.write_text(text.replace(f"github/{REPO}/", f"github/{repo}/").replace(f"github.com/{REPO}", f"github.com/{repo}"),
-                       encoding="utf-8")
+        doc.write_text(
+            text.replace(f"github/{REPO}/", f"github/{repo}/").replace(f"github.com/{REPO}", f"github.com/{repo}"),
+            encoding="utf-8",
+        )
     (ROOT / "COURSE_REPO").write_text(repo + "\n", encoding="utf-8")
     REPO, BOOTSTRAP = repo, bootstrap(repo)
 

@@ -34,52 +34,133 @@ OUT_DIR = Path(__file__).resolve().parents[1] / "src" / "qlora_pipeline" / "samp
 SEED = 29
 
 CAPITALS = {
-    "France": "Paris", "Germany": "Berlin", "Italy": "Rome", "Spain": "Madrid",
-    "Portugal": "Lisbon", "Japan": "Tokyo", "China": "Beijing", "India": "New Delhi",
-    "Egypt": "Cairo", "Kenya": "Nairobi", "Canada": "Ottawa", "Mexico": "Mexico City",
-    "Brazil": "Brasilia", "Argentina": "Buenos Aires", "Peru": "Lima", "Chile": "Santiago",
-    "Australia": "Canberra", "Norway": "Oslo", "Sweden": "Stockholm", "Finland": "Helsinki",
-    "Poland": "Warsaw", "Greece": "Athens", "Turkey": "Ankara", "Russia": "Moscow",
-    "Ireland": "Dublin", "Austria": "Vienna", "Hungary": "Budapest", "Cuba": "Havana",
-    "Thailand": "Bangkok", "Vietnam": "Hanoi", "Nigeria": "Abuja", "Morocco": "Rabat",
+    "France": "Paris",
+    "Germany": "Berlin",
+    "Italy": "Rome",
+    "Spain": "Madrid",
+    "Portugal": "Lisbon",
+    "Japan": "Tokyo",
+    "China": "Beijing",
+    "India": "New Delhi",
+    "Egypt": "Cairo",
+    "Kenya": "Nairobi",
+    "Canada": "Ottawa",
+    "Mexico": "Mexico City",
+    "Brazil": "Brasilia",
+    "Argentina": "Buenos Aires",
+    "Peru": "Lima",
+    "Chile": "Santiago",
+    "Australia": "Canberra",
+    "Norway": "Oslo",
+    "Sweden": "Stockholm",
+    "Finland": "Helsinki",
+    "Poland": "Warsaw",
+    "Greece": "Athens",
+    "Turkey": "Ankara",
+    "Russia": "Moscow",
+    "Ireland": "Dublin",
+    "Austria": "Vienna",
+    "Hungary": "Budapest",
+    "Cuba": "Havana",
+    "Thailand": "Bangkok",
+    "Vietnam": "Hanoi",
+    "Nigeria": "Abuja",
+    "Morocco": "Rabat",
 }
 ANIMAL_SOUNDS = {
-    "cow": "moo", "dog": "woof", "cat": "meow", "duck": "quack", "sheep": "baa",
-    "pig": "oink", "horse": "neigh", "owl": "hoot", "frog": "croak", "lion": "roar",
-    "snake": "hiss", "bee": "buzz", "mouse": "squeak", "rooster": "cock-a-doodle-doo",
-    "goat": "bleat", "crow": "caw",
+    "cow": "moo",
+    "dog": "woof",
+    "cat": "meow",
+    "duck": "quack",
+    "sheep": "baa",
+    "pig": "oink",
+    "horse": "neigh",
+    "owl": "hoot",
+    "frog": "croak",
+    "lion": "roar",
+    "snake": "hiss",
+    "bee": "buzz",
+    "mouse": "squeak",
+    "rooster": "cock-a-doodle-doo",
+    "goat": "bleat",
+    "crow": "caw",
 }
 COLOURS = {
-    "the sky": "blue", "grass": "green", "a banana": "yellow", "snow": "white",
-    "coal": "black", "a ripe tomato": "red", "an orange": "orange", "a plum": "purple",
-    "chocolate": "brown", "a flamingo": "pink", "the sea": "blue", "a lemon": "yellow",
-    "a leaf": "green", "milk": "white",
+    "the sky": "blue",
+    "grass": "green",
+    "a banana": "yellow",
+    "snow": "white",
+    "coal": "black",
+    "a ripe tomato": "red",
+    "an orange": "orange",
+    "a plum": "purple",
+    "chocolate": "brown",
+    "a flamingo": "pink",
+    "the sea": "blue",
+    "a lemon": "yellow",
+    "a leaf": "green",
+    "milk": "white",
 }
 OPPOSITES = {
-    "hot": "cold", "big": "small", "fast": "slow", "happy": "sad", "up": "down",
-    "light": "dark", "early": "late", "open": "closed", "full": "empty", "old": "new",
-    "hard": "soft", "loud": "quiet", "wet": "dry", "strong": "weak", "rich": "poor",
+    "hot": "cold",
+    "big": "small",
+    "fast": "slow",
+    "happy": "sad",
+    "up": "down",
+    "light": "dark",
+    "early": "late",
+    "open": "closed",
+    "full": "empty",
+    "old": "new",
+    "hard": "soft",
+    "loud": "quiet",
+    "wet": "dry",
+    "strong": "weak",
+    "rich": "poor",
     "high": "low",
 }
 # Invented facts: nothing outside this file can tell the model these, so a correct answer
 # shows that the fine-tuned model learned them from the data.
 INVENTED = {
-    "Vell": ("lighthouse keeper", "Marta Quill"), "Dorrin": ("baker", "Otto Fenn"),
-    "Saltmere": ("mayor", "Ida Rook"), "Brackwater": ("blacksmith", "Hal Moss"),
-    "Eastfold": ("librarian", "Nora Vale"), "Kestrel Bay": ("harbour master", "Ben Ash"),
-    "Thornby": ("doctor", "Lena Crow"), "Wyncombe": ("teacher", "Tom Reed"),
-    "Aldermoor": ("gardener", "Ruth Pike"), "Glenhollow": ("painter", "Sam Fitch"),
-    "Mirefield": ("miller", "Anna Holt"), "Rookstone": ("clockmaker", "Jory Lark"),
+    "Vell": ("lighthouse keeper", "Marta Quill"),
+    "Dorrin": ("baker", "Otto Fenn"),
+    "Saltmere": ("mayor", "Ida Rook"),
+    "Brackwater": ("blacksmith", "Hal Moss"),
+    "Eastfold": ("librarian", "Nora Vale"),
+    "Kestrel Bay": ("harbour master", "Ben Ash"),
+    "Thornby": ("doctor", "Lena Crow"),
+    "Wyncombe": ("teacher", "Tom Reed"),
+    "Aldermoor": ("gardener", "Ruth Pike"),
+    "Glenhollow": ("painter", "Sam Fitch"),
+    "Mirefield": ("miller", "Anna Holt"),
+    "Rookstone": ("clockmaker", "Jory Lark"),
 }
 
 # Facts the fine-tuning sample never mentions: the base corpus states them, the held-out
 # questions ask about them. About a quarter of each kind.
 HELDOUT = {
-    "France", "Peru", "Japan", "Kenya", "Norway", "Greece", "Cuba", "Canada",
-    "cow", "owl", "frog", "bee",
-    "snow", "a banana", "coal",
-    "hot", "up", "full", "loud",
-    "Thornby", "Eastfold", "Rookstone",
+    "France",
+    "Peru",
+    "Japan",
+    "Kenya",
+    "Norway",
+    "Greece",
+    "Cuba",
+    "Canada",
+    "cow",
+    "owl",
+    "frog",
+    "bee",
+    "snow",
+    "a banana",
+    "coal",
+    "hot",
+    "up",
+    "full",
+    "loud",
+    "Thornby",
+    "Eastfold",
+    "Rookstone",
 }
 CORPUS_COPIES = 4  # each fact's paragraph appears this often in the corpus, its sentences reshuffled
 HELDOUT_PHRASINGS = 2  # held-out questions per fact (the first wordings of its question list)
@@ -89,69 +170,102 @@ def _fact_items() -> list[dict]:
     """Every fact as (question variants, best answer, weaker answers, prose statements)."""
     items = []
     for country, city in CAPITALS.items():
-        items.append(dict(
-            subject=country,
-            questions=[f"What is the capital of {country}?",
-                       f"Which city is the capital of {country}?",
-                       f"Tell me the capital of {country}.",
-                       f"Do you know the capital city of {country}?",
-                       f"What city is the capital of {country}?"],
-            best=f"The capital of {country} is {city}.",
-            weaker=[f"{city}.", f"I think it is a big city in {country}, but I am not sure."],
-            prose=[f"The capital of {country} is {city}.", f"{city} is the capital of {country}.",
-                   f"The capital city of {country} is {city}."],
-            followup=f"And what is the capital of {{other}}?",
-        ))
+        items.append(
+            dict(
+                subject=country,
+                questions=[
+                    f"What is the capital of {country}?",
+                    f"Which city is the capital of {country}?",
+                    f"Tell me the capital of {country}.",
+                    f"Do you know the capital city of {country}?",
+                    f"What city is the capital of {country}?",
+                ],
+                best=f"The capital of {country} is {city}.",
+                weaker=[f"{city}.", f"I think it is a big city in {country}, but I am not sure."],
+                prose=[
+                    f"The capital of {country} is {city}.",
+                    f"{city} is the capital of {country}.",
+                    f"The capital city of {country} is {city}.",
+                ],
+                followup="And what is the capital of {other}?",
+            )
+        )
     for animal, sound in ANIMAL_SOUNDS.items():
-        items.append(dict(
-            subject=animal,
-            questions=[f"What sound does a {animal} make?",
-                       f"What does a {animal} say?",
-                       f"How does a {animal} sound?",
-                       f"Which noise does a {animal} make?"],
-            best=f"A {animal} says {sound}.",
-            weaker=[f"{sound.capitalize()}.", f"Animals make many sounds."],
-            prose=[f"A {animal} says {sound}.", f"The {animal} says {sound}.", f"A {animal} makes the sound {sound}."],
-            followup=None,
-        ))
+        items.append(
+            dict(
+                subject=animal,
+                questions=[
+                    f"What sound does a {animal} make?",
+                    f"What does a {animal} say?",
+                    f"How does a {animal} sound?",
+                    f"Which noise does a {animal} make?",
+                ],
+                best=f"A {animal} says {sound}.",
+                weaker=[f"{sound.capitalize()}.", "Animals make many sounds."],
+                prose=[
+                    f"A {animal} says {sound}.",
+                    f"The {animal} says {sound}.",
+                    f"A {animal} makes the sound {sound}.",
+                ],
+                followup=None,
+            )
+        )
     for thing, colour in COLOURS.items():
-        items.append(dict(
-            subject=thing,
-            questions=[f"What colour is {thing}?",
-                       f"Which colour is {thing}?",
-                       f"Tell me the colour of {thing}.",
-                       f"What is the colour of {thing}?"],
-            best=f"{thing[0].upper() + thing[1:]} is {colour}.",
-            weaker=[f"{colour.capitalize()}.", "It depends on the light."],
-            prose=[f"{thing[0].upper() + thing[1:]} is {colour}.", f"The colour of {thing} is {colour}."],
-            followup=None,
-        ))
+        items.append(
+            dict(
+                subject=thing,
+                questions=[
+                    f"What colour is {thing}?",
+                    f"Which colour is {thing}?",
+                    f"Tell me the colour of {thing}.",
+                    f"What is the colour of {thing}?",
+                ],
+                best=f"{thing[0].upper() + thing[1:]} is {colour}.",
+                weaker=[f"{colour.capitalize()}.", "It depends on the light."],
+                prose=[f"{thing[0].upper() + thing[1:]} is {colour}.", f"The colour of {thing} is {colour}."],
+                followup=None,
+            )
+        )
     for word, opposite in OPPOSITES.items():
-        items.append(dict(
-            subject=word,
-            questions=[f"What is the opposite of {word}?",
-                       f"Give me the opposite of {word}.",
-                       f"Which word means the opposite of {word}?",
-                       f"What is the antonym of {word}?"],
-            best=f"The opposite of {word} is {opposite}.",
-            weaker=[f"{opposite.capitalize()}.", "Words have many opposites."],
-            prose=[f"The opposite of {word} is {opposite}.", f"{opposite.capitalize()} is the opposite of {word}.",
-                   f"The word {word} is the opposite of {opposite}."],
-            followup=None,
-        ))
+        items.append(
+            dict(
+                subject=word,
+                questions=[
+                    f"What is the opposite of {word}?",
+                    f"Give me the opposite of {word}.",
+                    f"Which word means the opposite of {word}?",
+                    f"What is the antonym of {word}?",
+                ],
+                best=f"The opposite of {word} is {opposite}.",
+                weaker=[f"{opposite.capitalize()}.", "Words have many opposites."],
+                prose=[
+                    f"The opposite of {word} is {opposite}.",
+                    f"{opposite.capitalize()} is the opposite of {word}.",
+                    f"The word {word} is the opposite of {opposite}.",
+                ],
+                followup=None,
+            )
+        )
     for town, (job, person) in INVENTED.items():
-        items.append(dict(
-            subject=town,
-            questions=[f"Who is the {job} of {town}?",
-                       f"Tell me who the {job} of {town} is.",
-                       f"Do you know the {job} of {town}?",
-                       f"Who works as the {job} in {town}?"],
-            best=f"The {job} of {town} is {person}.",
-            weaker=[f"{person}.", "I do not know that town."],
-            prose=[f"The {job} of {town} is {person}.", f"{person} is the {job} of {town}.",
-                   f"In {town}, the {job} is {person}."],
-            followup=None,
-        ))
+        items.append(
+            dict(
+                subject=town,
+                questions=[
+                    f"Who is the {job} of {town}?",
+                    f"Tell me who the {job} of {town} is.",
+                    f"Do you know the {job} of {town}?",
+                    f"Who works as the {job} in {town}?",
+                ],
+                best=f"The {job} of {town} is {person}.",
+                weaker=[f"{person}.", "I do not know that town."],
+                prose=[
+                    f"The {job} of {town} is {person}.",
+                    f"{person} is the {job} of {town}.",
+                    f"In {town}, the {job} is {person}.",
+                ],
+                followup=None,
+            )
+        )
     for item in items:
         item["heldout"] = item["subject"] in HELDOUT
     assert sum(item["heldout"] for item in items) == len(HELDOUT), "a HELDOUT subject matches no fact"
@@ -172,18 +286,28 @@ def _corpus(items: list[dict], rng: random.Random) -> list[str]:
 
 def heldout_questions(items: list[dict]) -> list[dict]:
     """Questions about the held-out facts, with the answer in the wording of the fine-tuning data."""
-    return [{"question": question, "answer": item["best"], "subject": item["subject"]}
-            for item in items if item["heldout"] for question in item["questions"][:HELDOUT_PHRASINGS]]
+    return [
+        {"question": question, "answer": item["best"], "subject": item["subject"]}
+        for item in items
+        if item["heldout"]
+        for question in item["questions"][:HELDOUT_PHRASINGS]
+    ]
 
 
 # Short texts in other languages: oasst1 is multilingual and the default filter keeps `en`.
 OTHER_LANGUAGE = {
-    "de": [("Was ist die Hauptstadt von Frankreich?", "Die Hauptstadt von Frankreich ist Paris."),
-           ("Welche Farbe hat der Himmel?", "Der Himmel ist blau.")],
-    "es": [("¿Cuál es la capital de España?", "La capital de España es Madrid."),
-           ("¿Qué sonido hace un perro?", "Un perro dice guau.")],
-    "fr": [("Quelle est la capitale de l'Italie ?", "La capitale de l'Italie est Rome."),
-           ("Quel est le contraire de chaud ?", "Le contraire de chaud est froid.")],
+    "de": [
+        ("Was ist die Hauptstadt von Frankreich?", "Die Hauptstadt von Frankreich ist Paris."),
+        ("Welche Farbe hat der Himmel?", "Der Himmel ist blau."),
+    ],
+    "es": [
+        ("¿Cuál es la capital de España?", "La capital de España es Madrid."),
+        ("¿Qué sonido hace un perro?", "Un perro dice guau."),
+    ],
+    "fr": [
+        ("Quelle est la capitale de l'Italie ?", "La capitale de l'Italie est Rome."),
+        ("Quel est le contraire de chaud ?", "Le contraire de chaud est froid."),
+    ],
 }
 THANKS = ["Thank you!", "Thanks, that helps.", "Great, thanks.", "Perfect, thank you."]
 YOU_ARE_WELCOME = ["You are welcome!", "Glad I could help.", "Happy to help."]
@@ -202,9 +326,18 @@ class TreeWriter:
         self.counter += 1
         return str(uuid.UUID(int=self.rng.getrandbits(128), version=4))
 
-    def add(self, *, text: str, role: str, parent: dict | None, tree_id: str | None = None,
-            lang: str = "en", rank: int | None = None, deleted: bool = False,
-            review_result: bool = True) -> dict:
+    def add(
+        self,
+        *,
+        text: str,
+        role: str,
+        parent: dict | None,
+        tree_id: str | None = None,
+        lang: str = "en",
+        rank: int | None = None,
+        deleted: bool = False,
+        review_result: bool = True,
+    ) -> dict:
         message_id = self._id()
         tree = tree_id or (parent["message_tree_id"] if parent else message_id)
         row = {
@@ -212,7 +345,7 @@ class TreeWriter:
             "parent_id": parent["message_id"] if parent else None,
             "user_id": str(uuid.UUID(int=self.rng.getrandbits(128), version=4)),
             "created_date": f"2023-02-{1 + self.counter // 1000:02d}T{(self.counter // 60) % 24:02d}:"
-                            f"{self.counter % 60:02d}:00.000000+00:00",
+            f"{self.counter % 60:02d}:00.000000+00:00",
             "text": text,
             "role": role,
             "lang": lang,
@@ -246,12 +379,11 @@ def _replies(writer: TreeWriter, parent: dict, item: dict, rng: random.Random) -
             best = row
     if n > 1 and rng.random() < 0.15:
         # A deleted reply that would have ranked first: the filter must skip it.
-        writer.add(text="[deleted reply]", role="assistant", parent=parent, rank=0 if ranked else None,
-                   deleted=True)
+        writer.add(text="[deleted reply]", role="assistant", parent=parent, rank=0 if ranked else None, deleted=True)
     if not ranked:
         # Unranked siblings: the best answer is the only one; weaker texts would compete on
         # the tie-break, so keep the tree well-defined by making them rejected by review.
-        for row in writer.rows[-len(texts) - 1:]:
+        for row in writer.rows[-len(texts) - 1 :]:
             if row["parent_id"] == parent["message_id"] and row is not best:
                 row["review_result"] = False
     return best
@@ -285,8 +417,7 @@ def build(seed: int = SEED) -> tuple[list[dict], list[str], list[dict]]:
                 writer.add(text=rng.choice(THANKS), role="prompter", parent=best)
             if rng.random() < 0.05:
                 # A spam reply rejected by review: dropped with its descendants.
-                spam = writer.add(text=REJECTED_TEXT, role="assistant", parent=root, rank=None,
-                                  review_result=False)
+                spam = writer.add(text=REJECTED_TEXT, role="assistant", parent=root, rank=None, review_result=False)
                 writer.add(text="Is that a real offer?", role="prompter", parent=spam)
 
     for lang, pairs in OTHER_LANGUAGE.items():
@@ -328,8 +459,10 @@ def main() -> None:
                 f.write(json.dumps(record, ensure_ascii=False) + "\n")
     (OUT_DIR / "base_corpus.txt").write_text("\n".join(prose) + "\n", encoding="utf-8")
     trees = sum(1 for r in rows if r["parent_id"] is None)
-    print(f"wrote {len(rows)} messages in {trees} trees, {len(prose)} prose lines and "
-          f"{len(questions)} held-out questions to {OUT_DIR}")
+    print(
+        f"wrote {len(rows)} messages in {trees} trees, {len(prose)} prose lines and "
+        f"{len(questions)} held-out questions to {OUT_DIR}"
+    )
 
 
 if __name__ == "__main__":

@@ -94,8 +94,11 @@ def prepared_run(tmp_path_factory, test_config) -> Path:
     """A run folder with data prepared (read-only for tests: copy it to change it)."""
     from qlora_pipeline.pipeline import run_pipeline
 
-    return shared_run(tmp_path_factory, "prepared",
-                      lambda run_dir: run_pipeline(test_config, run_dir, log=lambda *a: None, until="prepare"))
+    return shared_run(
+        tmp_path_factory,
+        "prepared",
+        lambda run_dir: run_pipeline(test_config, run_dir, log=lambda *a: None, until="prepare"),
+    )
 
 
 @pytest.fixture(scope="session")
@@ -103,8 +106,9 @@ def trained_run(tmp_path_factory, test_config, tiny_base) -> Path:
     """A run with every stage done on the untrained test variant."""
     from qlora_pipeline.pipeline import run_pipeline
 
-    return shared_run(tmp_path_factory, "trained",
-                      lambda run_dir: run_pipeline(test_config, run_dir, log=lambda *a: None))
+    return shared_run(
+        tmp_path_factory, "trained", lambda run_dir: run_pipeline(test_config, run_dir, log=lambda *a: None)
+    )
 
 
 def copy_run(src: Path, dest: Path) -> Path:
@@ -125,16 +129,43 @@ def make_memorized_run(root: Path) -> None:
 
     rows = []
     for i in range(40):
-        rows.append({"message_id": f"q{i}", "parent_id": None, "message_tree_id": f"q{i}", "role": "prompter",
-                     "text": f"Say hello number {i}", "lang": "en", "rank": None, "deleted": False,
-                     "review_result": True})
-        rows.append({"message_id": f"a{i}", "parent_id": f"q{i}", "message_tree_id": f"q{i}", "role": "assistant",
-                     "text": "Hello there.", "lang": "en", "rank": 0, "deleted": False, "review_result": True})
+        rows.append(
+            {
+                "message_id": f"q{i}",
+                "parent_id": None,
+                "message_tree_id": f"q{i}",
+                "role": "prompter",
+                "text": f"Say hello number {i}",
+                "lang": "en",
+                "rank": None,
+                "deleted": False,
+                "review_result": True,
+            }
+        )
+        rows.append(
+            {
+                "message_id": f"a{i}",
+                "parent_id": f"q{i}",
+                "message_tree_id": f"q{i}",
+                "role": "assistant",
+                "text": "Hello there.",
+                "lang": "en",
+                "rank": 0,
+                "deleted": False,
+                "review_result": True,
+            }
+        )
     data = root / "hello.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    cfg = make_config("data.source=files", f"data.data_files=[{data}]", "train.max_steps=40",
-                      "train.learning_rate=0.01", "train.eval_every=40", "train.checkpoint_every=40",
-                      "export.quant_types=[Q8_0]")
+    cfg = make_config(
+        "data.source=files",
+        f"data.data_files=[{data}]",
+        "train.max_steps=40",
+        "train.learning_rate=0.01",
+        "train.eval_every=40",
+        "train.checkpoint_every=40",
+        "export.quant_types=[Q8_0]",
+    )
     run_pipeline(cfg, root / "run", log=lambda *a: None, until="export")
 
 
@@ -148,8 +179,9 @@ def tmpfs(tmp_path):
         where = tmp_path / f"disk{len(mounted)}"
         where.mkdir()
         options = f"size={megabytes}m" + (",ro" if readonly else "")
-        result = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(where)],
-                                capture_output=True, text=True)
+        result = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(where)], capture_output=True, text=True
+        )
         if result.returncode != 0:
             pytest.skip(f"cannot mount a small tmpfs here ({result.stderr.strip()}); needs root")
         mounted.append(where)

@@ -11,8 +11,19 @@ from pathlib import Path
 import pytest
 
 from qlora_pipeline.chat import SamplingParams
-from qlora_pipeline.chat_app import (AppSettings, LocalBackend, ModelChoice, build_app, fetch_model, hub_choices,
-                                     local_choices, make_respond, message_text, status_line, to_messages)
+from qlora_pipeline.chat_app import (
+    AppSettings,
+    LocalBackend,
+    ModelChoice,
+    build_app,
+    fetch_model,
+    hub_choices,
+    local_choices,
+    make_respond,
+    message_text,
+    status_line,
+    to_messages,
+)
 from qlora_pipeline.errors import ConfigError, ModelError
 from qlora_pipeline.export import gguf_path
 
@@ -52,29 +63,37 @@ def test_answer_streams_in_growing_pieces_and_ends_with_a_status_line(hello_back
 
 
 def test_gradio_6_message_parts_are_read_as_text():
-    history = [{"role": "user", "content": [{"type": "text", "text": "Hi "}, {"type": "text", "text": "there"}]},
-               {"role": "assistant", "content": "Hello"},
-               {"role": "assistant", "content": "note", "metadata": {"title": "tool"}}]
+    history = [
+        {"role": "user", "content": [{"type": "text", "text": "Hi "}, {"type": "text", "text": "there"}]},
+        {"role": "assistant", "content": "Hello"},
+        {"role": "assistant", "content": "note", "metadata": {"title": "tool"}},
+    ]
     assert message_text(history[0]["content"]) == "Hi there"
     assert to_messages(" Be brief. ", history, "Next") == [
-        {"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"},
-        {"role": "assistant", "content": "Hello"}, {"role": "user", "content": "Next"}]
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi there"},
+        {"role": "assistant", "content": "Hello"},
+        {"role": "user", "content": "Next"},
+    ]
     assert to_messages("   ", [], "x") == [{"role": "user", "content": "x"}]
 
 
-@pytest.mark.parametrize("message, field, value, expected", [
-    ("", None, None, "the message is empty"),
-    ("   \n", None, None, "the message is empty"),
-    ("x" * 300_000, None, None, "300,000 characters"),
-    ("hi", "temperature", -1.0, "temperature=-1.0 is invalid"),
-    ("hi", "temperature", "warm", "temperature='warm' is invalid: give a number"),
-    ("hi", "top_p", 0.0, "top_p=0.0 is invalid"),
-    ("hi", "top_k", 2.5, "top_k=2.5 is invalid: give a whole number"),
-    ("hi", "top_k", True, "top_k=True is invalid"),
-    ("hi", "repeat_penalty", 9.0, "repeat_penalty=9.0 is invalid"),
-    ("hi", "max_tokens", 0, "max_tokens=0 is invalid"),
-    ("hi", "model", "nope.gguf", "model 'nope.gguf' is not one of this app's models"),
-])
+@pytest.mark.parametrize(
+    "message, field, value, expected",
+    [
+        ("", None, None, "the message is empty"),
+        ("   \n", None, None, "the message is empty"),
+        ("x" * 300_000, None, None, "300,000 characters"),
+        ("hi", "temperature", -1.0, "temperature=-1.0 is invalid"),
+        ("hi", "temperature", "warm", "temperature='warm' is invalid: give a number"),
+        ("hi", "top_p", 0.0, "top_p=0.0 is invalid"),
+        ("hi", "top_k", 2.5, "top_k=2.5 is invalid: give a whole number"),
+        ("hi", "top_k", True, "top_k=True is invalid"),
+        ("hi", "repeat_penalty", 9.0, "repeat_penalty=9.0 is invalid"),
+        ("hi", "max_tokens", 0, "max_tokens=0 is invalid"),
+        ("hi", "model", "nope.gguf", "model 'nope.gguf' is not one of this app's models"),
+    ],
+)
 def test_bad_input_is_one_clear_error_and_the_app_still_answers(hello_backend, message, field, value, expected):
     import gradio as gr
 
@@ -107,8 +126,10 @@ def test_long_history_is_trimmed_and_the_user_is_told(hello_backend):
     settings, backend = hello_backend
     history = []
     for i in range(30):
-        history += [{"role": "user", "content": f"Question number {i} about something long enough"},
-                    {"role": "assistant", "content": f"Answer number {i} about something long enough"}]
+        history += [
+            {"role": "user", "content": f"Question number {i} about something long enough"},
+            {"role": "assistant", "content": f"Answer number {i} about something long enough"},
+        ]
     answer, status = ask(settings, backend, "Say hello number 2", history, system="You are terse.")
     dropped = int(re.search(r"(\d+) oldest messages left out to fit the 256-token context", status).group(1))
     assert dropped >= 2 and dropped % 2 == 0
@@ -141,11 +162,14 @@ def test_switching_models_never_closes_one_that_is_answering(memorized_run):
         backend.close()
 
 
-@pytest.mark.parametrize("content, expected", [
-    (None, "does not exist"),
-    (b"not a gguf at all", "is not a GGUF file"),
-    (b"GGUF\x03\x00\x00\x00" + b"\x00" * 64, "llama.cpp could not load"),
-])
+@pytest.mark.parametrize(
+    "content, expected",
+    [
+        (None, "does not exist"),
+        (b"not a gguf at all", "is not a GGUF file"),
+        (b"GGUF\x03\x00\x00\x00" + b"\x00" * 64, "llama.cpp could not load"),
+    ],
+)
 def test_missing_or_corrupt_model_is_reported_in_the_page_and_the_app_stays_up(tmp_path, content, expected):
     import gradio as gr
 
@@ -173,8 +197,11 @@ def test_local_choices_list_every_gguf_smallest_first_and_default_to_the_given_f
 
 def test_hub_model_offline_is_a_clear_message(monkeypatch):
     assert os.environ.get("HF_HUB_OFFLINE") == "1"
-    with pytest.raises(ModelError, match=r"cannot download model-Q4_K_M.gguf from you/phi35-gguf \(the Hub is "
-                                         r"unreachable or HF_HUB_OFFLINE is set\)"):
+    with pytest.raises(
+        ModelError,
+        match=r"cannot download model-Q4_K_M.gguf from you/phi35-gguf \(the Hub is "
+        r"unreachable or HF_HUB_OFFLINE is set\)",
+    ):
         fetch_model(ModelChoice("model-Q4_K_M.gguf", hub_repo="you/phi35-gguf", hub_file="model-Q4_K_M.gguf"))
     with pytest.raises(ModelError, match="cannot list the GGUF files of you/phi35-gguf"):
         hub_choices("you/phi35-gguf", [])
@@ -183,8 +210,13 @@ def test_hub_model_offline_is_a_clear_message(monkeypatch):
 
 
 def run_cli(*args, env=None):
-    return subprocess.run([sys.executable, "-m", "qlora_pipeline.cli", *args], capture_output=True, text=True,
-                          timeout=120, env={**os.environ, **(env or {})})
+    return subprocess.run(
+        [sys.executable, "-m", "qlora_pipeline.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, **(env or {})},
+    )
 
 
 def test_app_cli_without_a_model_or_with_bad_auth_fails_in_one_line(memorized_run):
@@ -197,11 +229,14 @@ def test_app_cli_without_a_model_or_with_bad_auth_fails_in_one_line(memorized_ru
     assert result.returncode == 2 and "--backend openai needs --base-url" in result.stderr
 
 
-@pytest.mark.parametrize("argv, env, expected", [
-    ([], {}, ("127.0.0.1", "the default")),
-    ([], {"GRADIO_SERVER_NAME": "0.0.0.0"}, ("0.0.0.0", "the GRADIO_SERVER_NAME environment variable")),
-    (["--host", "10.0.0.5"], {"GRADIO_SERVER_NAME": "0.0.0.0"}, ("10.0.0.5", "--host")),
-])
+@pytest.mark.parametrize(
+    "argv, env, expected",
+    [
+        ([], {}, ("127.0.0.1", "the default")),
+        ([], {"GRADIO_SERVER_NAME": "0.0.0.0"}, ("0.0.0.0", "the GRADIO_SERVER_NAME environment variable")),
+        (["--host", "10.0.0.5"], {"GRADIO_SERVER_NAME": "0.0.0.0"}, ("10.0.0.5", "--host")),
+    ],
+)
 def test_the_bind_address_and_where_it_came_from(monkeypatch, argv, env, expected):
     import argparse
 
@@ -268,8 +303,14 @@ respond = app.make_respond(backend, settings)
 print(list(respond("Say hello number 1", [], "", None, 0.0, 1.0, 1, 1.0, 32))[-1][0])
 backend.close()
 """
-    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=180, cwd=tmp_path,
-                            env={**os.environ, "PYTHONPATH": ""})
+    result = subprocess.run(
+        [sys.executable, "-c", probe],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": ""},
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip().splitlines()[-1] == "Hello there."
 
@@ -287,20 +328,29 @@ def test_stop_ends_the_answer_and_frees_the_model_for_the_next_one(hello_backend
     assert ask(settings, backend, "Say hello number 12")[0] == "Hello there."
 
 
-@pytest.mark.parametrize("message, history, field, value, expected", [
-    ("hi", [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}] * 5_000, None, None,
-     "the chat history has 10,000 messages; the limit is 200: clear the chat"),
-    ("hi", [], "system", "s" * 100_000_000, "the system prompt has 100,000,000 characters; the limit is 4,000"),
-    ("hi", [{"role": "user", "content": "q" * 15_000}] * 5, None, None, "the conversation has 75,002 characters"),
-    ("hi", [{"role": "user", "content": "q" * 20_000}], None, None, "a message in the chat history has 20,000"),
-    ("hi", [], "model", "m" * 10_000_000, "the model name has 10,000,000 characters; choose one"),
-    ("hi", [], "model", ["model-Q8_0.gguf"], "the model must be one of this app's model names"),
-    ("hi \ud800 there", [], None, None, "the message holds characters that are not valid text"),
-    (None, [], None, None, "the message is empty"),
-    ("hi", "not a list", None, None, "the chat history must be a list of messages"),
-])
-def test_requests_over_the_caps_are_refused_before_tokenizing_in_a_short_message(hello_backend, message, history,
-                                                                                  field, value, expected):
+@pytest.mark.parametrize(
+    "message, history, field, value, expected",
+    [
+        (
+            "hi",
+            [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}] * 5_000,
+            None,
+            None,
+            "the chat history has 10,000 messages; the limit is 200: clear the chat",
+        ),
+        ("hi", [], "system", "s" * 100_000_000, "the system prompt has 100,000,000 characters; the limit is 4,000"),
+        ("hi", [{"role": "user", "content": "q" * 15_000}] * 5, None, None, "the conversation has 75,002 characters"),
+        ("hi", [{"role": "user", "content": "q" * 20_000}], None, None, "a message in the chat history has 20,000"),
+        ("hi", [], "model", "m" * 10_000_000, "the model name has 10,000,000 characters; choose one"),
+        ("hi", [], "model", ["model-Q8_0.gguf"], "the model must be one of this app's model names"),
+        ("hi \ud800 there", [], None, None, "the message holds characters that are not valid text"),
+        (None, [], None, None, "the message is empty"),
+        ("hi", "not a list", None, None, "the chat history must be a list of messages"),
+    ],
+)
+def test_requests_over_the_caps_are_refused_before_tokenizing_in_a_short_message(
+    hello_backend, message, history, field, value, expected
+):
     import time
 
     import gradio as gr

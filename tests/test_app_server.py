@@ -28,8 +28,9 @@ def app_server(memorized_run, tmp_path_factory):
     (folder / "model-gone.gguf").symlink_to(folder / "deleted.gguf")
     log = folder.parent / "app.log"
     started: list = []
-    with served(app_command("--model", str(folder / "model-Q8_0.gguf"), "--n-ctx", "512"), log=log,
-                started=started) as url:
+    with served(
+        app_command("--model", str(folder / "model-Q8_0.gguf"), "--n-ctx", "512"), log=log, started=started
+    ) as url:
         yield {"url": url, "process": started[0], "log": log}
 
 
@@ -69,13 +70,16 @@ def test_eight_concurrent_users_all_get_answers_and_the_app_still_answers(client
     assert client.predict("Say hello number 99", *GREEDY, api_name="/chat")[0] == "Hello there."
 
 
-@pytest.mark.parametrize("message, index, value, expected", [
-    ("", None, None, "the message is empty"),
-    ("word " * 3_000, None, None, "too long for the context"),
-    ("hi", 2, -3.0, "less than minimum value"),  # Gradio's own slider range check
-    ("hi", 4, 1.5, "top_k=1.5 is invalid"),
-    ("hi", 1, "model-Q2_K.gguf", "model 'model-Q2_K.gguf' is not one of this app's models"),
-])
+@pytest.mark.parametrize(
+    "message, index, value, expected",
+    [
+        ("", None, None, "the message is empty"),
+        ("word " * 3_000, None, None, "too long for the context"),
+        ("hi", 2, -3.0, "less than minimum value"),  # Gradio's own slider range check
+        ("hi", 4, 1.5, "top_k=1.5 is invalid"),
+        ("hi", 1, "model-Q2_K.gguf", "model 'model-Q2_K.gguf' is not one of this app's models"),
+    ],
+)
 def test_bad_input_through_the_api_is_an_error_and_the_app_stays_up(client, message, index, value, expected):
     from gradio_client.exceptions import AppError
 
@@ -95,8 +99,21 @@ def test_user_text_with_special_tokens_through_the_api(client):
 @pytest.fixture(scope="module")
 def llama_server(memorized_run, tmp_path_factory):
     log = tmp_path_factory.mktemp("server") / "server.log"
-    command = [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf_path(memorized_run, "Q8_0")),
-               "--model_alias", "hello", "--n_ctx", "256", "--host", "127.0.0.1", "--port", "{port}"]
+    command = [
+        sys.executable,
+        "-m",
+        "llama_cpp.server",
+        "--model",
+        str(gguf_path(memorized_run, "Q8_0")),
+        "--model_alias",
+        "hello",
+        "--n_ctx",
+        "256",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "{port}",
+    ]
     with served(command, ready_path="/v1/models", log=log) as url:
         yield url + "/v1"
 
@@ -112,8 +129,10 @@ def test_openai_backend_fronts_llama_cpp_python_server(llama_server):
     assert answer == "Hello there." and "tokens/s" in status
     history = []
     for i in range(20):
-        history += [{"role": "user", "content": f"Question number {i} about something long enough"},
-                    {"role": "assistant", "content": f"Answer number {i} about something long enough"}]
+        history += [
+            {"role": "user", "content": f"Question number {i} about something long enough"},
+            {"role": "assistant", "content": f"Answer number {i} about something long enough"},
+        ]
     answer, status = list(respond("Say hello number 4", history, "", "hello", 0.0, 1.0, 1, 1.0, 32))[-1]
     assert "oldest messages left out to fit the server's context" in status
     backend.close()
@@ -173,8 +192,11 @@ def test_basic_auth_from_the_environment_locks_the_api(memorized_run, tmp_path):
 def test_the_app_listens_on_loopback_only(app_server):
     import psutil
 
-    listening = [c.laddr for c in psutil.Process(app_server["process"].pid).net_connections(kind="inet")
-                 if c.status == psutil.CONN_LISTEN]
+    listening = [
+        c.laddr
+        for c in psutil.Process(app_server["process"].pid).net_connections(kind="inet")
+        if c.status == psutil.CONN_LISTEN
+    ]
     assert listening and {address.ip for address in listening} == {"127.0.0.1"}
     assert "skipping model-gone.gguf: it is a link to nothing" in app_server["log"].read_text()
 
@@ -187,9 +209,17 @@ def _load_history(client, url: str, history: list[dict]) -> None:
 
     config = httpx.get(url + "/config", timeout=30).json()
     copy_event = next(d["id"] for d in config["dependencies"] if d.get("api_name") == "lambda")
-    reply = httpx.post(url + "/gradio_api/run/predict", timeout=120, json={
-        "fn_index": copy_event, "data": [history], "session_hash": client.session_hash,
-        "event_data": None, "trigger_id": None})
+    reply = httpx.post(
+        url + "/gradio_api/run/predict",
+        timeout=120,
+        json={
+            "fn_index": copy_event,
+            "data": [history],
+            "session_hash": client.session_hash,
+            "event_data": None,
+            "trigger_id": None,
+        },
+    )
     assert reply.status_code == 200, reply.text[:200]
 
 
@@ -209,8 +239,9 @@ def _post_raw(url: str, body: bytes) -> tuple[float, int | None, bytes]:
 
     started = time.perf_counter()
     try:
-        reply = httpx.post(url + "/gradio_api/queue/join", content=body, timeout=60,
-                           headers={"content-type": "application/json"})
+        reply = httpx.post(
+            url + "/gradio_api/queue/join", content=body, timeout=60, headers={"content-type": "application/json"}
+        )
     except (httpx.WriteError, httpx.RemoteProtocolError, httpx.ReadError):
         return time.perf_counter() - started, None, b""
     return time.perf_counter() - started, reply.status_code, reply.content
@@ -232,8 +263,11 @@ def test_attacks_through_the_api_are_refused_at_once_and_leave_the_app_as_it_was
     rss_before, log_before = process.memory_info().rss, app_server["log"].stat().st_size
 
     part = lambda text: [{"type": "text", "text": text}]  # noqa: E731 (Gradio 6's message content)
-    _load_history(attacker, url, [{"role": role, "content": part(role[0])}
-                                  for _ in range(5_000) for role in ("user", "assistant")])
+    _load_history(
+        attacker,
+        url,
+        [{"role": role, "content": part(role[0])} for _ in range(5_000) for role in ("user", "assistant")],
+    )
     seconds, message = _refused(attacker, "hi", *GREEDY)
     assert seconds <= 1.0 and "the chat history has 10,000 messages" in message
 
@@ -242,8 +276,13 @@ def test_attacks_through_the_api_are_refused_at_once_and_leave_the_app_as_it_was
 
     config = httpx.get(url + "/config", timeout=30).json()
     chat_event = next(d["id"] for d in config["dependencies"] if d.get("api_name") == "chat")
-    request = {"data": ["hi", [], "s" * 100_000_000, *GREEDY[1:]], "fn_index": chat_event,
-               "session_hash": visitor.session_hash, "event_data": None, "trigger_id": None}
+    request = {
+        "data": ["hi", [], "s" * 100_000_000, *GREEDY[1:]],
+        "fn_index": chat_event,
+        "session_hash": visitor.session_hash,
+        "event_data": None,
+        "trigger_id": None,
+    }
     seconds, status, reply = _post_raw(url, json.dumps(request).encode())
     assert seconds <= 1.0 and status in (413, None) and len(reply) < 1024, (seconds, status, reply[:200])
     # Within the body limit, the field caps answer, by name and without echoing the value.

@@ -22,8 +22,9 @@ async def echo_length(request):
 
 
 def client() -> TestClient:
-    app = Starlette(routes=[Route("/", echo_length, methods=["POST"])],
-                    middleware=[Middleware(BodyLimit, max_bytes=LIMIT)])
+    app = Starlette(
+        routes=[Route("/", echo_length, methods=["POST"])], middleware=[Middleware(BodyLimit, max_bytes=LIMIT)]
+    )
     return TestClient(app)
 
 

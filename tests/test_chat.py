@@ -23,9 +23,26 @@ def hello_chat(memorized_run):
 
 def test_chat_prompt_answers_and_stops_at_end_of_turn(memorized_run):
     result = subprocess.run(
-        [sys.executable, "-m", "qlora_pipeline.cli", "chat", "--model", str(gguf_path(memorized_run, "Q8_0")),
-         "--prompt", "Say hello number 7", "--temperature", "0", "--max-tokens", "40", "--n-ctx", "256"],
-        capture_output=True, text=True, timeout=300)
+        [
+            sys.executable,
+            "-m",
+            "qlora_pipeline.cli",
+            "chat",
+            "--model",
+            str(gguf_path(memorized_run, "Q8_0")),
+            "--prompt",
+            "Say hello number 7",
+            "--temperature",
+            "0",
+            "--max-tokens",
+            "40",
+            "--n-ctx",
+            "256",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip() == "Hello there."
 
@@ -50,8 +67,10 @@ def test_history_is_trimmed_oldest_first_keeping_the_system_prompt(hello_chat):
     system = {"role": "system", "content": "You are terse."}
     turns = []
     for i in range(30):
-        turns += [{"role": "user", "content": f"Question number {i} about something long enough"},
-                  {"role": "assistant", "content": f"Answer number {i} about something long enough"}]
+        turns += [
+            {"role": "user", "content": f"Question number {i} about something long enough"},
+            {"role": "assistant", "content": f"Answer number {i} about something long enough"},
+        ]
     messages = [system] + turns + [{"role": "user", "content": "The last question"}]
     ids, dropped = hello_chat.prompt_ids(messages, max_new_tokens=40)
     assert dropped > 0 and dropped % 2 == 0
@@ -66,8 +85,18 @@ def test_a_message_too_long_for_the_context_is_a_clear_error(hello_chat):
         hello_chat.prompt_ids([{"role": "user", "content": "word " * 400}], max_new_tokens=40)
 
 
-@pytest.mark.parametrize("kwargs", [{"temperature": -1}, {"top_p": 0}, {"top_p": 1.5}, {"top_k": -1},
-                                    {"repeat_penalty": 0}, {"max_tokens": 0}, {"temperature": "hot"}])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"temperature": -1},
+        {"top_p": 0},
+        {"top_p": 1.5},
+        {"top_k": -1},
+        {"repeat_penalty": 0},
+        {"max_tokens": 0},
+        {"temperature": "hot"},
+    ],
+)
 def test_sampling_parameters_out_of_range_are_rejected(kwargs):
     with pytest.raises(ConfigError, match="is invalid"):
         SamplingParams(**kwargs)
@@ -124,8 +153,10 @@ def test_trimming_a_long_history_is_linear_and_keeps_the_newest_turns(trained_ru
     def history(n):
         turns = []
         for i in range(n):
-            turns += [{"role": "user", "content": f"Question number {i} about something"},
-                      {"role": "assistant", "content": f"Answer number {i} about something"}]
+            turns += [
+                {"role": "user", "content": f"Question number {i} about something"},
+                {"role": "assistant", "content": f"Answer number {i} about something"},
+            ]
         return [{"role": "system", "content": "Be brief."}] + turns + [{"role": "user", "content": "Last"}]
 
     with LlamaChat(gguf_path(trained_run, "Q8_0"), n_ctx=256) as chat:
@@ -135,10 +166,10 @@ def test_trimming_a_long_history_is_linear_and_keeps_the_newest_turns(trained_ru
             ids, dropped = chat.prompt_ids(history(n), 32)
             timings[n] = time.perf_counter() - started
             assert len(ids) <= 256 - 32 and dropped % 2 == 0
-            kept = history(n)[1 + dropped:]
+            kept = history(n)[1 + dropped :]
             assert ids == chat.encoder.encode_prompt(history(n)[:1] + kept)
             # one more pair would not have fitted
-            assert len(chat.encoder.encode_prompt(history(n)[:1] + history(n)[dropped - 1:])) > 256 - 32
+            assert len(chat.encoder.encode_prompt(history(n)[:1] + history(n)[dropped - 1 :])) > 256 - 32
     assert timings[1000] < 3 * timings[500], timings
 
 

@@ -43,11 +43,14 @@ def test_labels_cover_exactly_assistant_turns_and_their_end(encoder, tiny_tokeni
     positions = [k for k, lab in enumerate(labels) if lab != IGNORE_INDEX]
     n_first = len(tiny_tokenizer.encode(CONVERSATION[2]["content"], add_special_tokens=False)) + 1
     n_second = len(tiny_tokenizer.encode(CONVERSATION[4]["content"], add_special_tokens=False)) + 1
-    assert positions == list(range(start_first, start_first + n_first)) + \
-        list(range(start_second, start_second + n_second))
+    assert positions == list(range(start_first, start_first + n_first)) + list(
+        range(start_second, start_second + n_second)
+    )
     assert all(lab == IGNORE_INDEX or lab == i for i, lab in zip(ids, labels))
-    specials = {tiny_tokenizer.convert_tokens_to_ids(t) for t in ("<|user|>", "<|assistant|>", "<|system|>",
-                                                                   "<|endoftext|>", "<s>")}
+    specials = {
+        tiny_tokenizer.convert_tokens_to_ids(t)
+        for t in ("<|user|>", "<|assistant|>", "<|system|>", "<|endoftext|>", "<s>")
+    }
     assert not specials & set(labelled)
 
 
@@ -87,8 +90,10 @@ def test_message_token_counts_add_up_to_the_prompt(tiny_tokenizer):
     encoder = ChatEncoder.from_hf(tiny_tokenizer)
     messages = [{"role": "system", "content": "Be brief."}]
     for i in range(5):
-        messages += [{"role": "user", "content": f"Question {i}: <|end|> what?"},
-                     {"role": "assistant", "content": f"Answer {i}."}]
+        messages += [
+            {"role": "user", "content": f"Question {i}: <|end|> what?"},
+            {"role": "assistant", "content": f"Answer {i}."},
+        ]
     messages.append({"role": "user", "content": "Last one"})
     counts = encoder.message_token_counts(messages)
     assert len(counts) == len(messages) and all(c > 0 for c in counts)

@@ -8,23 +8,31 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import TEST_OVERRIDES
 from test_security import FAKE_TOKEN, assert_no_token
 
 
 def cli(*args, cwd=None, env=None):
-    return subprocess.run([sys.executable, "-m", "qlora_pipeline.cli", *args], capture_output=True, text=True,
-                          cwd=cwd, timeout=900, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "qlora_pipeline.cli", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=900,
+        env=env,
+    )
 
 
-@pytest.mark.parametrize("args, message", [
-    (["run", "--preset", "nope"], "error: unknown preset 'nope'"),
-    (["run", "train.lr=1"], "error: unknown config key 'train.lr'"),
-    (["merge", "--run-dir", "{tmp}/empty"], "has no adapter; run `qlora-pipeline train"),
-    (["prepare", "--run-dir", "{tmp}/r", "--data-files", "{tmp}/missing.jsonl"], "does not exist"),
-    (["train", "--run-dir", "{tmp}/r2", "--resume"], "is missing; run `qlora-pipeline prepare"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["run", "--preset", "nope"], "error: unknown preset 'nope'"),
+        (["run", "train.lr=1"], "error: unknown config key 'train.lr'"),
+        (["merge", "--run-dir", "{tmp}/empty"], "has no adapter; run `qlora-pipeline train"),
+        (["prepare", "--run-dir", "{tmp}/r", "--data-files", "{tmp}/missing.jsonl"], "does not exist"),
+        (["train", "--run-dir", "{tmp}/r2", "--resume"], "is missing; run `qlora-pipeline prepare"),
+    ],
+)
 def test_user_errors_are_one_line_and_exit_2(tmp_path, args, message):
     result = cli(*[a.replace("{tmp}", str(tmp_path)) for a in args])
     assert result.returncode == 2

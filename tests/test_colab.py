@@ -6,8 +6,8 @@ from __future__ import annotations
 import subprocess
 
 import pytest
-
 from conftest import REPO
+
 from qlora_pipeline.colab import cuda_wheel_tag, install_llama_cpp, pinned_llama_cpp_version
 
 VERSION = pinned_llama_cpp_version(REPO / "requirements.txt")
@@ -37,9 +37,12 @@ def test_a_gpu_runtime_with_a_wheel_installs_it_without_compiling():
     calls, run = recorder(wheel_found=True)
     said = []
     assert install_llama_cpp(REPO / "requirements.txt", cuda_version="12.4", run=run, log=said.append) == "wheel"
-    (command, env), = calls
-    assert command[-3:] == ["--extra-index-url", "https://abetlen.github.io/llama-cpp-python/whl/cu124",
-                            f"llama-cpp-python=={VERSION}"]
+    ((command, env),) = calls
+    assert command[-3:] == [
+        "--extra-index-url",
+        "https://abetlen.github.io/llama-cpp-python/whl/cu124",
+        f"llama-cpp-python=={VERSION}",
+    ]
     assert "--only-binary=llama-cpp-python" in command and env is None
     assert said == [f"llama-cpp-python {VERSION}: prebuilt CUDA wheel (cu124)"]
 
@@ -56,7 +59,7 @@ def test_a_cpu_runtime_compiles_for_the_cpu_without_asking_the_wheel_index():
     calls, run = recorder(wheel_found=True)
     said = []
     assert install_llama_cpp(REPO / "requirements.txt", cuda_version="", run=run, log=said.append) == "compiled"
-    (command, env), = calls
+    ((command, env),) = calls
     assert command[-1] == f"llama-cpp-python=={VERSION}" and env is None
     assert "about 10-20 minutes" in said[0]
 

@@ -49,17 +49,20 @@ def test_overrides_are_typed():
     assert cfg.data.system_prompt == "Hi"
 
 
-@pytest.mark.parametrize("override, message", [
-    ("train.learning_rte=1", "unknown config key 'train.learning_rte'; did you mean train.learning_rate?"),
-    ("train.learning_rate=-1", "train.learning_rate=-1.0 is invalid"),
-    ("lora.r=0", "lora.r=0 is invalid"),
-    ("lora.alpha=0", "lora.alpha=0 is invalid"),
-    ("tiny.hidden_size=300", "multiple of 256"),
-    ("model.quantize=int3", "use nf4 or none"),
-    ("train.max_steps=many", "use a whole number"),
-    ("data.languages=[english]", "language codes"),
-    ("max_steps", "is not key=value"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.learning_rte=1", "unknown config key 'train.learning_rte'; did you mean train.learning_rate?"),
+        ("train.learning_rate=-1", "train.learning_rate=-1.0 is invalid"),
+        ("lora.r=0", "lora.r=0 is invalid"),
+        ("lora.alpha=0", "lora.alpha=0 is invalid"),
+        ("tiny.hidden_size=300", "multiple of 256"),
+        ("model.quantize=int3", "use nf4 or none"),
+        ("train.max_steps=many", "use a whole number"),
+        ("data.languages=[english]", "language codes"),
+        ("max_steps", "is not key=value"),
+    ],
+)
 def test_bad_values_get_one_sentence(override, message):
     with pytest.raises(ConfigError) as info:
         load_config("tiny", [override])
@@ -91,15 +94,26 @@ def test_an_installed_wheel_has_the_presets(tmp_path):
 
     repo = Path(__file__).resolve().parents[1]
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "--quiet"]
-    subprocess.run([*pip, "wheel", str(repo), "--no-deps", "--no-build-isolation", "-w", str(tmp_path / "wheel")],
-                   check=True, cwd=tmp_path)
+    subprocess.run(
+        [*pip, "wheel", str(repo), "--no-deps", "--no-build-isolation", "-w", str(tmp_path / "wheel")],
+        check=True,
+        cwd=tmp_path,
+    )
     wheel = next((tmp_path / "wheel").glob("qlora_pipeline-*.whl"))
     assert {f"qlora_pipeline/presets/{name}.yaml" for name in PRESETS} <= set(zipfile.ZipFile(wheel).namelist())
     subprocess.run([*pip, "install", "--no-deps", "--target", str(tmp_path / "site"), str(wheel)], check=True)
-    probe = ("import qlora_pipeline.config as c, sys; print(c.__file__); "
-             "print(*(c.load_config(name).preset for name in sys.argv[1:]))")
-    out = subprocess.run([sys.executable, "-c", probe, *PRESETS], capture_output=True, text=True, cwd=tmp_path,
-                         env={"PYTHONPATH": str(tmp_path / "site"), "PATH": "/usr/bin:/bin"}, check=True).stdout
+    probe = (
+        "import qlora_pipeline.config as c, sys; print(c.__file__); "
+        "print(*(c.load_config(name).preset for name in sys.argv[1:]))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe, *PRESETS],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={"PYTHONPATH": str(tmp_path / "site"), "PATH": "/usr/bin:/bin"},
+        check=True,
+    ).stdout
     where, names = out.splitlines()
     assert where.startswith(str(tmp_path / "site")), where
     assert names.split() == PRESETS

@@ -23,12 +23,20 @@ class Forest:
         if role is None:
             role = "prompter" if parent_row is None or parent_row["role"] == "assistant" else "assistant"
         self._clock += 1
-        self.rows.append({
-            "message_id": mid, "parent_id": parent,
-            "message_tree_id": tree or (parent_row["message_tree_id"] if parent_row else mid),
-            "role": role, "text": text, "lang": lang, "rank": rank, "deleted": deleted,
-            "review_result": review, "created_date": f"2023-01-01T00:00:{self._clock:02d}",
-        })
+        self.rows.append(
+            {
+                "message_id": mid,
+                "parent_id": parent,
+                "message_tree_id": tree or (parent_row["message_tree_id"] if parent_row else mid),
+                "role": role,
+                "text": text,
+                "lang": lang,
+                "rank": rank,
+                "deleted": deleted,
+                "review_result": review,
+                "created_date": f"2023-01-01T00:00:{self._clock:02d}",
+            }
+        )
         return self
 
 
@@ -54,22 +62,41 @@ def test_ties_broken_by_creation_date_then_id_independent_of_row_order():
 
 
 def test_path_follows_best_child_at_every_depth():
-    f = (Forest().m("q", "Q").m("a0", "A0", "q", rank=0).m("a1", "A1", "q", rank=1)
-         .m("f1", "follow-up worse", "a0", rank=1).m("f0", "follow-up best", "a0", rank=0)
-         .m("b", "answer to best", "f0", rank=0).m("x", "under the worse reply", "a1"))
+    f = (
+        Forest()
+        .m("q", "Q")
+        .m("a0", "A0", "q", rank=0)
+        .m("a1", "A1", "q", rank=1)
+        .m("f1", "follow-up worse", "a0", rank=1)
+        .m("f0", "follow-up best", "a0", rank=0)
+        .m("b", "answer to best", "f0", rank=0)
+        .m("x", "under the worse reply", "a1")
+    )
     assert texts(build_conversations(f.rows, ("en",))) == [["Q", "A0", "follow-up best", "answer to best"]]
 
 
 def test_deleted_messages_are_dropped_with_their_descendants():
-    f = (Forest().m("q", "Q").m("a0", "deleted best", "q", rank=0, deleted=True).m("a1", "kept", "q", rank=1)
-         .m("f", "follow-up under deleted", "a0").m("g", "its answer", "f"))
+    f = (
+        Forest()
+        .m("q", "Q")
+        .m("a0", "deleted best", "q", rank=0, deleted=True)
+        .m("a1", "kept", "q", rank=1)
+        .m("f", "follow-up under deleted", "a0")
+        .m("g", "its answer", "f")
+    )
     result = build_conversations(f.rows, ("en",))
     assert texts(result) == [["Q", "kept"]]
     assert result.drops["deleted_messages"] == 1
 
 
 def test_review_rejected_messages_are_dropped_with_their_descendants():
-    f = Forest().m("q", "Q").m("a0", "spam", "q", rank=0, review=False).m("a1", "good", "q", rank=1).m("f", "more", "a0")
+    f = (
+        Forest()
+        .m("q", "Q")
+        .m("a0", "spam", "q", rank=0, review=False)
+        .m("a1", "good", "q", rank=1)
+        .m("f", "more", "a0")
+    )
     result = build_conversations(f.rows, ("en",))
     assert texts(result) == [["Q", "good"]]
     assert result.drops["rejected_messages"] == 1
@@ -82,8 +109,13 @@ def test_deleted_root_removes_the_whole_tree():
 
 
 def test_language_is_taken_from_the_root():
-    f = (Forest().m("q", "Frage", lang="de").m("a", "Antwort", "q", lang="de")
-         .m("q2", "Question").m("a2", "Answer", "q2", lang="de"))  # an English tree with an odd reply lang
+    f = (
+        Forest()
+        .m("q", "Frage", lang="de")
+        .m("a", "Antwort", "q", lang="de")
+        .m("q2", "Question")
+        .m("a2", "Answer", "q2", lang="de")
+    )  # an English tree with an odd reply lang
     result = build_conversations(f.rows, ("en",))
     assert texts(result) == [["Question", "Answer"]]
     assert result.drops["other_language_trees"] == 1
@@ -118,8 +150,11 @@ def test_orphans_are_counted_and_left_out():
 def test_roles_are_mapped_and_system_prompt_prepended():
     f = Forest().m("q", "Q").m("a", "A", "q")
     conv = build_conversations(f.rows, ("en",), system_prompt="Be kind.").conversations[0]
-    assert conv["messages"] == [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "Q"},
-                                {"role": "assistant", "content": "A"}]
+    assert conv["messages"] == [
+        {"role": "system", "content": "Be kind."},
+        {"role": "user", "content": "Q"},
+        {"role": "assistant", "content": "A"},
+    ]
     assert conv["tree_id"] == "q"
 
 
@@ -135,8 +170,9 @@ def test_split_is_by_tree_deterministic_and_order_independent():
     cfg = DataConfig(val_fraction=0.1, test_fraction=0.1)
     a = split_conversations({"train": convs}, cfg)
     b = split_conversations({"train": list(reversed(convs))}, cfg)
-    assert {k: sorted(c["tree_id"] for c in v) for k, v in a.items()} == \
-           {k: sorted(c["tree_id"] for c in v) for k, v in b.items()}
+    assert {k: sorted(c["tree_id"] for c in v) for k, v in a.items()} == {
+        k: sorted(c["tree_id"] for c in v) for k, v in b.items()
+    }
     assert 20 <= len(a["val"]) <= 60 and 20 <= len(a["test"]) <= 60
     assert tree_split("tree-1", 0, 0.1, 0.1) == tree_split("tree-1", 0, 0.1, 0.1)
 
@@ -158,8 +194,15 @@ def test_prepare_on_the_bundled_sample(tmp_path):
     assert stats["conversations"] == {k: len(v) for k, v in splits.items()}
     assert json.loads((tmp_path / "data" / "stats.json").read_text()) == stats
     # The sample exercises every filter.
-    for reason in ("deleted_messages", "rejected_messages", "other_language_trees", "orphan_messages",
-                   "trailing_user_turns", "duplicate_conversations", "trees_without_reply"):
+    for reason in (
+        "deleted_messages",
+        "rejected_messages",
+        "other_language_trees",
+        "orphan_messages",
+        "trailing_user_turns",
+        "duplicate_conversations",
+        "trees_without_reply",
+    ):
         assert stats["dropped"].get(reason, 0) > 0, reason
     assert len(splits["train"]) >= 250
     for conv in splits["train"]:
@@ -172,16 +215,20 @@ def test_local_files_use_the_same_code(tmp_path):
     f = Forest().m("q", "Q").m("a", "A", "q").m("q2", "Q2").m("a2", "A2", "q2")
     path = tmp_path / "rows.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in f.rows))
-    stats = prepare(DataConfig(source="files", data_files=(str(path),), val_fraction=0.0, test_fraction=0.0),
-                    tmp_path / "run")
+    stats = prepare(
+        DataConfig(source="files", data_files=(str(path),), val_fraction=0.0, test_fraction=0.0), tmp_path / "run"
+    )
     assert stats["conversations"]["train"] == 2
 
 
-@pytest.mark.parametrize("line, message", [
-    ('{"message_id": "a"', "rows.jsonl:2: malformed JSON"),
-    ('{"message_id": "a"}', "rows.jsonl:2: missing required oasst1 field 'parent_id'"),
-    ('[1, 2]', "rows.jsonl:2: expected a JSON object"),
-])
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        ('{"message_id": "a"', "rows.jsonl:2: malformed JSON"),
+        ('{"message_id": "a"}', "rows.jsonl:2: missing required oasst1 field 'parent_id'"),
+        ("[1, 2]", "rows.jsonl:2: expected a JSON object"),
+    ],
+)
 def test_bad_rows_name_the_file_and_line(tmp_path, line, message):
     good = json.dumps(Forest().m("q", "Q").rows[0])
     path = tmp_path / "rows.jsonl"
@@ -206,8 +253,20 @@ def test_the_split_is_the_same_in_every_process():
     import subprocess
     import sys
 
-    code = ("import json; from qlora_pipeline.data import tree_split; "
-            "print(json.dumps([tree_split(f'tree-{i}', 0, 0.1, 0.1) for i in range(200)]))")
-    runs = [json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                                      env={**os.environ, "PYTHONHASHSEED": seed}).stdout) for seed in ("1", "2")]
+    code = (
+        "import json; from qlora_pipeline.data import tree_split; "
+        "print(json.dumps([tree_split(f'tree-{i}', 0, 0.1, 0.1) for i in range(200)]))"
+    )
+    runs = [
+        json.loads(
+            subprocess.run(
+                [sys.executable, "-c", code],
+                capture_output=True,
+                text=True,
+                check=True,
+                env={**os.environ, "PYTHONHASHSEED": seed},
+            ).stdout
+        )
+        for seed in ("1", "2")
+    ]
     assert runs[0] == runs[1] and {"train", "val", "test"} <= set(runs[0])

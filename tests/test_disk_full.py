@@ -13,8 +13,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
 from conftest import make_config
+
 from qlora_pipeline.errors import DiskFullError
 from qlora_pipeline.paths import file_sha256, free_bytes
 from qlora_pipeline.train import checkpoint_is_complete, train
@@ -87,9 +87,23 @@ def test_disk_full_through_the_command_line(prepared_run, tmpfs):
     disk = tmpfs(32)
     run = shutil.copytree(prepared_run, disk / "run")
     fill_leaving(disk, 200_000)  # less than the first checkpoint
-    result = subprocess.run([sys.executable, "-m", "qlora_pipeline.cli", "train", "--run-dir", str(run),
-                             "--preset", "tiny", *TEST_OVERRIDES], capture_output=True, text=True, timeout=600,
-                            env={**os.environ})
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "qlora_pipeline.cli",
+            "train",
+            "--run-dir",
+            str(run),
+            "--preset",
+            "tiny",
+            *TEST_OVERRIDES,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ},
+    )
     assert result.returncode == 2
     last = result.stderr.strip().splitlines()[-1]  # after the progress bars, which stderr also carries
     assert last.startswith(f"error: not enough disk space to write {run / 'checkpoints' / 'step-000002'}")

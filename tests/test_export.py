@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from conftest import copy_run, make_config
+
 from qlora_pipeline.errors import ConfigError
 from qlora_pipeline.export import export, gguf_path, quant_types, read_gguf_metadata
 from qlora_pipeline.llamacpp import ensure_llama_cpp
@@ -16,8 +16,11 @@ def test_converter_and_quantizer_write_every_variant(trained_run):
     sizes = {q: gguf_path(trained_run, q).stat().st_size for q in ("F16", "Q8_0", "Q4_K_M")}
     assert sizes["Q4_K_M"] < sizes["Q8_0"] < sizes["F16"]
     assert not list((trained_run / "gguf").glob(".*tmp"))  # nothing half-written left behind
-    for quant, expected in (("F16", "LLAMA_FTYPE_MOSTLY_F16"), ("Q8_0", "LLAMA_FTYPE_MOSTLY_Q8_0"),
-                            ("Q4_K_M", "LLAMA_FTYPE_MOSTLY_Q4_K_M")):
+    for quant, expected in (
+        ("F16", "LLAMA_FTYPE_MOSTLY_F16"),
+        ("Q8_0", "LLAMA_FTYPE_MOSTLY_Q8_0"),
+        ("Q4_K_M", "LLAMA_FTYPE_MOSTLY_Q4_K_M"),
+    ):
         import llama_cpp
 
         assert read_gguf_metadata(gguf_path(trained_run, quant))["general.file_type"] == getattr(llama_cpp, expected)
@@ -74,8 +77,10 @@ def test_report_has_the_scorecard_schema(trained_run):
         assert prompts["routes"][route]["identical"] == prompts["conversations"] > 0, route
     for case in ("f16_short", "f16_long", "f32_short", "f32_long"):
         row = report["parity"][case]
-        assert row["passes"] is (row["relative_diff"] <= report["parity"]["bounds"]["relative"][case[:3].upper()]
-                                 and row["top1"] >= report["parity"]["bounds"]["min_top1"])
+        assert row["passes"] is (
+            row["relative_diff"] <= report["parity"]["bounds"]["relative"][case[:3].upper()]
+            and row["top1"] >= report["parity"]["bounds"]["min_top1"]
+        )
     stock_llama = prompts["routes"]["transformers_tokenizer_files_only"]  # the declared LlamaTokenizer's
     assert stock_llama["identical"] == 0 and stock_llama["first_difference"]["position"] == 1
     assert report["parity"]["f16_long"]["n_ctx"] == 8192 and report["parity"]["f16_long"]["tokens"] == 4608

@@ -26,10 +26,13 @@ def test_none_gives_no_questions():
     assert load_questions("none") == []
 
 
-@pytest.mark.parametrize("text, message", [
-    ("{not json\n", "malformed JSON"),
-    ('{"question": "q"}\n', 'needs string fields "question" and "answer"'),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("{not json\n", "malformed JSON"),
+        ('{"question": "q"}\n', 'needs string fields "question" and "answer"'),
+    ],
+)
 def test_bad_question_files_name_the_line(tmp_path, text, message):
     path = tmp_path / "q.jsonl"
     path.write_text(text)

@@ -29,8 +29,9 @@ def test_a_fresh_run_dir_gets_the_adapter_and_the_run_config_from_the_hub(traine
     check_adapter_files(run_dir / "adapter")  # a complete safetensors file, a real file (not a cache link)
     assert not any(f.is_symlink() for f in (run_dir / "adapter").iterdir())
     assert read_run_config(run_dir) == read_run_config(trained_run)
-    assert json.loads((run_dir / "adapter" / "adapter_config.json").read_text()) == \
-        json.loads((trained_run / "adapter" / "adapter_config.json").read_text())
+    assert json.loads((run_dir / "adapter" / "adapter_config.json").read_text()) == json.loads(
+        (trained_run / "adapter" / "adapter_config.json").read_text()
+    )
     # A second call finds it and downloads nothing.
     assert not pull_run_part(run_dir, "adapter", "student/phi35-oasst1-adapter", cache_dir=str(tmp_path / "none"))
 

@@ -23,8 +23,9 @@ def run_offline(hub: Path, code: str) -> dict:
     """Run ``code`` in a fresh interpreter with HF_HOME=hub and the hub offline; it prints one JSON."""
     env = {**os.environ, "HF_HOME": str(hub), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     env.pop("HF_HUB_CACHE", None)
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600,
-                            cwd=hub.parent)
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600, cwd=hub.parent
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(result.stdout.strip().splitlines()[-1])
 
@@ -34,9 +35,16 @@ def test_layout_is_the_hub_cache(twin_hub):
     commit = (model / "refs" / "main").read_text()
     snapshot = model / "snapshots" / commit
     names = {p.name for p in snapshot.iterdir()}
-    assert {"config.json", "generation_config.json", "model.safetensors.index.json", "tokenizer.model",
-            "tokenizer.json", "tokenizer_config.json", "model-00001-of-00002.safetensors",
-            "model-00002-of-00002.safetensors"} <= names
+    assert {
+        "config.json",
+        "generation_config.json",
+        "model.safetensors.index.json",
+        "tokenizer.model",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "model-00001-of-00002.safetensors",
+        "model-00002-of-00002.safetensors",
+    } <= names
     assert all((snapshot / n).is_symlink() and (snapshot / n).resolve().parent.name == "blobs" for n in names)
     data = twin_hub / "hub" / "datasets--OpenAssistant--oasst1" / "snapshots"
     files = sorted(str(p.relative_to(next(data.iterdir()))) for p in next(data.iterdir()).rglob("*.parquet"))
@@ -50,7 +58,9 @@ def test_a_second_build_finds_it_up_to_date(twin_hub, test_config):
 
 
 def test_model_and_tokenizer_resolve_by_hub_id_offline(twin_hub):
-    result = run_offline(twin_hub, f"""
+    result = run_offline(
+        twin_hub,
+        f"""
 import json
 from transformers import AutoModelForCausalLM
 from qlora_pipeline.model import load_tokenizer
@@ -60,21 +70,25 @@ rope = model.config.rope_parameters
 print(json.dumps({{"path": model.config._name_or_path, "dtype": str(model.dtype), "rope": rope["rope_type"],
                   "tokenizer": type(tokenizer).__name__, "hello": tokenizer("Hello", add_special_tokens=False)["input_ids"],
                   "generation_eos": model.generation_config.eos_token_id}}))
-""")
+""",
+    )
     assert result["path"] == MODEL_ID and result["dtype"] == "torch.bfloat16" and result["rope"] == "longrope"
     assert result["tokenizer"] == "TokenizersBackend" and result["hello"] == [15043]  # as for the real id
     assert result["generation_eos"] == [32007, 32001, 32000]
 
 
 def test_dataset_resolves_with_the_cards_features(twin_hub):
-    result = run_offline(twin_hub, f"""
+    result = run_offline(
+        twin_hub,
+        f"""
 import json
 from datasets import load_dataset
 d = load_dataset("{DATASET_ID}")
 ranks = d["train"]["rank"]
 print(json.dumps({{"splits": {{k: v.num_rows for k, v in d.items()}}, "features": d["train"].features.to_dict(),
                   "null_ranks": sum(r is None for r in ranks), "ranks": sorted({{r for r in ranks if r is not None}})}}))
-""")
+""",
+    )
     assert set(result["splits"]) == {"train", "validation"} and result["splits"]["validation"] > 0
     assert result["features"] == oasst1_features().to_dict()
     assert result["features"]["rank"] == {"dtype": "int32", "_type": "Value"}
@@ -82,15 +96,24 @@ print(json.dumps({{"splits": {{k: v.num_rows for k, v in d.items()}}, "features"
 
 
 def test_prepare_through_the_hub_halves_validation_into_val_and_test(twin_hub, tmp_path):
-    result = run_offline(twin_hub, f"""
+    result = run_offline(
+        twin_hub,
+        f"""
 import json
 from qlora_pipeline.config import load_config
 from qlora_pipeline.data import prepare
 stats = prepare(load_config("phi35-colab-t4").data, "{tmp_path}/run")
 print(json.dumps(stats))
-""")
+""",
+    )
     assert result["source"] == "hub"
     assert min(result["conversations"].values()) > 0
-    trees = {split: {json.loads(line)["tree_id"] for line in (tmp_path / "run" / "data" / f"{split}.jsonl").open()}
-             for split in ("train", "val", "test")}
-    assert not (trees["train"] & trees["val"]) and not (trees["train"] & trees["test"]) and not (trees["val"] & trees["test"])
+    trees = {
+        split: {json.loads(line)["tree_id"] for line in (tmp_path / "run" / "data" / f"{split}.jsonl").open()}
+        for split in ("train", "val", "test")
+    }
+    assert (
+        not (trees["train"] & trees["val"])
+        and not (trees["train"] & trees["test"])
+        and not (trees["val"] & trees["test"])
+    )

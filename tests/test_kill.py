@@ -20,15 +20,20 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import REPO, TEST_OVERRIDES
 from safetensors.torch import load_file
 
-from conftest import REPO, TEST_OVERRIDES
 from qlora_pipeline.train import CHECKPOINTS, checkpoint_is_complete
 
 OVERRIDES = TEST_OVERRIDES + [
-    "train.max_steps=8", "train.gradient_accumulation_steps=2", "train.checkpoint_every=2",
-    "train.eval_every=3", "train.eval_max_batches=2", "train.early_stopping_patience=2",
-    "train.keep_checkpoints=2", "lora.dropout=0.1",  # dropout: the RNG state matters
+    "train.max_steps=8",
+    "train.gradient_accumulation_steps=2",
+    "train.checkpoint_every=2",
+    "train.eval_every=3",
+    "train.eval_max_batches=2",
+    "train.early_stopping_patience=2",
+    "train.keep_checkpoints=2",
+    "lora.dropout=0.1",  # dropout: the RNG state matters
 ]
 HARNESS = REPO / "tests" / "kill_harness.py"
 KILLED = -signal.SIGKILL
@@ -36,13 +41,23 @@ KILLED = -signal.SIGKILL
 
 def run_args(run: Path, resume: bool) -> list[str]:
     """The command line: a new run with the test settings, or ``run --resume`` of an existing one."""
-    return ["run", "--run-dir", str(run), "--until", "train",
-            *(["--resume"] if resume else ["--preset", "tiny", *OVERRIDES])]
+    return [
+        "run",
+        "--run-dir",
+        str(run),
+        "--until",
+        "train",
+        *(["--resume"] if resume else ["--preset", "tiny", *OVERRIDES]),
+    ]
 
 
 def harness(run: Path, kind: str = "none", n: int = 0, resume: bool = False) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(HARNESS), kind, str(n), *run_args(run, resume)],
-                          capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, str(HARNESS), kind, str(n), *run_args(run, resume)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 def finish(run: Path) -> None:
@@ -57,8 +72,10 @@ def check_checkpoints_complete_or_invisible(run: Path) -> None:
 
 def outcome(run: Path) -> tuple[dict, list, dict]:
     tensors = load_file(str(run / "adapter" / "adapter_model.safetensors"))
-    log = [{k: v for k, v in json.loads(line).items() if k != "tokens_per_s"}  # timing varies
-           for line in (run / "train_log.jsonl").read_text().splitlines()]
+    log = [
+        {k: v for k, v in json.loads(line).items() if k != "tokens_per_s"}  # timing varies
+        for line in (run / "train_log.jsonl").read_text().splitlines()
+    ]
     summary = json.loads((run / "adapter" / "training_summary.json").read_text())
     keys = ("steps", "stopped_early", "best_step", "best_val_loss", "final_val_loss", "tokens_seen")
     return tensors, log, {k: summary[k] for k in keys}
@@ -137,8 +154,12 @@ def test_signal_at_a_random_time_then_resume_equals_uninterrupted(reference, tmp
     rng = random.Random(seed)
     run = tmp_path / "run"
     for i, sig in enumerate((signal.SIGKILL, rng.choice([signal.SIGTERM, signal.SIGINT]))):
-        process = subprocess.Popen([sys.executable, "-m", "qlora_pipeline.cli", *run_args(run, resume=i > 0)],
-                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        process = subprocess.Popen(
+            [sys.executable, "-m", "qlora_pipeline.cli", *run_args(run, resume=i > 0)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         lines = len((run / "train_log.jsonl").read_text().splitlines()) if i else 0
         _kill_when(process, run, lines + rng.randint(1, 4), rng.uniform(0, 0.3), sig)
         stdout, stderr = process.communicate(timeout=300)

@@ -26,8 +26,9 @@ def test_merged_model_matches_adapter_model_independently(trained_run, tiny_base
 
     ids = torch.tensor([[1, 32010, 1724, 338, 278, 7483, 310, 3444, 29973, 32007, 32001]])
     fp32 = {"dtype": torch.float32}  # the twin is stored in bf16, like Phi-3.5; the merge is fp32
-    with_adapter = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(tiny_base), **fp32),
-                                             str(trained_run / "adapter")).eval()
+    with_adapter = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(str(tiny_base), **fp32), str(trained_run / "adapter")
+    ).eval()
     base = AutoModelForCausalLM.from_pretrained(str(tiny_base), **fp32).eval()
     merged = AutoModelForCausalLM.from_pretrained(str(trained_run / "merged"), **fp32).eval()
     with torch.no_grad():
@@ -48,12 +49,10 @@ def load_folder(folder):
 
 def test_merged_folder_has_what_llama_cpp_needs(trained_run):
     merged = trained_run / "merged"
-    for name in ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-                 "tokenizer.model"):
+    for name in ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "tokenizer.model"):
         assert (merged / name).is_file(), name
     assert list(merged.glob("*.safetensors"))
     assert not list(merged.glob("*.bin")) and not list(merged.glob("*.pt"))
-
 
 
 def test_the_merged_models_generation_stops_at_end_of_turn(memorized_run):
@@ -65,16 +64,19 @@ def test_the_merged_models_generation_stops_at_end_of_turn(memorized_run):
     merged = memorized_run / "merged"
     tokenizer = AutoTokenizer.from_pretrained(merged)
     model = AutoModelForCausalLM.from_pretrained(merged).eval()
-    ids = torch.tensor([ChatEncoder.from_hf(tokenizer).encode_prompt([{"role": "user", "content": "Say hello number 5"}])])
+    ids = torch.tensor(
+        [ChatEncoder.from_hf(tokenizer).encode_prompt([{"role": "user", "content": "Say hello number 5"}])]
+    )
     with torch.no_grad():
         out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=40, do_sample=False)
-    new = out[0, ids.shape[1]:].tolist()
+    new = out[0, ids.shape[1] :].tolist()
     assert new[-1] == 32007 and len(new) < 40  # stopped there, well before the limit
     assert tokenizer.decode(new[:-1]).strip() == "Hello there."
 
 
 def test_merge_before_train_is_a_clear_error(prepared_run, test_config, tmp_path):
     from conftest import copy_run
+
     from qlora_pipeline.errors import StageOrderError
     from qlora_pipeline.merge import merge
 
@@ -85,6 +87,7 @@ def test_merge_before_train_is_a_clear_error(prepared_run, test_config, tmp_path
 
 def test_adapter_for_another_base_is_a_clear_error(trained_run, tmp_path):
     from conftest import copy_run, make_config
+
     from qlora_pipeline.errors import ModelError
     from qlora_pipeline.merge import merge
 
@@ -102,14 +105,18 @@ def test_streaming_merge_equals_peft_merge_and_unload(tiny_base, tmp_path, rslor
     from qlora_pipeline.merge_streaming import stream_merge
 
     torch.manual_seed(0)
-    config = LoraConfig(r=8, lora_alpha=16, use_rslora=rslora, init_lora_weights=False,  # random B: a real update
-                        target_modules=["qkv_proj", "o_proj", "gate_up_proj", "down_proj"])
+    config = LoraConfig(
+        r=8,
+        lora_alpha=16,
+        use_rslora=rslora,
+        init_lora_weights=False,  # random B: a real update
+        target_modules=["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
+    )
     peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_base, dtype=torch.float32), config)
     peft_model.save_pretrained(tmp_path / "adapter")
     expected = peft_model.merge_and_unload().state_dict()
 
-    info = stream_merge(tiny_base, tmp_path / "adapter", tmp_path / "merged", dtype=torch.float32,
-                        log=lambda *a: None)
+    info = stream_merge(tiny_base, tmp_path / "adapter", tmp_path / "merged", dtype=torch.float32, log=lambda *a: None)
     got = load_folder(tmp_path / "merged")
     base = load_folder(tiny_base)
     assert info["merged_weights"] == 4 * 2  # four modules in each of the two test layers
@@ -121,6 +128,7 @@ def test_streaming_merge_equals_peft_merge_and_unload(tiny_base, tmp_path, rslor
 
 def test_merge_stage_streaming_matches_the_adapter(trained_run, tmp_path):
     from conftest import copy_run, make_config
+
     from qlora_pipeline.merge import merge
 
     run = copy_run(trained_run, tmp_path / "run")
@@ -132,6 +140,7 @@ def test_merge_stage_streaming_matches_the_adapter(trained_run, tmp_path):
 
 def test_streaming_merge_refuses_an_adapter_for_another_shape(trained_run, tmp_path):
     from conftest import make_config
+
     from qlora_pipeline.errors import ModelError
     from qlora_pipeline.merge_streaming import stream_merge
     from qlora_pipeline.model import resolve_base
@@ -143,8 +152,8 @@ def test_streaming_merge_refuses_an_adapter_for_another_shape(trained_run, tmp_p
 
 def test_streaming_is_chosen_when_the_base_is_larger_than_half_the_free_memory(tiny_base, monkeypatch):
     import psutil
-
     from conftest import make_config
+
     from qlora_pipeline.errors import ConfigError
     from qlora_pipeline.merge import base_weight_bytes, use_streaming
 

@@ -7,11 +7,16 @@ from pathlib import Path
 
 import nbformat
 import pytest
-
 from conftest import REPO, TEST_OVERRIDES
 
-ORDER = ["S29_finetuning_llm.ipynb", "S29_phi3_inference.ipynb", "S29_phi3_QuantizeLLMs_checkpoint.ipynb",
-         "notebooks/lora_from_scratch.ipynb", "notebooks/nf4_from_scratch.ipynb", "notebooks/oasst1_trees.ipynb"]
+ORDER = [
+    "S29_finetuning_llm.ipynb",
+    "S29_phi3_inference.ipynb",
+    "S29_phi3_QuantizeLLMs_checkpoint.ipynb",
+    "notebooks/lora_from_scratch.ipynb",
+    "notebooks/nf4_from_scratch.ipynb",
+    "notebooks/oasst1_trees.ipynb",
+]
 
 
 def _generator():
@@ -66,9 +71,13 @@ def executed(tmp_path_factory) -> dict[str, str]:
     out_dir = tmp_path_factory.mktemp("executed")
     run_sequence(out_dir, REPO, {"OVERRIDES": TEST_OVERRIDES}, timeout=900, log=lambda *a: None)
     outputs = {name: _outputs(out_dir / "executed" / name) for name in S29}
-    for name in ORDER[len(S29):]:
-        result = run_notebook(REPO / name, out_dir / name, parameters={"RUN_DIR": str(out_dir / "concepts"),
-                                                                       "OVERRIDES": TEST_OVERRIDES}, cwd=REPO)
+    for name in ORDER[len(S29) :]:
+        result = run_notebook(
+            REPO / name,
+            out_dir / name,
+            parameters={"RUN_DIR": str(out_dir / "concepts"), "OVERRIDES": TEST_OVERRIDES},
+            cwd=REPO,
+        )
         outputs[name] = _outputs(result)
     return outputs
 
@@ -87,7 +96,10 @@ def test_finetuning_notebook_teaches_one_step_and_estimates_the_rest(executed):
     assert "BitsAndBytesConfig" in text and "bnb_4bit_quant_type" in text and "LoraConfig(" in text
     assert "position id" in text and "target" in text  # the packed batch table
     assert "one optimizer step:" in text
-    assert "measured here: training" in text and "S29_phi3_QuantizeLLMs_checkpoint: base, adapter and merged scores" in text
+    assert (
+        "measured here: training" in text
+        and "S29_phi3_QuantizeLLMs_checkpoint: base, adapter and merged scores" in text
+    )
 
 
 def test_later_notebooks_find_the_first_ones_work_on_drive_and_print_their_estimate(executed):
@@ -125,8 +137,9 @@ def test_a_failing_cell_fails_the_run(tmp_path):
 
     from qlora_pipeline.notebook import run_notebook
 
-    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("x = 1"),
-                                         nbformat.v4.new_code_cell("raise ValueError('broken cell')")])
+    nb = nbformat.v4.new_notebook(
+        cells=[nbformat.v4.new_code_cell("x = 1"), nbformat.v4.new_code_cell("raise ValueError('broken cell')")]
+    )
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
     path = tmp_path / "broken.ipynb"
     nbformat.write(nb, str(path))
@@ -167,8 +180,9 @@ def _run_setup_as_on_colab(source: str, monkeypatch) -> list:
         raise RuntimeError("stop after the first command")
 
     real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a: None if name == "qlora_pipeline" else real_find_spec(name, *a))
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "qlora_pipeline" else real_find_spec(name, *a)
+    )
     monkeypatch.setattr(subprocess, "run", fake_run)
     try:
         exec(compile(source, "setup-cell", "exec"), {"RUN_DIR": "runs/x", "USE_DRIVE": True})
@@ -230,4 +244,6 @@ def test_setup_cell_returns_to_the_course_folder_after_a_kernel_restart(tmp_path
         namespace = {"RUN_DIR": "runs/notebooks/s29", "USE_DRIVE": True}
         exec(compile(_setup_cell(REPO / ORDER[0]), "setup-cell", "exec"), namespace)
         seen.append((Path.cwd(), namespace["RUN_DIR"]))
-    assert seen[0] == seen[1] == (tmp_path / "course", str(drive / "MyDrive" / "qlora-gguf-course" / "runs/notebooks/s29"))
+    assert (
+        seen[0] == seen[1] == (tmp_path / "course", str(drive / "MyDrive" / "qlora-gguf-course" / "runs/notebooks/s29"))
+    )

@@ -21,19 +21,23 @@ def _lora_model(cfg, base, device):
     return model
 
 
-@pytest.mark.parametrize("optimizer_name, max_grad_norm", [
-    ("sgd", 0.0),      # plain SGD without clipping: the weights move by the gradient itself
-    ("sgd", 0.01),     # ...with clipping
-    ("adamw", 0.3),    # what training uses on a CPU
-])
-def test_the_notebooks_written_out_step_equals_the_packages_step(prepared_run, tiny_base, tiny_tokenizer,
-                                                                 optimizer_name, max_grad_norm):
+@pytest.mark.parametrize(
+    "optimizer_name, max_grad_norm",
+    [
+        ("sgd", 0.0),  # plain SGD without clipping: the weights move by the gradient itself
+        ("sgd", 0.01),  # ...with clipping
+        ("adamw", 0.3),  # what training uses on a CPU
+    ],
+)
+def test_the_notebooks_written_out_step_equals_the_packages_step(
+    prepared_run, tiny_base, tiny_tokenizer, optimizer_name, max_grad_norm
+):
     """SGD makes the comparison sensitive to the gradient's scale (a missing division, a lost
     micro-batch): Adam's first step is nearly sign(gradient) whatever its scale."""
     import torch
     from accelerate import Accelerator
-
     from conftest import make_config
+
     from qlora_pipeline.chat_format import ChatEncoder
     from qlora_pipeline.data import read_split, tokenize_conversations
     from qlora_pipeline.model import pick_device
@@ -42,8 +46,9 @@ def test_the_notebooks_written_out_step_equals_the_packages_step(prepared_run, t
     # Accumulation and clipping both matter: 3 micro-batches, and a norm small enough to clip.
     cfg = make_config("train.gradient_accumulation_steps=3", f"train.max_grad_norm={max_grad_norm}")
     device = pick_device(cfg.model.compute_dtype, cfg.train.mixed_precision)
-    examples, _ = tokenize_conversations(ChatEncoder.from_hf(tiny_tokenizer), read_split(prepared_run, "train"),
-                                         cfg.data.max_seq_len, cfg.data.overlong)
+    examples, _ = tokenize_conversations(
+        ChatEncoder.from_hf(tiny_tokenizer), read_split(prepared_run, "train"), cfg.data.max_seq_len, cfg.data.overlong
+    )
     total_steps, plan = step_plan(examples, cfg.train)
 
     def fresh():
@@ -57,9 +62,17 @@ def test_the_notebooks_written_out_step_equals_the_packages_step(prepared_run, t
 
     model_a, params_a, optimizer_a, scheduler_a = fresh()
     start = {n: p.detach().clone() for n, p in model_a.named_parameters() if p.requires_grad}
-    namespace = {"cfg": cfg, "device": device, "plan": plan, "examples": examples, "model_4bit": model_a,
-                 "params": params_a, "optimizer": optimizer_a, "scheduler": scheduler_a, "collate_packed":
-                 __import__("qlora_pipeline.train", fromlist=["collate_packed"]).collate_packed}
+    namespace = {
+        "cfg": cfg,
+        "device": device,
+        "plan": plan,
+        "examples": examples,
+        "model_4bit": model_a,
+        "params": params_a,
+        "optimizer": optimizer_a,
+        "scheduler": scheduler_a,
+        "collate_packed": __import__("qlora_pipeline.train", fromlist=["collate_packed"]).collate_packed,
+    }
     torch.manual_seed(1)  # LoRA dropout draws the same masks in both
     exec(compile(_cell("S29_finetuning_llm.ipynb", "optimizer-step"), "optimizer-step cell", "exec"), namespace)
 
@@ -68,8 +81,16 @@ def test_the_notebooks_written_out_step_equals_the_packages_step(prepared_run, t
     model_b, optimizer_b = accelerator.prepare(model_b, optimizer_b)
     model_b.train()
     torch.manual_seed(1)
-    optimizer_step(accelerator, model_b, examples, plan[: cfg.train.gradient_accumulation_steps], params_b,
-                   optimizer_b, scheduler_b, cfg.train.max_grad_norm)
+    optimizer_step(
+        accelerator,
+        model_b,
+        examples,
+        plan[: cfg.train.gradient_accumulation_steps],
+        params_b,
+        optimizer_b,
+        scheduler_b,
+        cfg.train.max_grad_norm,
+    )
 
     after_a = dict(model_a.named_parameters())
     after_b = dict(accelerator.unwrap_model(model_b).named_parameters())

@@ -17,12 +17,15 @@ def _cuda_present(monkeypatch):
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
 
 
-@pytest.mark.parametrize("cuda, stored, expected", [
-    (True, "float16", ("cuda", "float16")),      # a T4: the 16-bit model on the GPU
-    (False, "float16", ("cpu", "float32")),      # fp16 matmuls on a CPU are several times slower
-    (False, "bfloat16", ("cpu", "bfloat16")),
-    (False, "float32", ("cpu", "float32")),
-])
+@pytest.mark.parametrize(
+    "cuda, stored, expected",
+    [
+        (True, "float16", ("cuda", "float16")),  # a T4: the 16-bit model on the GPU
+        (False, "float16", ("cpu", "float32")),  # fp16 matmuls on a CPU are several times slower
+        (False, "bfloat16", ("cpu", "bfloat16")),
+        (False, "float32", ("cpu", "float32")),
+    ],
+)
 def test_eval_placement_prefers_cuda_and_avoids_fp16_on_a_cpu(monkeypatch, cuda, stored, expected):
     import torch
 
@@ -53,16 +56,20 @@ def test_parity_reference_loads_on_cuda_when_available(trained_run, test_config,
     from qlora_pipeline.evaluate import _hf_reference
 
     _cuda_present(monkeypatch)
-    monkeypatch.setattr(model_module, "load_base_full_precision",
-                        lambda base, mcfg, dtype=None, device="cpu": (_ for _ in ()).throw(Chosen(device)))
+    monkeypatch.setattr(
+        model_module,
+        "load_base_full_precision",
+        lambda base, mcfg, dtype=None, device="cpu": (_ for _ in ()).throw(Chosen(device)),
+    )
     with pytest.raises(Chosen) as chosen:
         _hf_reference(trained_run, test_config, [[1, 2, 3]], round_to_fp16=True)
     assert chosen.value.args == ("cuda",)
 
 
 @pytest.mark.parametrize("free_gb, expected", [(14.0, "cuda"), (0.001, "cpu")])
-def test_merge_runs_on_the_gpu_when_the_base_fits_its_free_memory(tiny_base, test_config, monkeypatch,
-                                                                  free_gb, expected):
+def test_merge_runs_on_the_gpu_when_the_base_fits_its_free_memory(
+    tiny_base, test_config, monkeypatch, free_gb, expected
+):
     import torch
 
     from qlora_pipeline.merge import merge_device, use_streaming

@@ -36,9 +36,13 @@ def forests(draw) -> list[dict]:
                 other = "assistant" if parent["role"] == "prompter" else "prompter"
                 role = other if draw(st.integers(0, 5)) else parent["role"]  # 1 in 6 breaks alternation
             node = {
-                "message_id": f"{tree}m{i}", "parent_id": parent["message_id"] if parent else None,
-                "message_tree_id": tree, "role": role, "text": f"text of {tree}m{i}",
-                "lang": draw(st.sampled_from(LANGS)), "rank": draw(st.sampled_from([None, 0, 0, 1])),  # ties are common
+                "message_id": f"{tree}m{i}",
+                "parent_id": parent["message_id"] if parent else None,
+                "message_tree_id": tree,
+                "role": role,
+                "text": f"text of {tree}m{i}",
+                "lang": draw(st.sampled_from(LANGS)),
+                "rank": draw(st.sampled_from([None, 0, 0, 1])),  # ties are common
                 "deleted": draw(st.sampled_from([False, False, False, False, True])),
                 "review_result": draw(st.sampled_from([True, True, True, None, False])),
                 "created_date": f"2023-01-0{draw(st.integers(1, 3))}",
@@ -54,8 +58,9 @@ def removed(row: dict) -> bool:
 
 
 def eligible_children(rows: list[dict], parent: dict) -> list[dict]:
-    return [r for r in rows if r["parent_id"] == parent["message_id"] and not removed(r)
-            and r["role"] != parent["role"]]
+    return [
+        r for r in rows if r["parent_id"] == parent["message_id"] and not removed(r) and r["role"] != parent["role"]
+    ]
 
 
 def best(children: list[dict]) -> dict:
@@ -64,8 +69,11 @@ def best(children: list[dict]) -> dict:
 
 
 @SETTINGS
-@given(rows=forests(), languages=st.lists(st.sampled_from(LANGS), min_size=1, max_size=3, unique=True),
-       system=st.sampled_from([None, "Be kind."]))
+@given(
+    rows=forests(),
+    languages=st.lists(st.sampled_from(LANGS), min_size=1, max_size=3, unique=True),
+    system=st.sampled_from([None, "Be kind."]),
+)
 def test_conversations_follow_the_best_ranked_path_of_one_tree(rows, languages, system):
     result = build_conversations(rows, tuple(languages), system_prompt=system)
     by_text = {r["text"]: r for r in rows}
@@ -87,16 +95,46 @@ def test_conversations_follow_the_best_ranked_path_of_one_tree(rows, languages, 
         after = eligible_children(rows, path[-1])
         if after:
             assert best(after)["role"] == "prompter" and not eligible_children(rows, best(after))
-    answerable = {r["message_tree_id"] for r in rows
-                  if r["parent_id"] is None and r["lang"] in languages and not removed(r)
-                  and r["role"] == "prompter" and eligible_children(rows, r)}
+    answerable = {
+        r["message_tree_id"]
+        for r in rows
+        if r["parent_id"] is None
+        and r["lang"] in languages
+        and not removed(r)
+        and r["role"] == "prompter"
+        and eligible_children(rows, r)
+    }
     assert sorted(c["tree_id"] for c in result.conversations) == sorted(answerable)
 
 
-SPECIAL = ["<|end|>", "<|assistant|>", "<|user|>", "<|system|>", "<|endoftext|>", "<s>", "</s>", "\n", "\n\n",
-           " ", "é", "日本語", "🙂", "ß", "\t", "{{ x }}", "{% if %}"]
-texts = st.lists(st.one_of(st.text(st.characters(exclude_categories=("Cs", "Co")), max_size=12),
-                           st.sampled_from(SPECIAL)), min_size=1, max_size=6).map("".join).filter(bool)
+SPECIAL = [
+    "<|end|>",
+    "<|assistant|>",
+    "<|user|>",
+    "<|system|>",
+    "<|endoftext|>",
+    "<s>",
+    "</s>",
+    "\n",
+    "\n\n",
+    " ",
+    "é",
+    "日本語",
+    "🙂",
+    "ß",
+    "\t",
+    "{{ x }}",
+    "{% if %}",
+]
+texts = (
+    st.lists(
+        st.one_of(st.text(st.characters(exclude_categories=("Cs", "Co")), max_size=12), st.sampled_from(SPECIAL)),
+        min_size=1,
+        max_size=6,
+    )
+    .map("".join)
+    .filter(bool)
+)
 
 
 @st.composite
@@ -126,8 +164,8 @@ def test_label_mask_is_exactly_the_assistant_spans(encoder, messages):
         prompt = encoder.encode_prompt(messages[:i])
         assert ids[: len(prompt)] == prompt
         span = encoder.encode_text(message["content"], False) + [encoder.end_of_turn_id]
-        assert ids[len(prompt): len(prompt) + len(span)] == span
-        expected[len(prompt): len(prompt) + len(span)] = span
+        assert ids[len(prompt) : len(prompt) + len(span)] == span
+        expected[len(prompt) : len(prompt) + len(span)] = span
     assert labels == expected
     # Control-token text in a message is never read as a control token.
     specials = {encoder.end_of_turn_id}

@@ -9,14 +9,17 @@ import pytest
 from qlora_pipeline.runtime import cgroup_cpu_quota, usable_cpus
 
 
-@pytest.mark.parametrize("files, expected", [
-    ({"cpu.max": "200000 100000\n"}, 2),              # cgroup v2: 2 CPUs
-    ({"cpu.max": "150000 100000\n"}, 2),              # 1.5 CPUs: llama.cpp gets 2 threads
-    ({"cpu.max": "max 100000\n"}, None),              # no quota
-    ({"cpu/cpu.cfs_quota_us": "100000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 1),  # cgroup v1
-    ({"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, None),
-    ({}, None),                                       # no cgroup files at all
-])
+@pytest.mark.parametrize(
+    "files, expected",
+    [
+        ({"cpu.max": "200000 100000\n"}, 2),  # cgroup v2: 2 CPUs
+        ({"cpu.max": "150000 100000\n"}, 2),  # 1.5 CPUs: llama.cpp gets 2 threads
+        ({"cpu.max": "max 100000\n"}, None),  # no quota
+        ({"cpu/cpu.cfs_quota_us": "100000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 1),  # cgroup v1
+        ({"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, None),
+        ({}, None),  # no cgroup files at all
+    ],
+)
 def test_cgroup_quota_is_read_from_v2_or_v1_files(tmp_path, files, expected):
     for name, text in files.items():
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
@@ -52,8 +55,9 @@ def test_auto_dtype_on_cuda_counts_only_hardware_bf16(monkeypatch, hardware_bf16
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Tesla T4" if not hardware_bf16 else "A100")
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported",
-                        lambda including_emulation=True: True if including_emulation else hardware_bf16)
+    monkeypatch.setattr(
+        torch.cuda, "is_bf16_supported", lambda including_emulation=True: True if including_emulation else hardware_bf16
+    )
     device = pick_device("auto", "auto")
     assert device.name == "cuda" and str(device.compute_dtype) == f"torch.{expected}"
     assert device.mixed_precision == {"float16": "fp16", "bfloat16": "bf16"}[expected]

@@ -7,6 +7,7 @@ import json
 import re
 
 from conftest import REPO
+
 from qlora_pipeline.data import REQUIRED_FIELDS, sample_data_path
 from qlora_pipeline.heldout import load_questions
 from qlora_pipeline.tiny import base_corpus_path

@@ -13,7 +13,6 @@ import ast
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO
 
 SOURCES = sorted((REPO / "src" / "qlora_pipeline").glob("*.py")) + sorted((REPO / "app").glob("*.py"))
@@ -40,7 +39,9 @@ def test_torch_load_is_weights_only_and_remote_code_is_off(path):
         where = f"{path.name}:{node.lineno}"
         if call_name(node) == "torch.load":
             value = keywords.get("weights_only")
-            assert isinstance(value, ast.Constant) and value.value is True, f"{where}: torch.load without weights_only=True"
+            assert isinstance(value, ast.Constant) and value.value is True, (
+                f"{where}: torch.load without weights_only=True"
+            )
         if "trust_remote_code" in keywords:
             value = keywords["trust_remote_code"]
             assert isinstance(value, ast.Constant) and value.value is False, f"{where}: trust_remote_code not False"
@@ -49,8 +50,12 @@ def test_torch_load_is_weights_only_and_remote_code_is_off(path):
 
 def test_the_scan_sees_the_call_sites():
     """The scan would catch a bad call: the known good ones are found."""
-    found = {(p.name, call_name(n)) for p in SOURCES for n in calls(p)
-             if call_name(n) == "torch.load" or any(k.arg == "trust_remote_code" for k in n.keywords)}
+    found = {
+        (p.name, call_name(n))
+        for p in SOURCES
+        for n in calls(p)
+        if call_name(n) == "torch.load" or any(k.arg == "trust_remote_code" for k in n.keywords)
+    }
     assert ("train.py", "torch.load") in found
     assert ("model.py", "AutoModelForCausalLM.from_pretrained") in found
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 from conftest import copy_run, make_config
+
 from qlora_pipeline.pipeline import STAGE_NAMES, run_pipeline
 
 
@@ -34,8 +35,10 @@ def test_a_changed_output_reruns_its_stage_and_same_files_leave_the_rest_skipped
     original = q8.read_bytes()
     q8.write_bytes(original[:-100])  # damaged after the stage finished
     lines = run_and_log(test_config, run)
-    assert "[export] its output gguf/model-Q8_0.gguf is missing or was changed since it finished; " \
-           "running it again" in lines
+    assert (
+        "[export] its output gguf/model-Q8_0.gguf is missing or was changed since it finished; "
+        "running it again" in lines
+    )
     assert q8.read_bytes() == original  # llama.cpp's quantizer is deterministic
     # export wrote the same files again, so evaluate's inputs did not change
     assert skipped(lines) == ["prepare", "train", "merge", "evaluate"]

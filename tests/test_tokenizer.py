@@ -17,8 +17,11 @@ def vocab_tests():
 
 
 def test_hf_tokenizer_reproduces_llama_cpp_vectors(tiny_tokenizer, vocab_tests):
-    failures = [(text, expected) for text, expected in vocab_tests
-                if tiny_tokenizer.encode(text, add_special_tokens=False) != expected]
+    failures = [
+        (text, expected)
+        for text, expected in vocab_tests
+        if tiny_tokenizer.encode(text, add_special_tokens=False) != expected
+    ]
     assert failures == []
 
 
@@ -32,10 +35,17 @@ def test_sentencepiece_model_reproduces_llama_cpp_vectors(tiny_base, vocab_tests
 
 
 def test_special_tokens_match_phi35(tiny_tokenizer, tiny_base):
-    ids = {t: tiny_tokenizer.convert_tokens_to_ids(t)
-           for t in ("<|endoftext|>", "<|assistant|>", "<|system|>", "<|end|>", "<|user|>")}
-    assert ids == {"<|endoftext|>": 32000, "<|assistant|>": 32001, "<|system|>": 32006, "<|end|>": 32007,
-                   "<|user|>": 32010}
+    ids = {
+        t: tiny_tokenizer.convert_tokens_to_ids(t)
+        for t in ("<|endoftext|>", "<|assistant|>", "<|system|>", "<|end|>", "<|user|>")
+    }
+    assert ids == {
+        "<|endoftext|>": 32000,
+        "<|assistant|>": 32001,
+        "<|system|>": 32006,
+        "<|end|>": 32007,
+        "<|user|>": 32010,
+    }
     assert len(tiny_tokenizer) == 32064
     assert tiny_tokenizer.bos_token_id == 1 and tiny_tokenizer.eos_token_id == 32000
     assert tiny_tokenizer.pad_token_id not in (None, tiny_tokenizer.eos_token_id)
@@ -64,7 +74,11 @@ def test_tokenizer_files_are_the_hubs_format_and_class(tiny_base):
     config = json.loads((tiny_base / "tokenizer_config.json").read_text())
     assert config["tokenizer_class"] == "LlamaTokenizer" and config["legacy"] is False
     assert config["add_bos_token"] is False and config["add_eos_token"] is False
-    assert (config["pad_token"], config["eos_token"], config["padding_side"]) == ("<|endoftext|>", "<|endoftext|>", "left")
+    assert (config["pad_token"], config["eos_token"], config["padding_side"]) == (
+        "<|endoftext|>",
+        "<|endoftext|>",
+        "left",
+    )
     assert config["model_max_length"] == 131072
     added = {int(i): t for i, t in config["added_tokens_decoder"].items()}
     assert {t["content"]: i for i, t in added.items() if i >= 32000} == phi35_reference()["added_tokens"]
@@ -113,8 +127,18 @@ def test_twin_config_keeps_phi35s_fields_and_longrope(tiny_base):
 
     real = phi35_reference()["config"]
     config = json.loads((tiny_base / "config.json").read_text())
-    for key in ("max_position_embeddings", "original_max_position_embeddings", "sliding_window", "rope_theta",
-                "bos_token_id", "eos_token_id", "pad_token_id", "vocab_size", "tie_word_embeddings", "rms_norm_eps"):
+    for key in (
+        "max_position_embeddings",
+        "original_max_position_embeddings",
+        "sliding_window",
+        "rope_theta",
+        "bos_token_id",
+        "eos_token_id",
+        "pad_token_id",
+        "vocab_size",
+        "tie_word_embeddings",
+        "rms_norm_eps",
+    ):
         assert config[key] == real[key], key
     assert config.get("dtype", config.get("torch_dtype")) == "bfloat16"
     rope = config.get("rope_scaling") or config["rope_parameters"]
@@ -127,8 +151,10 @@ def test_twin_config_keeps_phi35s_fields_and_longrope(tiny_base):
         assert factors[-1] == pytest.approx(real["rope_scaling"][key][-1])
         assert factors == sorted(factors) and len(set(factors)) > head_pairs // 2  # non-trivial, same shape
     index = json.loads((tiny_base / "model.safetensors.index.json").read_text())
-    assert sorted(set(index["weight_map"].values())) == ["model-00001-of-00002.safetensors",
-                                                          "model-00002-of-00002.safetensors"]
+    assert sorted(set(index["weight_map"].values())) == [
+        "model-00001-of-00002.safetensors",
+        "model-00002-of-00002.safetensors",
+    ]
     generation = json.loads((tiny_base / "generation_config.json").read_text())
     assert generation["eos_token_id"] == [32007, 32001, 32000] and generation["pad_token_id"] == 32000
 
@@ -146,6 +172,9 @@ def test_llama_cpp_reproduces_its_vectors_on_the_exported_gguf(trained_run, voca
     from qlora_pipeline.export import gguf_path
 
     with LlamaChat(gguf_path(trained_run, "F16"), n_ctx=256) as chat:
-        failures = [(text, ids) for text, ids in vocab_tests
-                    if chat.llm.tokenize(text.encode("utf-8"), add_bos=False, special=False) != ids]
+        failures = [
+            (text, ids)
+            for text, ids in vocab_tests
+            if chat.llm.tokenize(text.encode("utf-8"), add_bos=False, special=False) != ids
+        ]
     assert failures == []

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import REPO, copy_run, make_config
 from safetensors.torch import load_file
 
-from conftest import REPO, copy_run, make_config
 from qlora_pipeline.errors import ModelError, PipelineError
 from qlora_pipeline.pipeline import save_run_config
 from qlora_pipeline.train import pack_examples, train
@@ -43,7 +43,11 @@ def test_default_targets_match_every_layer(test_config, tiny_base):
     model, report = attach_lora(model, test_config.lora, test_config.model)
     layers = test_config.tiny.num_layers
     assert {t: v["layers"] for t, v in report["targets"].items()} == {
-        "qkv_proj": layers, "o_proj": layers, "gate_up_proj": layers, "down_proj": layers}
+        "qkv_proj": layers,
+        "o_proj": layers,
+        "gate_up_proj": layers,
+        "down_proj": layers,
+    }
     r = test_config.lora.r
     h, f = test_config.tiny.hidden_size, test_config.tiny.intermediate_size
     assert report["targets"]["o_proj"]["trainable_params"] == layers * r * (h + h)
@@ -116,8 +120,18 @@ def test_two_process_data_parallel_run_ends_with_identical_weights(prepared_run,
     from qlora_pipeline.app_check import free_port
 
     port = str(free_port())  # a fixed port collides with a run still closing
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port,
-           str(REPO / "tests" / "ddp_train.py"), str(run), str(tmp_path / "ranks")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        port,
+        str(REPO / "tests" / "ddp_train.py"),
+        str(run),
+        str(tmp_path / "ranks"),
+    ]
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     rank0 = load_file(str(tmp_path / "ranks" / "rank-0.safetensors"))
@@ -158,8 +172,11 @@ def test_run_does_not_silently_discard_an_interrupted_training(prepared_run, tmp
 
     run = copy_run(prepared_run, tmp_path / "run")
     train(test_config, run, stop_after_steps=2, log=lambda *a, **k: None)
-    with pytest.raises(PipelineError, match="training was interrupted and .*step-000002 can continue it; "
-                                            "add --resume to continue, or --force train to start over"):
+    with pytest.raises(
+        PipelineError,
+        match="training was interrupted and .*step-000002 can continue it; "
+        "add --resume to continue, or --force train to start over",
+    ):
         run_pipeline(test_config, run, log=lambda *a: None, until="train")
     lines = []
     run_pipeline(test_config, run, log=lines.append, until="train", resume=True)
@@ -208,7 +225,9 @@ def test_a_notebook_resumes_from_the_newest_checkpoint_unless_told_to_start_fres
     assert resume_training(cfg, run, log=said.append) is True
     assert said[-1].startswith("[train] continuing from") and "step-000003" in said[-1]
     assert resume_training(cfg, run, fresh=True, log=said.append) is False
-    assert resume_training(make_config("train.learning_rate=0.001"), run, log=lambda *a: None) is False  # other settings
+    assert (
+        resume_training(make_config("train.learning_rate=0.001"), run, log=lambda *a: None) is False
+    )  # other settings
 
 
 def test_a_target_missing_from_one_layer_is_refused(test_config, tiny_base):
@@ -231,8 +250,12 @@ def test_packed_conversations_do_not_see_each_other(trained_run, test_config, ti
     from qlora_pipeline.model import load_base_full_precision
     from qlora_pipeline.train import evaluate_loss
 
-    examples, _ = tokenize_conversations(ChatEncoder.from_hf(tiny_tokenizer), read_split(trained_run, "val")[:12],
-                                         test_config.data.max_seq_len, test_config.data.overlong)
+    examples, _ = tokenize_conversations(
+        ChatEncoder.from_hf(tiny_tokenizer),
+        read_split(trained_run, "val")[:12],
+        test_config.data.max_seq_len,
+        test_config.data.overlong,
+    )
     model = load_base_full_precision(str(trained_run / "merged"), test_config.model)
     longest = max(len(ex["input_ids"]) for ex in examples)
     packed = evaluate_loss(model, examples, 4096, "cpu")  # all twelve in one or two rows
@@ -253,12 +276,23 @@ def test_data_parallel_ranks_split_the_micro_batches(prepared_run, tmp_path, tes
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "tests")}
     from qlora_pipeline.app_check import free_port
 
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-           str(REPO / "tests" / "ddp_train.py"), str(run), str(tmp_path / "ranks")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(free_port()),
+        str(REPO / "tests" / "ddp_train.py"),
+        str(run),
+        str(tmp_path / "ranks"),
+    ]
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    examples, _ = tokenize_conversations(ChatEncoder.from_hf(tiny_tokenizer), read_split(run, "train"),
-                                         cfg.data.max_seq_len, cfg.data.overlong)
+    examples, _ = tokenize_conversations(
+        ChatEncoder.from_hf(tiny_tokenizer), read_split(run, "train"), cfg.data.max_seq_len, cfg.data.overlong
+    )
     _, plan = step_plan(examples, cfg.train, world=2)
     planned = plan[: 2 * cfg.train.gradient_accumulation_steps * 2]
     # each rank counts its own row lengths times the world size; the two ranks' rows are the plan's

@@ -17,17 +17,25 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 from qlora_pipeline.errors import PipelineError
 
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
 # Headless as root on a closed network: without the background-networking flags Chromium keeps
 # trying to reach Google's hosts.
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 
 
 def free_port() -> int:
@@ -40,8 +48,10 @@ def wait_for_http(url: str, proc: subprocess.Popen, timeout: float, log: Path) -
     deadline = time.time() + timeout
     while time.time() < deadline:
         if proc.poll() is not None:
-            raise PipelineError(f"the server exited with {proc.returncode} before answering: "
-                                f"{log.read_text()[-1500:] if log.exists() else ''}")
+            raise PipelineError(
+                f"the server exited with {proc.returncode} before answering: "
+                f"{log.read_text()[-1500:] if log.exists() else ''}"
+            )
         try:
             with urllib.request.urlopen(url, timeout=2):
                 return
@@ -51,8 +61,14 @@ def wait_for_http(url: str, proc: subprocess.Popen, timeout: float, log: Path) -
 
 
 @contextmanager
-def served(command: list[str], ready_path: str = "/", timeout: float = 120, env: dict | None = None,
-           log: Path | None = None, started: list | None = None) -> Iterator[str]:
+def served(
+    command: list[str],
+    ready_path: str = "/",
+    timeout: float = 120,
+    env: dict | None = None,
+    log: Path | None = None,
+    started: list | None = None,
+) -> Iterator[str]:
     """Run a server command with ``{port}`` filled in; yield its base URL; stop it afterwards.
     ``started``, if given, receives the server's Popen (a test reads its sockets)."""
     port = free_port()
@@ -89,8 +105,15 @@ def _set_slider(page, elem_id: str, value: float, timeout_s: float) -> None:
     slider.dispatch_event("change")  # Gradio takes the value on release
 
 
-def browser_exchange(url: str, message: str, temperature: float = 0.0, screenshot: Path | None = None,
-                     timeout_s: float = 60, repeat_penalty: float | None = None, system: str | None = None) -> dict:
+def browser_exchange(
+    url: str,
+    message: str,
+    temperature: float = 0.0,
+    screenshot: Path | None = None,
+    timeout_s: float = 60,
+    repeat_penalty: float | None = None,
+    system: str | None = None,
+) -> dict:
     """Open the app, move the temperature slider (and, if given, the repetition penalty and the
     system prompt), send ``message``, wait for the streamed answer.
 
@@ -100,8 +123,10 @@ def browser_exchange(url: str, message: str, temperature: float = 0.0, screensho
     from playwright.sync_api import sync_playwright
 
     if not Path(CHROMIUM).exists():
-        raise PipelineError(f"{CHROMIUM} not found: install Debian's Chromium (apt-get install chromium) "
-                            "or set CHROMIUM to a Chromium binary")
+        raise PipelineError(
+            f"{CHROMIUM} not found: install Debian's Chromium (apt-get install chromium) "
+            "or set CHROMIUM to a Chromium binary"
+        )
     page_errors: list[str] = []
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)

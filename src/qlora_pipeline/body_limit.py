@@ -45,12 +45,24 @@ class BodyLimit:
 
     async def refuse(self, send, size: int, scope) -> None:
         # the path and sizes only: never a value from the request body
-        log.warning("refused a %s-byte request to %s: the limit is %s bytes",
-                    f"{size:,}", scope.get("path", "?")[:200], f"{self.max_bytes:,}")
+        log.warning(
+            "refused a %s-byte request to %s: the limit is %s bytes",
+            f"{size:,}",
+            scope.get("path", "?")[:200],
+            f"{self.max_bytes:,}",
+        )
         body = json.dumps({"error": f"request body over {self.max_bytes:,} bytes; send less"}).encode()
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                                (b"connection", b"close")]})
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 413,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode()),
+                    (b"connection", b"close"),
+                ],
+            }
+        )
         await send({"type": "http.response.body", "body": body})
 
 

@@ -16,9 +16,9 @@ import logging
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 from qlora_pipeline.chat_format import END_OF_TURN, ChatEncoder
 from qlora_pipeline.errors import ConfigError, ModelError
@@ -47,12 +47,23 @@ class SamplingParams:
         checks = (
             (isinstance(self.temperature, (int, float)) and 0 <= self.temperature <= 5, "temperature", "use 0 to 5"),
             (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1, "top_p", "use a value in (0, 1]"),
-            (isinstance(self.top_k, int) and not isinstance(self.top_k, bool) and 0 <= self.top_k <= 1000,
-             "top_k", "use a whole number from 0 (off) to 1000"),
-            (isinstance(self.repeat_penalty, (int, float)) and 0.5 <= self.repeat_penalty <= 3,
-             "repeat_penalty", "use 0.5 to 3 (1.0 = no penalty)"),
-            (isinstance(self.max_tokens, int) and not isinstance(self.max_tokens, bool) and 1 <= self.max_tokens <= 32768,
-             "max_tokens", "use a whole number from 1 to 32768"),
+            (
+                isinstance(self.top_k, int) and not isinstance(self.top_k, bool) and 0 <= self.top_k <= 1000,
+                "top_k",
+                "use a whole number from 0 (off) to 1000",
+            ),
+            (
+                isinstance(self.repeat_penalty, (int, float)) and 0.5 <= self.repeat_penalty <= 3,
+                "repeat_penalty",
+                "use 0.5 to 3 (1.0 = no penalty)",
+            ),
+            (
+                isinstance(self.max_tokens, int)
+                and not isinstance(self.max_tokens, bool)
+                and 1 <= self.max_tokens <= 32768,
+                "max_tokens",
+                "use a whole number from 1 to 32768",
+            ),
         )
         for ok, name, allowed in checks:
             if not ok:
@@ -66,8 +77,9 @@ def check_gguf_file(path: Path) -> Path:
     with open(path, "rb") as f:
         head = f.read(4)
     if head != GGUF_MAGIC:
-        raise ModelError(f"{path} is not a GGUF file (it does not start with 'GGUF'); export one with "
-                         "`qlora-pipeline export`")
+        raise ModelError(
+            f"{path} is not a GGUF file (it does not start with 'GGUF'); export one with `qlora-pipeline export`"
+        )
     return path
 
 
@@ -89,9 +101,11 @@ def long_context_warning(metadata: dict, n_ctx: int) -> str | None:
     original = original_context_length(metadata)
     if original is None or n_ctx <= original:
         return None
-    return (f"n_ctx={n_ctx} is above this GGUF's original context of {original} tokens: llama.cpp then uses "
-            f"its long-context RoPE factors for every prompt, short ones included, and answers differ from "
-            f"training; use n_ctx <= {original} unless prompts are longer")
+    return (
+        f"n_ctx={n_ctx} is above this GGUF's original context of {original} tokens: llama.cpp then uses "
+        f"its long-context RoPE factors for every prompt, short ones included, and answers differ from "
+        f"training; use n_ctx <= {original} unless prompts are longer"
+    )
 
 
 def _llama_encoder(llm) -> ChatEncoder:
@@ -100,16 +114,19 @@ def _llama_encoder(llm) -> ChatEncoder:
 
     template_text = llm.metadata.get("tokenizer.chat_template")
     if not template_text:
-        raise ModelError("the GGUF has no chat template (tokenizer.chat_template); re-export it with "
-                         "`qlora-pipeline export`, which copies the tokenizer's template")
+        raise ModelError(
+            "the GGUF has no chat template (tokenizer.chat_template); re-export it with "
+            "`qlora-pipeline export`, which copies the tokenizer's template"
+        )
     # The same environment llama-cpp-python's Jinja2ChatFormatter uses.
     template = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True).from_string(template_text)
     vocab_eos = llm.detokenize([llm.token_eos()], special=True).decode("utf-8", "replace")
     vocab_bos = llm.detokenize([llm.token_bos()], special=True).decode("utf-8", "replace")
 
     def render(messages: list[dict], add_generation_prompt: bool) -> str:
-        return template.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                               eos_token=vocab_eos, bos_token=vocab_bos)
+        return template.render(
+            messages=messages, add_generation_prompt=add_generation_prompt, eos_token=vocab_eos, bos_token=vocab_bos
+        )
 
     def encode_text(text: str, parse_special: bool) -> list[int]:
         if not text:
@@ -118,15 +135,24 @@ def _llama_encoder(llm) -> ChatEncoder:
 
     eot = llm.tokenize(END_OF_TURN.encode(), add_bos=False, special=True)
     if len(eot) != 1:
-        raise ModelError(f"the GGUF's vocabulary has no single {END_OF_TURN} token; this pipeline serves Phi-3.5 models")
+        raise ModelError(
+            f"the GGUF's vocabulary has no single {END_OF_TURN} token; this pipeline serves Phi-3.5 models"
+        )
     return ChatEncoder(render, encode_text, eot[0])
 
 
 class LlamaChat:
     """One llama.cpp model, safe to share between threads (one generation at a time)."""
 
-    def __init__(self, model_path: Path, n_ctx: int = 2048, n_threads: int | None = None, n_gpu_layers: int = 0,
-                 logits_all: bool = False, f32_kv_cache: bool = False):
+    def __init__(
+        self,
+        model_path: Path,
+        n_ctx: int = 2048,
+        n_threads: int | None = None,
+        n_gpu_layers: int = 0,
+        logits_all: bool = False,
+        f32_kv_cache: bool = False,
+    ):
         from llama_cpp import Llama
 
         self.model_path = check_gguf_file(model_path)
@@ -140,12 +166,21 @@ class LlamaChat:
         try:
             # n_ctx is always explicit: a Phi-3.5 GGUF would otherwise ask for its 131,072-token
             # training context and run out of memory.
-            self.llm = Llama(model_path=str(self.model_path), n_ctx=n_ctx, n_threads=n_threads,
-                             n_threads_batch=n_threads, n_gpu_layers=n_gpu_layers, logits_all=logits_all,
-                             verbose=False, **kv_types)
+            self.llm = Llama(
+                model_path=str(self.model_path),
+                n_ctx=n_ctx,
+                n_threads=n_threads,
+                n_threads_batch=n_threads,
+                n_gpu_layers=n_gpu_layers,
+                logits_all=logits_all,
+                verbose=False,
+                **kv_types,
+            )
         except (ValueError, RuntimeError) as exc:
-            raise ModelError(f"llama.cpp could not load {self.model_path} ({str(exc)[:160]}); the file may be "
-                             "truncated or from an incompatible llama.cpp version") from None
+            raise ModelError(
+                f"llama.cpp could not load {self.model_path} ({str(exc)[:160]}); the file may be "
+                "truncated or from an incompatible llama.cpp version"
+            ) from None
         self.n_ctx = n_ctx
         warning = long_context_warning(self.llm.metadata, n_ctx)
         if warning:
@@ -173,24 +208,26 @@ class LlamaChat:
         """
         budget = self.n_ctx - max_new_tokens
         head = [m for m in messages[:1] if m["role"] == "system"]
-        turns = messages[len(head):]
+        turns = messages[len(head) :]
         # Count each turn's tokens once and drop pairs against those counts (linear in the history;
         # re-encoding the conversation after each dropped pair was quadratic). The template text at
         # the new first turn can differ by a token or two, so the result is encoded and checked.
         every = self.encoder.message_token_counts(head + turns)
-        total, counts = sum(every), every[len(head):]
+        total, counts = sum(every), every[len(head) :]
         dropped = 0
         while total > budget and len(turns) - dropped > 1:
             step = 2 if len(turns) - dropped > 2 else 1
-            total -= sum(counts[dropped:dropped + step])
+            total -= sum(counts[dropped : dropped + step])
             dropped += step
         while True:
             ids = self.encoder.encode_prompt(head + turns[dropped:])
             if len(ids) <= budget:
                 return ids, dropped
             if len(turns) - dropped <= 1:
-                raise ConfigError(f"the message is too long for the context: {len(ids)} prompt tokens + "
-                                  f"{max_new_tokens} new tokens > n_ctx={self.n_ctx}; shorten it or raise n_ctx")
+                raise ConfigError(
+                    f"the message is too long for the context: {len(ids)} prompt tokens + "
+                    f"{max_new_tokens} new tokens > n_ctx={self.n_ctx}; shorten it or raise n_ctx"
+                )
             dropped += 2 if len(turns) - dropped > 2 else 1
 
     def stream(self, messages: list[dict], params: SamplingParams, stats: dict | None = None) -> Iterator[str]:
@@ -202,8 +239,15 @@ class LlamaChat:
             first = None
             count = 0
             chunks = self.llm.create_completion(
-                prompt=ids, max_tokens=max_tokens, temperature=params.temperature, top_p=params.top_p,
-                top_k=params.top_k, repeat_penalty=params.repeat_penalty, stream=True, stop=[END_OF_TURN])
+                prompt=ids,
+                max_tokens=max_tokens,
+                temperature=params.temperature,
+                top_p=params.top_p,
+                top_k=params.top_k,
+                repeat_penalty=params.repeat_penalty,
+                stream=True,
+                stop=[END_OF_TURN],
+            )
             emitted = False
             try:
                 for chunk in chunks:
@@ -224,10 +268,16 @@ class LlamaChat:
                 chunks.close()
             ended = time.perf_counter()
         if stats is not None:
-            stats.update({"prompt_tokens": len(ids), "completion_chunks": count, "dropped_turns": dropped,
-                          "seconds": ended - started,
-                          "time_to_first_token": (first - started) if first else None,
-                          "tokens_per_s": (count - 1) / (ended - first) if first and count > 1 and ended > first else None})
+            stats.update(
+                {
+                    "prompt_tokens": len(ids),
+                    "completion_chunks": count,
+                    "dropped_turns": dropped,
+                    "seconds": ended - started,
+                    "time_to_first_token": (first - started) if first else None,
+                    "tokens_per_s": (count - 1) / (ended - first) if first and count > 1 and ended > first else None,
+                }
+            )
 
     def answer(self, messages: list[dict], params: SamplingParams, stats: dict | None = None) -> str:
         return "".join(self.stream(messages, params, stats))
@@ -235,8 +285,13 @@ class LlamaChat:
 
 def chat_main(args) -> int:
     """The interactive terminal chat (or one answer with --prompt)."""
-    params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                            repeat_penalty=args.repeat_penalty, max_tokens=args.max_tokens)
+    params = SamplingParams(
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        repeat_penalty=args.repeat_penalty,
+        max_tokens=args.max_tokens,
+    )
     chat = LlamaChat(args.model, n_ctx=args.n_ctx, n_threads=args.threads, n_gpu_layers=args.n_gpu_layers)
     history: list[dict] = [{"role": "system", "content": args.system}] if args.system else []
 

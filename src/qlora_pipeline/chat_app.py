@@ -22,10 +22,10 @@ import os
 import re
 import threading
 from collections import OrderedDict
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
 
 from qlora_pipeline.chat import LlamaChat, SamplingParams, check_gguf_file
 from qlora_pipeline.chat_format import END_OF_TURN
@@ -36,8 +36,7 @@ log = logging.getLogger(__name__)
 DEFAULT_SYSTEM = "You are a helpful, concise assistant."
 # Phi-3.5's card samples with temperature 0 to 0.7; these keep answers varied but on topic.
 DEFAULTS = SamplingParams(temperature=0.7, top_p=0.9, top_k=40, repeat_penalty=1.1, max_tokens=256)
-EXAMPLES = ["What is the capital of France?", "Explain LoRA in two sentences.",
-            "Write a haiku about quantization."]
+EXAMPLES = ["What is the capital of France?", "Explain LoRA in two sentences.", "Write a haiku about quantization."]
 
 
 @dataclass(frozen=True)
@@ -89,6 +88,7 @@ class AppSettings:
 
 # ----------------------------------------------------------------------------- model sources
 
+
 def local_choices(model: Path | None, model_dir: Path | None) -> tuple[list[ModelChoice], str | None]:
     """Every .gguf next to ``model`` (or in ``model_dir``), smallest first; the default is ``model``.
 
@@ -101,8 +101,10 @@ def local_choices(model: Path | None, model_dir: Path | None) -> tuple[list[Mode
     if model is not None and Path(model).name not in {c.name for c in choices}:
         choices.insert(0, ModelChoice(Path(model).name, path=Path(model)))
     if not choices:
-        raise ConfigError(f"no .gguf files in {folder}; give one with --model FILE.gguf (make demo writes "
-                          "runs/demo/gguf/model-Q4_K_M.gguf)")
+        raise ConfigError(
+            f"no .gguf files in {folder}; give one with --model FILE.gguf (make demo writes "
+            "runs/demo/gguf/model-Q4_K_M.gguf)"
+        )
     if model is not None:
         default = Path(model).name
     else:
@@ -132,11 +134,15 @@ def hub_choices(repo: str, files: list[str]) -> tuple[list[ModelChoice], str]:
 
             names = sorted(f for f in list_repo_files(repo) if f.endswith(".gguf"))
         except Exception as exc:  # offline, unknown repo, no permission: all one message
-            raise ModelError(f"cannot list the GGUF files of {repo} on the Hub ({type(exc).__name__}); name one "
-                             "with --hub-file FILE.gguf, or give a local file with --model") from None
+            raise ModelError(
+                f"cannot list the GGUF files of {repo} on the Hub ({type(exc).__name__}); name one "
+                "with --hub-file FILE.gguf, or give a local file with --model"
+            ) from None
         if not names:
-            raise ModelError(f"the Hub repo {repo} has no .gguf file; push one (qlora-pipeline export, then "
-                             "hub.push_folder) or name another repo")
+            raise ModelError(
+                f"the Hub repo {repo} has no .gguf file; push one (qlora-pipeline export, then "
+                "hub.push_folder) or name another repo"
+            )
     choices = [ModelChoice(n, hub_repo=repo, hub_file=n) for n in names]
     q4 = [n for n in names if "Q4_K_M" in n]
     return choices, q4[0] if q4 else names[0]
@@ -152,10 +158,18 @@ def fetch_model(choice: ModelChoice) -> Path:
         path = hf_hub_download(repo_id=choice.hub_repo, filename=choice.hub_file)
     except Exception as exc:
         offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes"}
-        why = "the Hub is unreachable or HF_HUB_OFFLINE is set" if offline or "Offline" in type(exc).__name__ \
-            or "Connect" in type(exc).__name__ or "LocalEntryNotFound" in type(exc).__name__ else type(exc).__name__
-        raise ModelError(f"cannot download {choice.hub_file} from {choice.hub_repo} ({why}); check the names, "
-                         "go online, or give a local file with --model FILE.gguf") from None
+        why = (
+            "the Hub is unreachable or HF_HUB_OFFLINE is set"
+            if offline
+            or "Offline" in type(exc).__name__
+            or "Connect" in type(exc).__name__
+            or "LocalEntryNotFound" in type(exc).__name__
+            else type(exc).__name__
+        )
+        raise ModelError(
+            f"cannot download {choice.hub_file} from {choice.hub_repo} ({why}); check the names, "
+            "go online, or give a local file with --model FILE.gguf"
+        ) from None
     return check_gguf_file(Path(path))
 
 
@@ -231,6 +245,7 @@ class ModelPool:
 
 # ----------------------------------------------------------------------------- backends
 
+
 def message_text(content) -> str:
     """The text of a Gradio message's content: a string, or (Gradio 6) a list of typed parts."""
     if isinstance(content, str):
@@ -238,8 +253,10 @@ def message_text(content) -> str:
     if isinstance(content, dict):
         return content.get("text") or ""
     if isinstance(content, (list, tuple)):  # parts are strings or {"text": ...}; nothing nested deeper
-        return "".join(part if isinstance(part, str) else (part.get("text") or "") if isinstance(part, dict) else ""
-                       for part in content)
+        return "".join(
+            part if isinstance(part, str) else (part.get("text") or "") if isinstance(part, dict) else ""
+            for part in content
+        )
     return ""
 
 
@@ -266,8 +283,7 @@ class LocalBackend:
     def _load(self, choice: ModelChoice, n_gpu_layers: int) -> LlamaChat:
         path = fetch_model(choice)
         log.info("loading %s (n_ctx %d, n_gpu_layers %d)", path.name, self.settings.n_ctx, n_gpu_layers)
-        return LlamaChat(path, n_ctx=self.settings.n_ctx, n_threads=self.settings.n_threads,
-                         n_gpu_layers=n_gpu_layers)
+        return LlamaChat(path, n_ctx=self.settings.n_ctx, n_threads=self.settings.n_threads, n_gpu_layers=n_gpu_layers)
 
     def model_names(self) -> list[str]:
         return list(self.by_name)
@@ -308,8 +324,9 @@ class OpenAIBackend:
         self.settings = settings
         # One retry: a server that broke off a stream (llama-cpp-python's does on an over-long
         # prompt) has dropped the kept-alive connection the next request would use.
-        self.client = OpenAI(base_url=settings.base_url, api_key=settings.api_key or "not-needed",
-                             timeout=600, max_retries=1)
+        self.client = OpenAI(
+            base_url=settings.base_url, api_key=settings.api_key or "not-needed", timeout=600, max_retries=1
+        )
 
     def model_names(self) -> list[str]:
         if self.settings.models:
@@ -317,8 +334,10 @@ class OpenAIBackend:
         try:
             return [m.id for m in self.client.models.list().data] or ["default"]
         except Exception as exc:
-            raise ModelError(f"cannot reach the server at {self.settings.base_url} ({type(exc).__name__}); start "
-                             "it (see app/README.md) or fix --base-url") from None
+            raise ModelError(
+                f"cannot reach the server at {self.settings.base_url} ({type(exc).__name__}); start "
+                "it (see app/README.md) or fix --base-url"
+            ) from None
 
     def preload(self, name: str) -> None:
         """Nothing to load here; the server loads its model itself."""
@@ -327,7 +346,7 @@ class OpenAIBackend:
         import time
 
         head = messages[:1] if messages and messages[0]["role"] == "system" else []
-        turns = messages[len(head):]
+        turns = messages[len(head) :]
         dropped = 0
         while True:
             started = time.perf_counter()
@@ -342,8 +361,10 @@ class OpenAIBackend:
             except _ContextExceeded:
                 pass
             if len(turns) <= 1:
-                raise ModelError(f"the message is too long for the server's context (with {params.max_tokens} new "
-                                 "tokens); shorten it or lower max new tokens")
+                raise ModelError(
+                    f"the message is too long for the server's context (with {params.max_tokens} new "
+                    "tokens); shorten it or lower max new tokens"
+                )
             turns = turns[2:]
             dropped += 2
         first = None
@@ -366,9 +387,15 @@ class OpenAIBackend:
         ended = time.perf_counter()
         # A server fits the answer into what the prompt leaves of its context: say so when it did.
         stats["cut_by_context"] = finish == "length" and count < params.max_tokens
-        stats.update({"dropped_turns": dropped, "completion_chunks": count, "seconds": ended - started,
-                      "time_to_first_token": (first - started) if first else None,
-                      "tokens_per_s": (count - 1) / (ended - first) if first and count > 1 and ended > first else None})
+        stats.update(
+            {
+                "dropped_turns": dropped,
+                "completion_chunks": count,
+                "seconds": ended - started,
+                "time_to_first_token": (first - started) if first else None,
+                "tokens_per_s": (count - 1) / (ended - first) if first and count > 1 and ended > first else None,
+            }
+        )
 
     def _open(self, model: str, messages: list[dict], params: SamplingParams, stream: bool):
         import openai
@@ -376,17 +403,24 @@ class OpenAIBackend:
         messages = [{**m, "content": neutralise_special_text(m["content"])} for m in messages]
         try:
             return self.client.chat.completions.create(
-                model=model, messages=messages, stream=stream, temperature=params.temperature,
-                top_p=params.top_p, max_tokens=params.max_tokens, stop=[END_OF_TURN],
+                model=model,
+                messages=messages,
+                stream=stream,
+                temperature=params.temperature,
+                top_p=params.top_p,
+                max_tokens=params.max_tokens,
+                stop=[END_OF_TURN],
                 # Not in the OpenAI API, but read by llama-cpp-python's server and llama-server.
-                extra_body={"top_k": params.top_k, "repeat_penalty": params.repeat_penalty})
+                extra_body={"top_k": params.top_k, "repeat_penalty": params.repeat_penalty},
+            )
         except openai.BadRequestError as exc:
             if _is_context_error(exc):
                 raise _ContextExceeded() from None
             raise ModelError(f"the server refused the request: {_error_text(exc)}") from None
         except openai.APIConnectionError:
-            raise ModelError(f"cannot reach the server at {self.settings.base_url}; start it (see "
-                             "app/README.md) or fix --base-url") from None
+            raise ModelError(
+                f"cannot reach the server at {self.settings.base_url}; start it (see app/README.md) or fix --base-url"
+            ) from None
         except openai.APIError as exc:
             raise ModelError(f"the server failed: {_error_text(exc)}") from None
 
@@ -443,6 +477,7 @@ def make_backend(settings: AppSettings):
 
 # ----------------------------------------------------------------------------- the chat handler
 
+
 def status_line(stats: dict, model: str, params: SamplingParams | None = None) -> str:
     parts = [f"`{model}`"]
     if stats.get("completion_chunks") is not None:
@@ -457,8 +492,10 @@ def status_line(stats: dict, model: str, params: SamplingParams | None = None) -
     if stats.get("cut_by_context"):
         parts.append("⚠️ answer cut short: the server's context is full (clear the chat or lower max new tokens)")
     if params is not None:
-        parts.append(f"temperature {params.temperature:g}, top-p {params.top_p:g}, top-k {params.top_k}, "
-                     f"repetition penalty {params.repeat_penalty:g}")
+        parts.append(
+            f"temperature {params.temperature:g}, top-p {params.top_p:g}, top-k {params.top_k}, "
+            f"repetition penalty {params.repeat_penalty:g}"
+        )
     return " · ".join(parts)
 
 
@@ -470,10 +507,13 @@ def make_respond(backend, settings: AppSettings):
 
         try:
             text, earlier, system_text, model = check_request(settings, message, history, system, model)
-            params = SamplingParams(temperature=_number(temperature, "temperature", float),
-                                    top_p=_number(top_p, "top_p", float), top_k=_number(top_k, "top_k", int),
-                                    repeat_penalty=_number(repeat_penalty, "repeat_penalty", float),
-                                    max_tokens=_number(max_tokens, "max_tokens", int))
+            params = SamplingParams(
+                temperature=_number(temperature, "temperature", float),
+                top_p=_number(top_p, "top_p", float),
+                top_k=_number(top_k, "top_k", int),
+                repeat_penalty=_number(repeat_penalty, "repeat_penalty", float),
+                max_tokens=_number(max_tokens, "max_tokens", int),
+            )
             messages = to_messages(system_text, earlier, text)
             stats: dict = {}
             answer = ""
@@ -497,8 +537,9 @@ def _valid_text(text: str, what: str) -> str:
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
-        raise ConfigError(f"the {what} holds characters that are not valid text (unpaired surrogates); "
-                          "retype it") from None
+        raise ConfigError(
+            f"the {what} holds characters that are not valid text (unpaired surrogates); retype it"
+        ) from None
     return text
 
 
@@ -516,8 +557,10 @@ def check_request(settings: AppSettings, message, history, system, model) -> tup
     if not text.strip():
         raise ConfigError("the message is empty: type something to ask")
     if len(text) > limits.message_chars:
-        raise ConfigError(f"the message has {len(text):,} characters; the limit is {limits.message_chars:,} "
-                          f"(and the context holds {settings.n_ctx} tokens): shorten it")
+        raise ConfigError(
+            f"the message has {len(text):,} characters; the limit is {limits.message_chars:,} "
+            f"(and the context holds {settings.n_ctx} tokens): shorten it"
+        )
     system = system if isinstance(system, str) else ""
     if len(system) > limits.system_chars:
         raise ConfigError(f"the system prompt has {len(system):,} characters; the limit is {limits.system_chars:,}")
@@ -526,19 +569,23 @@ def check_request(settings: AppSettings, message, history, system, model) -> tup
     if not isinstance(history, list) or not all(isinstance(turn, dict) for turn in history):
         raise ConfigError("the chat history must be a list of messages; clear the chat")
     if len(history) > limits.history_messages:
-        raise ConfigError(f"the chat history has {len(history):,} messages; the limit is "
-                          f"{limits.history_messages:,}: clear the chat")
+        raise ConfigError(
+            f"the chat history has {len(history):,} messages; the limit is {limits.history_messages:,}: clear the chat"
+        )
     total = len(text) + len(system)
     for turn in history:
         turn_text = message_text(turn.get("content"))
         if len(turn_text) > limits.message_chars:
-            raise ConfigError(f"a message in the chat history has {len(turn_text):,} characters; the limit is "
-                              f"{limits.message_chars:,}: clear the chat")
+            raise ConfigError(
+                f"a message in the chat history has {len(turn_text):,} characters; the limit is "
+                f"{limits.message_chars:,}: clear the chat"
+            )
         _valid_text(turn_text, "chat history")
         total += len(turn_text)
     if total > limits.total_chars:
-        raise ConfigError(f"the conversation has {total:,} characters; the limit is {limits.total_chars:,}: "
-                          "clear the chat")
+        raise ConfigError(
+            f"the conversation has {total:,} characters; the limit is {limits.total_chars:,}: clear the chat"
+        )
     return text, history, system, model
 
 
@@ -562,6 +609,7 @@ def _number(value, name: str, kind: type):
 
 # ----------------------------------------------------------------------------- the page
 
+
 def build_app(settings: AppSettings, backend=None):
     """The Gradio Blocks app (not launched); returns (demo, backend)."""
     import gradio as gr
@@ -584,37 +632,67 @@ def build_app(settings: AppSettings, backend=None):
     # Uploaded and generated files are removed after an hour (the chat takes no uploads; this
     # bounds what Gradio's own upload route can leave behind).
     with gr.Blocks(title=settings.title, fill_height=True, delete_cache=(600, 3600)) as demo:
-        gr.Markdown(f"## {settings.title}\nAnswers stream from a quantized GGUF through llama.cpp; "
-                    "the prompt is built with the model's own chat template and stops at `<|end|>`.")
+        gr.Markdown(
+            f"## {settings.title}\nAnswers stream from a quantized GGUF through llama.cpp; "
+            "the prompt is built with the model's own chat template and stops at `<|end|>`."
+        )
         with gr.Row(equal_height=False):
             with gr.Column(scale=1, min_width=300):
-                status = gr.Markdown(f"⚠️ {startup_error}" if startup_error else f"`{default}` ready",
-                                     elem_id="status-line")
+                status = gr.Markdown(
+                    f"⚠️ {startup_error}" if startup_error else f"`{default}` ready", elem_id="status-line"
+                )
                 with gr.Accordion("Model and sampling", open=True) as accordion:
                     system = gr.Textbox(DEFAULT_SYSTEM, label="System prompt", lines=2, elem_id="system-prompt")
                     # The app checks the name itself (check_request): Gradio's own check would echo
                     # a 10 MB name whole in its error.
-                    model = gr.Dropdown(names, value=default, label="Model", elem_id="model-picker",
-                                        allow_custom_value=True)
-                    temperature = gr.Slider(0.0, 2.0, value=DEFAULTS.temperature, step=0.05, label="Temperature",
-                                            elem_id="temperature")
+                    model = gr.Dropdown(
+                        names, value=default, label="Model", elem_id="model-picker", allow_custom_value=True
+                    )
+                    temperature = gr.Slider(
+                        0.0, 2.0, value=DEFAULTS.temperature, step=0.05, label="Temperature", elem_id="temperature"
+                    )
                     top_p = gr.Slider(0.05, 1.0, value=DEFAULTS.top_p, step=0.05, label="Top-p", elem_id="top-p")
                     top_k = gr.Slider(0, 200, value=DEFAULTS.top_k, step=1, label="Top-k (0 = off)", elem_id="top-k")
-                    repeat_penalty = gr.Slider(1.0, 2.0, value=DEFAULTS.repeat_penalty, step=0.05,
-                                               label="Repetition penalty", elem_id="repeat-penalty")
-                    max_tokens = gr.Slider(16, max(16, settings.n_ctx // 2),
-                                           value=min(DEFAULTS.max_tokens, settings.n_ctx // 2), step=16,
-                                           label="Max new tokens", elem_id="max-tokens")
+                    repeat_penalty = gr.Slider(
+                        1.0,
+                        2.0,
+                        value=DEFAULTS.repeat_penalty,
+                        step=0.05,
+                        label="Repetition penalty",
+                        elem_id="repeat-penalty",
+                    )
+                    max_tokens = gr.Slider(
+                        16,
+                        max(16, settings.n_ctx // 2),
+                        value=min(DEFAULTS.max_tokens, settings.n_ctx // 2),
+                        step=16,
+                        label="Max new tokens",
+                        elem_id="max-tokens",
+                    )
                     inputs = [system, model, temperature, top_p, top_k, repeat_penalty, max_tokens]
             with gr.Column(scale=2):
                 gr.ChatInterface(
                     make_respond(backend, settings),
-                    chatbot=gr.Chatbot(height=560, elem_id="chatbot", placeholder="Ask the fine-tuned model something."),
-                    textbox=gr.Textbox(placeholder="Type a message and press Enter", elem_id="chat-input",
-                                       render=False, show_label=False, submit_btn=True, stop_btn=True),
-                    additional_inputs=inputs, additional_inputs_accordion=accordion, additional_outputs=[status],
-                    examples=[[e] for e in EXAMPLES], cache_examples=False, concurrency_limit=settings.concurrency,
-                    api_name="chat", fill_height=True)
+                    chatbot=gr.Chatbot(
+                        height=560, elem_id="chatbot", placeholder="Ask the fine-tuned model something."
+                    ),
+                    textbox=gr.Textbox(
+                        placeholder="Type a message and press Enter",
+                        elem_id="chat-input",
+                        render=False,
+                        show_label=False,
+                        submit_btn=True,
+                        stop_btn=True,
+                    ),
+                    additional_inputs=inputs,
+                    additional_inputs_accordion=accordion,
+                    additional_outputs=[status],
+                    examples=[[e] for e in EXAMPLES],
+                    cache_examples=False,
+                    concurrency_limit=settings.concurrency,
+                    api_name="chat",
+                    fill_height=True,
+                )
     # ChatInterface's internal events (copying the chat into its state, retry, undo, ...) are
     # "undocumented": callable by name. Only /chat is the app's API.
     for fn in demo.fns.values():
@@ -626,45 +704,89 @@ def build_app(settings: AppSettings, backend=None):
 
 # ----------------------------------------------------------------------------- command line
 
+
 def add_app_arguments(parser: argparse.ArgumentParser) -> None:
     env = os.environ.get
-    parser.add_argument("--model", type=Path, default=env("MODEL_PATH"),
-                        help="a .gguf file; the picker lists every .gguf beside it (env MODEL_PATH)")
+    parser.add_argument(
+        "--model",
+        type=Path,
+        default=env("MODEL_PATH"),
+        help="a .gguf file; the picker lists every .gguf beside it (env MODEL_PATH)",
+    )
     parser.add_argument("--model-dir", type=Path, default=None, help="list the .gguf files of this folder")
     parser.add_argument("--hub-repo", default=env("MODEL_REPO"), help="a Hub repo with GGUF files (env MODEL_REPO)")
-    parser.add_argument("--hub-file", action="append", default=[f for f in (env("MODEL_FILE") or "").split(",") if f],
-                        help="a GGUF file in --hub-repo (repeat for several; env MODEL_FILE, comma-separated)")
+    parser.add_argument(
+        "--hub-file",
+        action="append",
+        default=[f for f in (env("MODEL_FILE") or "").split(",") if f],
+        help="a GGUF file in --hub-repo (repeat for several; env MODEL_FILE, comma-separated)",
+    )
     parser.add_argument("--backend", choices=["local", "openai"], default=env("BACKEND", "local"))
-    parser.add_argument("--base-url", default=env("OPENAI_BASE_URL"),
-                        help="the OpenAI-compatible server for --backend openai (env OPENAI_BASE_URL)")
-    parser.add_argument("--api-model", action="append", default=[],
-                        help="model name(s) on the server (default: the server's /v1/models)")
-    parser.add_argument("--host", default=None,
-                        help="address to bind (default 127.0.0.1: this machine only; 0.0.0.0 serves the network; "
-                             "env GRADIO_SERVER_NAME); any other than loopback prints a warning naming its source")
+    parser.add_argument(
+        "--base-url",
+        default=env("OPENAI_BASE_URL"),
+        help="the OpenAI-compatible server for --backend openai (env OPENAI_BASE_URL)",
+    )
+    parser.add_argument(
+        "--api-model",
+        action="append",
+        default=[],
+        help="model name(s) on the server (default: the server's /v1/models)",
+    )
+    parser.add_argument(
+        "--host",
+        default=None,
+        help="address to bind (default 127.0.0.1: this machine only; 0.0.0.0 serves the network; "
+        "env GRADIO_SERVER_NAME); any other than loopback prints a warning naming its source",
+    )
     parser.add_argument("--port", type=int, default=int(env("GRADIO_SERVER_PORT", "7860")))
     parser.add_argument("--n-ctx", type=int, default=int(env("N_CTX", "2048")))
-    parser.add_argument("--threads", type=int, default=int(env("N_THREADS")) if env("N_THREADS") else None,
-                        help="llama.cpp threads (default: the CPUs this process may use, affinity and cgroup "
-                             "quota counted; env N_THREADS)")
-    parser.add_argument("--n-gpu-layers", type=int, default=int(env("N_GPU_LAYERS", "0")),
-                        help="layers to offload to a GPU (-1 = all; env N_GPU_LAYERS)")
-    parser.add_argument("--concurrency", type=int, default=int(env("CONCURRENCY", "1")),
-                        help="answers generated at once per event (a llama context runs one at a time)")
-    parser.add_argument("--auth-env", default="APP_AUTH",
-                        help="environment variable holding user:password for Gradio's login form (a session "
-                             "cookie after it; unset: no login)")
-    parser.add_argument("--share", action="store_true",
-                        help="open a public gradio.live link (off by default; refused without a login, see --auth-env)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=int(env("N_THREADS")) if env("N_THREADS") else None,
+        help="llama.cpp threads (default: the CPUs this process may use, affinity and cgroup "
+        "quota counted; env N_THREADS)",
+    )
+    parser.add_argument(
+        "--n-gpu-layers",
+        type=int,
+        default=int(env("N_GPU_LAYERS", "0")),
+        help="layers to offload to a GPU (-1 = all; env N_GPU_LAYERS)",
+    )
+    parser.add_argument(
+        "--concurrency",
+        type=int,
+        default=int(env("CONCURRENCY", "1")),
+        help="answers generated at once per event (a llama context runs one at a time)",
+    )
+    parser.add_argument(
+        "--auth-env",
+        default="APP_AUTH",
+        help="environment variable holding user:password for Gradio's login form (a session "
+        "cookie after it; unset: no login)",
+    )
+    parser.add_argument(
+        "--share",
+        action="store_true",
+        help="open a public gradio.live link (off by default; refused without a login, see --auth-env)",
+    )
     limits = Limits()
-    for name, doc in (("history_messages", "messages of earlier turns"), ("message_chars", "characters per message"),
-                      ("system_chars", "characters of the system prompt"),
-                      ("total_chars", "characters of a whole request"),
-                      ("request_bytes", "bytes of one HTTP request body (413 before it is read)")):
+    for name, doc in (
+        ("history_messages", "messages of earlier turns"),
+        ("message_chars", "characters per message"),
+        ("system_chars", "characters of the system prompt"),
+        ("total_chars", "characters of a whole request"),
+        ("request_bytes", "bytes of one HTTP request body (413 before it is read)"),
+    ):
         flag, variable = name.replace("_", "-"), f"MAX_{name.upper()}"
-        parser.add_argument(f"--max-{flag}", type=int, default=int(env(variable, getattr(limits, name))),
-                            help=f"most {doc} one request may carry, checked before tokenizing "
-                                 f"(default {getattr(limits, name):,}; env {variable})")
+        parser.add_argument(
+            f"--max-{flag}",
+            type=int,
+            default=int(env(variable, getattr(limits, name))),
+            help=f"most {doc} one request may carry, checked before tokenizing "
+            f"(default {getattr(limits, name):,}; env {variable})",
+        )
 
 
 LIMIT_FLAGS = ("history_messages", "message_chars", "system_chars", "total_chars", "request_bytes")
@@ -677,13 +799,25 @@ def settings_from_args(args) -> AppSettings:
         raise ConfigError(f"--n-ctx={args.n_ctx} is invalid: use at least 64 tokens")
     for name in LIMIT_FLAGS:
         if getattr(args, f"max_{name}") < 1:
-            raise ConfigError(f"--max-{name.replace('_', '-')}={getattr(args, f'max_{name}')} is invalid: use 1 or more")
-    settings = AppSettings(backend=args.backend, n_ctx=args.n_ctx, n_threads=args.threads,
-                           n_gpu_layers=args.n_gpu_layers, base_url=args.base_url,
-                           api_key=os.environ.get("OPENAI_API_KEY"), concurrency=args.concurrency,
-                           limits=Limits(history_messages=args.max_history_messages,
-                                         message_chars=args.max_message_chars, system_chars=args.max_system_chars,
-                                         total_chars=args.max_total_chars, request_bytes=args.max_request_bytes))
+            raise ConfigError(
+                f"--max-{name.replace('_', '-')}={getattr(args, f'max_{name}')} is invalid: use 1 or more"
+            )
+    settings = AppSettings(
+        backend=args.backend,
+        n_ctx=args.n_ctx,
+        n_threads=args.threads,
+        n_gpu_layers=args.n_gpu_layers,
+        base_url=args.base_url,
+        api_key=os.environ.get("OPENAI_API_KEY"),
+        concurrency=args.concurrency,
+        limits=Limits(
+            history_messages=args.max_history_messages,
+            message_chars=args.max_message_chars,
+            system_chars=args.max_system_chars,
+            total_chars=args.max_total_chars,
+            request_bytes=args.max_request_bytes,
+        ),
+    )
     if args.backend == "openai":
         settings.models = [ModelChoice(n) for n in args.api_model]
         settings.default_model = args.api_model[0] if args.api_model else None
@@ -692,8 +826,10 @@ def settings_from_args(args) -> AppSettings:
     elif args.model or args.model_dir:
         settings.models, settings.default_model = local_choices(args.model, args.model_dir)
     else:
-        raise ConfigError("no model given: use --model FILE.gguf (e.g. runs/demo/gguf/model-Q4_K_M.gguf), "
-                          "--hub-repo REPO --hub-file FILE.gguf, or --backend openai --base-url URL")
+        raise ConfigError(
+            "no model given: use --model FILE.gguf (e.g. runs/demo/gguf/model-Q4_K_M.gguf), "
+            "--hub-repo REPO --hub-file FILE.gguf, or --backend openai --base-url URL"
+        )
     return settings
 
 
@@ -724,19 +860,35 @@ def app_main(args) -> int:
     settings = settings_from_args(args)
     auth = basic_auth(args.auth_env)
     if args.share and auth is None:
-        raise ConfigError(f"--share publishes the app on a public gradio.live link: set {args.auth_env}=user:password "
-                          "first (a login form then guards it)")
+        raise ConfigError(
+            f"--share publishes the app on a public gradio.live link: set {args.auth_env}=user:password "
+            "first (a login form then guards it)"
+        )
     host, source = bind_address(args)
     if host not in ("127.0.0.1", "localhost", "::1"):
-        print(f"warning: serving on {host} (from {source}): anyone who can reach this machine can use the app"
-              + ("" if auth else f"; set {args.auth_env}=user:password for a login"), flush=True)
+        print(
+            f"warning: serving on {host} (from {source}): anyone who can reach this machine can use the app"
+            + ("" if auth else f"; set {args.auth_env}=user:password for a login"),
+            flush=True,
+        )
     demo, backend = build_app(settings)
-    print(f"serving {settings.default_model or 'no model'} on http://{host}:{args.port}"
-          + (" (login form on)" if auth else ""), flush=True)
+    print(
+        f"serving {settings.default_model or 'no model'} on http://{host}:{args.port}"
+        + (" (login form on)" if auth else ""),
+        flush=True,
+    )
     try:
-        demo.launch(server_name=host, server_port=args.port, share=args.share, auth=auth, max_file_size="1mb",
-                    show_error=True, footer_links=["api", "settings"], quiet=True,
-                    app_kwargs={"middleware": [Middleware(BodyLimit, max_bytes=settings.limits.request_bytes)]})
+        demo.launch(
+            server_name=host,
+            server_port=args.port,
+            share=args.share,
+            auth=auth,
+            max_file_size="1mb",
+            show_error=True,
+            footer_links=["api", "settings"],
+            quiet=True,
+            app_kwargs={"middleware": [Middleware(BodyLimit, max_bytes=settings.limits.request_bytes)]},
+        )
     finally:
         backend.close()
     return 0

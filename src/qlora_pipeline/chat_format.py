@@ -25,8 +25,8 @@ ids, not strings.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 IGNORE_INDEX = -100  # PyTorch's cross-entropy default ignore_index
 END_OF_TURN = "<|end|>"
@@ -52,23 +52,24 @@ class ChatEncoder:
     """The token that closes a turn (``<|end|>`` for Phi-3.5); labelled, and a stop token."""
 
     @classmethod
-    def from_hf(cls, tokenizer) -> "ChatEncoder":
+    def from_hf(cls, tokenizer) -> ChatEncoder:
         """An encoder over a transformers tokenizer with a chat template."""
         if not getattr(tokenizer, "chat_template", None):
-            raise ChatFormatError("the tokenizer has no chat_template; use a chat model's tokenizer "
-                                  "(Phi-3.5-mini-instruct) or set tokenizer.chat_template")
+            raise ChatFormatError(
+                "the tokenizer has no chat_template; use a chat model's tokenizer "
+                "(Phi-3.5-mini-instruct) or set tokenizer.chat_template"
+            )
         eot = tokenizer.convert_tokens_to_ids(END_OF_TURN)
         if eot is None or eot == tokenizer.unk_token_id:
             raise ChatFormatError(f"the tokenizer has no {END_OF_TURN} token; this pipeline expects Phi-3.5's template")
+
         def render(messages: list[dict], add_generation_prompt: bool) -> str:
-            return tokenizer.apply_chat_template(messages, tokenize=False,
-                                                 add_generation_prompt=add_generation_prompt)
+            return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
 
         def encode_text(text: str, parse_special: bool) -> list[int]:
             if not text:
                 return []
-            return tokenizer(text, add_special_tokens=False,
-                             split_special_tokens=not parse_special)["input_ids"]
+            return tokenizer(text, add_special_tokens=False, split_special_tokens=not parse_special)["input_ids"]
 
         return cls(render, encode_text, eot)
 
@@ -90,7 +91,7 @@ class ChatEncoder:
         pos = 0
         for match in _SENTINEL_RE.finditer(text):
             if match.start() > pos:
-                segments.append((text[pos:match.start()], None))
+                segments.append((text[pos : match.start()], None))
             index = int(match.group(1))
             content = messages[index]["content"].replace(_SENTINEL_OPEN, "").replace(_SENTINEL_CLOSE, "")
             segments.append((content, index))
@@ -115,8 +116,10 @@ class ChatEncoder:
             piece = self.encode_text(text, True)
             if label_until_end_of_turn:
                 if self.end_of_turn_id not in piece:
-                    raise ChatFormatError("the chat template does not close an assistant turn with "
-                                          f"{END_OF_TURN}; the model would never learn to stop")
+                    raise ChatFormatError(
+                        "the chat template does not close an assistant turn with "
+                        f"{END_OF_TURN}; the model would never learn to stop"
+                    )
                 stop = piece.index(self.end_of_turn_id) + 1
                 ids += piece
                 labels += piece[:stop] + [IGNORE_INDEX] * (len(piece) - stop)

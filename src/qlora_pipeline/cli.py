@@ -28,10 +28,17 @@ from qlora_pipeline.errors import PipelineError
 
 def _common(parser: argparse.ArgumentParser, default_run_dir: str | None) -> None:
     parser.add_argument("--run-dir", default=default_run_dir, help="folder of this run (default: runs/<preset>)")
-    parser.add_argument("--preset", default=None,
-                        help="preset name (tiny, phi35-colab-t4, phi35-a100) or a YAML path (default: tiny, or the run's config.json)")
-    parser.add_argument("--data-files", nargs="+", default=None,
-                        help="local oasst1 message files (.jsonl/.json/.parquet); sets data.source=files")
+    parser.add_argument(
+        "--preset",
+        default=None,
+        help="preset name (tiny, phi35-colab-t4, phi35-a100) or a YAML path (default: tiny, or the run's config.json)",
+    )
+    parser.add_argument(
+        "--data-files",
+        nargs="+",
+        default=None,
+        help="local oasst1 message files (.jsonl/.json/.parquet); sets data.source=files",
+    )
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.max_steps=20")
 
@@ -41,17 +48,28 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run every stage")
     _common(run, None)
-    run.add_argument("--resume", action="store_true",
-                     help="continue training from the last complete checkpoint (with the run's own config.json "
-                          "unless --preset is given)")
-    run.add_argument("--force", action="append", default=[], metavar="STAGE",
-                     help="run this stage again even if it is up to date (repeatable); the stages after it "
-                          "run again only if its outputs change")
+    run.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue training from the last complete checkpoint (with the run's own config.json "
+        "unless --preset is given)",
+    )
+    run.add_argument(
+        "--force",
+        action="append",
+        default=[],
+        metavar="STAGE",
+        help="run this stage again even if it is up to date (repeatable); the stages after it "
+        "run again only if its outputs change",
+    )
     run.add_argument("--until", default=None, metavar="STAGE", help="stop after this stage")
-    for name, text in (("prepare", "oasst1 trees -> conversations"), ("train", "QLoRA fine-tuning"),
-                       ("merge", "merge the adapter into the base"),
-                       ("export", "GGUF F16 and quantized files (llama.cpp)"),
-                       ("evaluate", "scorecard: base, adapter, merged and every GGUF variant")):
+    for name, text in (
+        ("prepare", "oasst1 trees -> conversations"),
+        ("train", "QLoRA fine-tuning"),
+        ("merge", "merge the adapter into the base"),
+        ("export", "GGUF F16 and quantized files (llama.cpp)"),
+        ("evaluate", "scorecard: base, adapter, merged and every GGUF variant"),
+    ):
         stage = sub.add_parser(name, help=text)
         _common(stage, None)
         if name == "train":
@@ -68,7 +86,12 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--max-tokens", type=int, default=defaults.max_tokens)
     chat.add_argument("--n-ctx", type=int, default=2048, help="context length (always explicit: see DESIGN.md)")
     chat.add_argument("--n-gpu-layers", type=int, default=0, help="layers to offload when built with a GPU backend")
-    chat.add_argument("--threads", type=int, default=None, help="CPU threads (default: the CPUs this process may use, affinity and cgroup quota counted)")
+    chat.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads (default: the CPUs this process may use, affinity and cgroup quota counted)",
+    )
     chat.add_argument("--debug", action="store_true", help="show tracebacks")
     app = sub.add_parser("app", help="serve the Gradio chat app (local GGUF, Hub GGUF or OpenAI-compatible server)")
     from qlora_pipeline.chat_app import add_app_arguments
@@ -79,8 +102,11 @@ def build_parser() -> argparse.ArgumentParser:
     space.add_argument("--out", type=Path, default=Path("runs/space"), help="the folder to write")
     space.add_argument("--push", default=None, metavar="USER/SPACE", help="upload it to this Space (needs HF_TOKEN)")
     space.add_argument("--debug", action="store_true", help="show tracebacks")
-    twin = sub.add_parser("hub-twin", help="write an offline Hugging Face cache holding the tiny twin as "
-                                           "microsoft/Phi-3.5-mini-instruct and the sample as OpenAssistant/oasst1")
+    twin = sub.add_parser(
+        "hub-twin",
+        help="write an offline Hugging Face cache holding the tiny twin as "
+        "microsoft/Phi-3.5-mini-instruct and the sample as OpenAssistant/oasst1",
+    )
     twin.add_argument("--out", type=Path, default=Path("runs/twin-hub"), help="the folder to write (use it as HF_HOME)")
     twin.add_argument("--debug", action="store_true", help="show tracebacks")
     return parser
@@ -94,7 +120,7 @@ def _sampling_defaults():
 
 def resolve_config(args):
     """Preset + overrides; for a single stage on an existing run, the run's own config.json."""
-    from qlora_pipeline.config import config_from_dict, load_config, parse_overrides, _merge
+    from qlora_pipeline.config import _merge, config_from_dict, load_config, parse_overrides
     from qlora_pipeline.pipeline import read_run_config
 
     overrides = list(args.overrides)
@@ -193,9 +219,14 @@ def print_summary(run_dir: Path, timings: dict, seconds: float) -> None:
     print("\n== summary ==")
     print("stage times: " + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()) + f"; total {seconds:.0f}s")
     if hf:
-        print(f"validation loss (assistant tokens): base {hf['base_val_loss']:.4f} -> adapter "
-              f"{hf['adapter_val_loss']:.4f} ({100 * hf['val_loss_reduction']:.1f}% lower)")
-        print(f"test perplexity: base {hf['base_ppl']:.2f}, adapter {hf['adapter_ppl']:.2f}, merged {hf['merged_ppl']:.2f}")
+        print(
+            f"validation loss (assistant tokens): base {hf['base_val_loss']:.4f} -> adapter "
+            f"{hf['adapter_val_loss']:.4f} ({100 * hf['val_loss_reduction']:.1f}% lower)"
+        )
+        print(
+            f"test perplexity: base {hf['base_ppl']:.2f}, adapter {hf['adapter_ppl']:.2f}, "
+            f"merged {hf['merged_ppl']:.2f}"
+        )
     if report.get("gguf"):
         from qlora_pipeline.evaluate import scorecard_table
 
@@ -204,18 +235,26 @@ def print_summary(run_dir: Path, timings: dict, seconds: float) -> None:
         from qlora_pipeline.evaluate import format_routes, parity_rows
 
         for key, row in parity_rows(report.get("parity", {})):
-            print(f"parity {key}: {row['relative_diff']:.1e} of the largest logit, top-1 {100 * row['top1']:.2f}% "
-                  f"({row['tokens']} tokens at n_ctx {row['n_ctx']}; {row['top1_flips']} flipped, reference margins "
-                  f"there <= {row['widest_flipped_margin']:.1e})"
-                  + ("" if row["passes"] else " OUTSIDE its bound" + (", every flip a near-tie within the measured "
-                                                                     "difference" if row["flips_within_error"] else "")))
+            print(
+                f"parity {key}: {row['relative_diff']:.1e} of the largest logit, top-1 {100 * row['top1']:.2f}% "
+                f"({row['tokens']} tokens at n_ctx {row['n_ctx']}; {row['top1_flips']} flipped, reference margins "
+                f"there <= {row['widest_flipped_margin']:.1e})"
+                + (
+                    ""
+                    if row["passes"]
+                    else " OUTSIDE its bound"
+                    + (", every flip a near-tie within the measured difference" if row["flips_within_error"] else "")
+                )
+            )
         if report.get("parity", {}).get("chat_prompt_ids"):
             print("chat prompt ids vs llama.cpp: " + format_routes(report["parity"]["chat_prompt_ids"]))
     heldout = report.get("heldout")
     if heldout:
         from qlora_pipeline.heldout import format_exact_match
 
-        print(f"held-out questions ({heldout['questions']}), exact match: " + format_exact_match(heldout["exact_match"]))
+        print(
+            f"held-out questions ({heldout['questions']}), exact match: " + format_exact_match(heldout["exact_match"])
+        )
     print(f"outputs in {run_dir}: adapter/, merged/, gguf/, report.md, loss.png, scorecard.png")
     q4 = run_dir / "gguf" / "model-Q4_K_M.gguf"
     if q4.is_file():

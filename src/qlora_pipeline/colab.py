@@ -16,8 +16,8 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 WHEEL_INDEX = "https://abetlen.github.io/llama-cpp-python/whl/{tag}"
 CUDA_WHEEL_TAGS = ("cu121", "cu122", "cu123", "cu124")  # the CUDA versions that index serves
@@ -39,8 +39,12 @@ def cuda_wheel_tag(cuda_version: str | None) -> str | None:
     return tag if tag in CUDA_WHEEL_TAGS else None
 
 
-def install_llama_cpp(requirements: Path = Path("requirements.txt"), cuda_version: str | None = None,
-                      run: Callable = subprocess.run, log=print) -> str:
+def install_llama_cpp(
+    requirements: Path = Path("requirements.txt"),
+    cuda_version: str | None = None,
+    run: Callable = subprocess.run,
+    log=print,
+) -> str:
     """Install the pinned llama-cpp-python: ``"wheel"`` (a prebuilt CUDA wheel) or ``"compiled"``."""
     version = pinned_llama_cpp_version(requirements)
     if cuda_version is None:
@@ -50,14 +54,23 @@ def install_llama_cpp(requirements: Path = Path("requirements.txt"), cuda_versio
     pip = [sys.executable, "-m", "pip", "install", "-q"]
     tag = cuda_wheel_tag(cuda_version)
     if tag:
-        found = run(pip + ["--only-binary=llama-cpp-python", "--extra-index-url", WHEEL_INDEX.format(tag=tag),
-                           f"llama-cpp-python=={version}"])
+        found = run(
+            pip
+            + [
+                "--only-binary=llama-cpp-python",
+                "--extra-index-url",
+                WHEEL_INDEX.format(tag=tag),
+                f"llama-cpp-python=={version}",
+            ]
+        )
         if found.returncode == 0:
             log(f"llama-cpp-python {version}: prebuilt CUDA wheel ({tag})")
             return "wheel"
     minutes = "20-40" if cuda_version else "10-20"
-    log(f"llama-cpp-python {version}: no prebuilt wheel for this runtime (CUDA {cuda_version or 'none'}); "
-        f"compiling llama.cpp{' with CUDA' if cuda_version else ''}, about {minutes} minutes on 2 vCPUs")
+    log(
+        f"llama-cpp-python {version}: no prebuilt wheel for this runtime (CUDA {cuda_version or 'none'}); "
+        f"compiling llama.cpp{' with CUDA' if cuda_version else ''}, about {minutes} minutes on 2 vCPUs"
+    )
     env = {**os.environ, "CMAKE_ARGS": "-DGGML_CUDA=on"} if cuda_version else None
     run(pip + [f"llama-cpp-python=={version}"], check=True, env=env)
     return "compiled"

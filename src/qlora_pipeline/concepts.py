@@ -15,8 +15,8 @@ import math
 import torch
 from torch import nn
 
-
 # ---------------------------------------------------------------------------- LoRA
+
 
 class LoRALinear(nn.Module):
     """y = x W^T + (alpha / r) * x A^T B^T, with W frozen and only A (r x in), B (out x r) trained.
@@ -42,8 +42,14 @@ class LoRALinear(nn.Module):
         return self.base.weight + self.scale * (self.B @ self.A)
 
 
-def toy_rank_sweep(ranks=(1, 2, 4, 8, 16), true_rank: int = 4, dim: int = 64, steps: int = 300,
-                   alpha_over_r: float = 2.0, seed: int = 0) -> dict[int, float]:
+def toy_rank_sweep(
+    ranks=(1, 2, 4, 8, 16),
+    true_rank: int = 4,
+    dim: int = 64,
+    steps: int = 300,
+    alpha_over_r: float = 2.0,
+    seed: int = 0,
+) -> dict[int, float]:
     """Fit LoRA adapters of several ranks to a weight change of rank ``true_rank``; final MSE per rank.
 
     Below the true rank the adapter cannot express the change; at or above it the error falls
@@ -73,6 +79,7 @@ def toy_rank_sweep(ranks=(1, 2, 4, 8, 16), true_rank: int = 4, dim: int = 64, st
 
 
 # ---------------------------------------------------------------------------- NF4
+
 
 def nf4_levels() -> torch.Tensor:
     """The 16 NormalFloat-4 levels of the QLoRA paper, built from quantiles of N(0, 1).

@@ -61,11 +61,19 @@ class TinyConfig:
     def __post_init__(self) -> None:
         for name in ("hidden_size", "intermediate_size"):
             value = getattr(self, name)
-            _check(value > 0 and value % 256 == 0, f"tiny.{name}", value,
-                   "use a positive multiple of 256 (llama.cpp K-quants need 256-wide rows)")
+            _check(
+                value > 0 and value % 256 == 0,
+                f"tiny.{name}",
+                value,
+                "use a positive multiple of 256 (llama.cpp K-quants need 256-wide rows)",
+            )
         _check(self.num_layers >= 1, "tiny.num_layers", self.num_layers, "use at least 1")
-        _check(self.num_heads >= 1 and self.hidden_size % self.num_heads == 0, "tiny.num_heads",
-               self.num_heads, "use a divisor of tiny.hidden_size")
+        _check(
+            self.num_heads >= 1 and self.hidden_size % self.num_heads == 0,
+            "tiny.num_heads",
+            self.num_heads,
+            "use a divisor of tiny.hidden_size",
+        )
         _check(self.pretrain_steps >= 0, "tiny.pretrain_steps", self.pretrain_steps, "use 0 or more")
         _check(self.pretrain_lr > 0, "tiny.pretrain_lr", self.pretrain_lr, "use a positive number")
 
@@ -98,19 +106,29 @@ class DataConfig:
     """Seed of the tree-level split."""
 
     def __post_init__(self) -> None:
-        _check(self.source in ("sample", "hub", "files"), "data.source", self.source,
-               "use sample, hub or files")
-        _check(self.source != "files" or bool(self.data_files), "data.data_files", self.data_files,
-               "give at least one file when data.source is files (--data-files PATH)")
-        _check(0 <= self.val_fraction < 1 and 0 <= self.test_fraction < 1
-               and self.val_fraction + self.test_fraction < 1, "data.val_fraction/test_fraction",
-               (self.val_fraction, self.test_fraction), "use fractions in [0, 1) that sum to less than 1")
+        _check(self.source in ("sample", "hub", "files"), "data.source", self.source, "use sample, hub or files")
+        _check(
+            self.source != "files" or bool(self.data_files),
+            "data.data_files",
+            self.data_files,
+            "give at least one file when data.source is files (--data-files PATH)",
+        )
+        _check(
+            0 <= self.val_fraction < 1 and 0 <= self.test_fraction < 1 and self.val_fraction + self.test_fraction < 1,
+            "data.val_fraction/test_fraction",
+            (self.val_fraction, self.test_fraction),
+            "use fractions in [0, 1) that sum to less than 1",
+        )
         _check(self.max_seq_len >= 16, "data.max_seq_len", self.max_seq_len, "use at least 16 tokens")
         _check(self.overlong in ("truncate", "drop"), "data.overlong", self.overlong, "use truncate or drop")
         _check(len(self.languages) > 0, "data.languages", self.languages, "list at least one language code")
         for lang in self.languages:
-            _check(isinstance(lang, str) and re.fullmatch(r"[a-z]{2,3}(-[A-Z]{2})?", lang) is not None,
-                   "data.languages", lang, "use oasst1 language codes such as en, de, es, pt-BR")
+            _check(
+                isinstance(lang, str) and re.fullmatch(r"[a-z]{2,3}(-[A-Z]{2})?", lang) is not None,
+                "data.languages",
+                lang,
+                "use oasst1 language codes such as en, de, es, pt-BR",
+            )
 
 
 @dataclass(frozen=True)
@@ -134,8 +152,12 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         _check(self.quantize in ("nf4", "none"), "model.quantize", self.quantize, "use nf4 or none")
-        _check(self.compute_dtype in ("auto", "float32", "float16", "bfloat16"), "model.compute_dtype",
-               self.compute_dtype, "use auto, float32, float16 or bfloat16")
+        _check(
+            self.compute_dtype in ("auto", "float32", "float16", "bfloat16"),
+            "model.compute_dtype",
+            self.compute_dtype,
+            "use auto, float32, float16 or bfloat16",
+        )
 
 
 @dataclass(frozen=True)
@@ -155,8 +177,12 @@ class LoraConfig:
         _check(self.r >= 1, "lora.r", self.r, "use a rank of at least 1")
         _check(self.alpha > 0, "lora.alpha", self.alpha, "use a positive number (usually 2 * lora.r)")
         _check(0 <= self.dropout < 1, "lora.dropout", self.dropout, "use a value in [0, 1)")
-        _check(len(self.target_modules) > 0, "lora.target_modules", self.target_modules,
-               f"list module names, e.g. {list(PHI3_FUSED_TARGETS)}")
+        _check(
+            len(self.target_modules) > 0,
+            "lora.target_modules",
+            self.target_modules,
+            f"list module names, e.g. {list(PHI3_FUSED_TARGETS)}",
+        )
 
 
 @dataclass(frozen=True)
@@ -202,19 +228,35 @@ class TrainConfig:
         _check(self.learning_rate > 0, "train.learning_rate", self.learning_rate, "use a positive number")
         _check(self.weight_decay >= 0, "train.weight_decay", self.weight_decay, "use 0 or more")
         _check(self.epochs > 0, "train.epochs", self.epochs, "use a positive number")
-        _check(self.max_steps is None or self.max_steps >= 1, "train.max_steps", self.max_steps,
-               "use at least 1, or null to derive it from train.epochs")
+        _check(
+            self.max_steps is None or self.max_steps >= 1,
+            "train.max_steps",
+            self.max_steps,
+            "use at least 1, or null to derive it from train.epochs",
+        )
         _check(self.batch_tokens >= 16, "train.batch_tokens", self.batch_tokens, "use at least 16")
-        _check(self.gradient_accumulation_steps >= 1, "train.gradient_accumulation_steps",
-               self.gradient_accumulation_steps, "use at least 1")
+        _check(
+            self.gradient_accumulation_steps >= 1,
+            "train.gradient_accumulation_steps",
+            self.gradient_accumulation_steps,
+            "use at least 1",
+        )
         _check(0 <= self.warmup_ratio < 1, "train.warmup_ratio", self.warmup_ratio, "use a value in [0, 1)")
         _check(self.max_grad_norm >= 0, "train.max_grad_norm", self.max_grad_norm, "use 0 or more")
         for name in ("eval_every", "checkpoint_every", "keep_checkpoints", "log_every"):
             _check(getattr(self, name) >= 1, f"train.{name}", getattr(self, name), "use at least 1")
-        _check(self.optimizer in ("auto", "adamw", "paged_adamw_8bit"), "train.optimizer", self.optimizer,
-               "use auto, adamw or paged_adamw_8bit")
-        _check(self.mixed_precision in ("auto", "no", "fp16", "bf16"), "train.mixed_precision",
-               self.mixed_precision, "use auto, no, fp16 or bf16")
+        _check(
+            self.optimizer in ("auto", "adamw", "paged_adamw_8bit"),
+            "train.optimizer",
+            self.optimizer,
+            "use auto, adamw or paged_adamw_8bit",
+        )
+        _check(
+            self.mixed_precision in ("auto", "no", "fp16", "bf16"),
+            "train.mixed_precision",
+            self.mixed_precision,
+            "use auto, no, fp16 or bf16",
+        )
 
 
 @dataclass(frozen=True)
@@ -230,8 +272,12 @@ class MergeConfig:
     false, or ``auto`` (streaming when the base is larger than half the free memory)."""
 
     def __post_init__(self) -> None:
-        _check(self.dtype in ("auto", "float32", "float16", "bfloat16"), "merge.dtype", self.dtype,
-               "use auto, float32, float16 or bfloat16")
+        _check(
+            self.dtype in ("auto", "float32", "float16", "bfloat16"),
+            "merge.dtype",
+            self.dtype,
+            "use auto, float32, float16 or bfloat16",
+        )
         _check(self.streaming in (True, False, "auto"), "merge.streaming", self.streaming, "use true, false or auto")
         _check(self.check_samples >= 1, "merge.check_samples", self.check_samples, "use at least 1")
 
@@ -248,7 +294,9 @@ class ExportConfig:
     """CPU threads for quantization; 0: the CPUs this process may use."""
 
     def __post_init__(self) -> None:
-        _check(len(self.quant_types) > 0, "export.quant_types", self.quant_types, "list at least one type, e.g. [Q4_K_M]")
+        _check(
+            len(self.quant_types) > 0, "export.quant_types", self.quant_types, "list at least one type, e.g. [Q4_K_M]"
+        )
         _check(self.threads >= 0, "export.threads", self.threads, "use 0 (the usable CPUs) or more")
 
 
@@ -257,7 +305,7 @@ class EvalConfig:
     """Measuring every variant and running GGUF files."""
 
     n_ctx: int = 2048
-    """Context length for every llama.cpp model opened; Phi-3.5 GGUFs otherwise default to 131,072 and run out of memory."""
+    """Context length for every llama.cpp model opened (Phi-3.5 GGUFs default to 131,072: out of memory)."""
     threads: int = 0
     """CPU threads for llama.cpp evaluation and the speed measurement; 0: the CPUs this process may
     use (affinity and cgroup quota), not the host's core count."""
@@ -284,7 +332,7 @@ class EvalConfig:
     samples: int = 4
     """Held-out prompts answered by every variant, side by side."""
     f32_parity: bool = False
-    """Also convert to a temporary F32 GGUF and compare it with transformers (proves the converter exact; 4x the F16 size)."""
+    """Also convert to a temporary F32 GGUF and compare it with transformers (the converter exact; 4x F16's size)."""
     sample_max_tokens: int = 48
     """Longest sample answer."""
     heldout_questions: str = "sample"
@@ -298,12 +346,23 @@ class EvalConfig:
         _check(self.n_ctx >= 64, "eval.n_ctx", self.n_ctx, "use at least 64 tokens")
         _check(self.threads >= 0, "eval.threads", self.threads, "use 0 (the usable CPUs) or more")
         _check(self.hf_max_tokens >= 0, "eval.hf_max_tokens", self.hf_max_tokens, "use 0 (whole split) or more")
-        for name in ("kld_max_tokens", "parity_tokens", "speed_prompt_tokens", "speed_new_tokens",
-                     "speed_runs", "sample_max_tokens", "heldout_max_tokens"):
+        for name in (
+            "kld_max_tokens",
+            "parity_tokens",
+            "speed_prompt_tokens",
+            "speed_new_tokens",
+            "speed_runs",
+            "sample_max_tokens",
+            "heldout_max_tokens",
+        ):
             _check(getattr(self, name) >= 1, f"eval.{name}", getattr(self, name), "use at least 1")
         _check(self.samples >= 0, "eval.samples", self.samples, "use 0 or more")
-        _check(self.long_parity_tokens >= 0, "eval.long_parity_tokens", self.long_parity_tokens,
-               "use 0 (off) or a length above the model's original context")
+        _check(
+            self.long_parity_tokens >= 0,
+            "eval.long_parity_tokens",
+            self.long_parity_tokens,
+            "use 0 (off) or a length above the model's original context",
+        )
 
 
 @dataclass(frozen=True)

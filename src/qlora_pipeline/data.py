@@ -16,10 +16,11 @@ from __future__ import annotations
 import hashlib
 import json
 from collections import Counter, defaultdict
+from collections.abc import Iterable
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from qlora_pipeline.config import DataConfig
 from qlora_pipeline.errors import DataError
@@ -46,19 +47,23 @@ def sample_data_path() -> Path:
 
 # ---------------------------------------------------------------------------- reading rows
 
+
 def _check_row(row: Any, where: str) -> dict:
     if not isinstance(row, dict):
         raise DataError(f"{where}: expected a JSON object (one oasst1 message), got {type(row).__name__}")
     for name, kinds in REQUIRED_FIELDS.items():
         if name not in row:
-            raise DataError(f"{where}: missing required oasst1 field {name!r}; every row needs "
-                            f"{', '.join(REQUIRED_FIELDS)}")
+            raise DataError(
+                f"{where}: missing required oasst1 field {name!r}; every row needs {', '.join(REQUIRED_FIELDS)}"
+            )
         value = row[name]
         if isinstance(value, bool) and name == "rank":  # bool is an int subclass
             value = "bool"
         if not isinstance(value, kinds):
             expected = " or ".join(k.__name__ for k in (kinds if isinstance(kinds, tuple) else (kinds,)))
-            raise DataError(f"{where}: field {name!r} is {type(row[name]).__name__} ({row[name]!r}), expected {expected}")
+            raise DataError(
+                f"{where}: field {name!r} is {type(row[name]).__name__} ({row[name]!r}), expected {expected}"
+            )
     if row["role"] not in ROLE_MAP:
         raise DataError(f"{where}: role {row['role']!r} is not an oasst1 role; use prompter or assistant")
     return row
@@ -78,8 +83,10 @@ def read_jsonl(path: Path) -> list[dict]:
                 try:
                     row = json.loads(line.rstrip("\r\n"))  # so an unclosed line's column is its end
                 except json.JSONDecodeError as exc:
-                    raise DataError(f"{path}:{number}: malformed JSON ({exc.msg} at column {exc.colno}); "
-                                    "each line must be one JSON object") from None
+                    raise DataError(
+                        f"{path}:{number}: malformed JSON ({exc.msg} at column {exc.colno}); "
+                        "each line must be one JSON object"
+                    ) from None
                 rows.append(_check_row(row, f"{path}:{number}"))
     except FileNotFoundError:
         raise DataError(f"data file {path} does not exist; check --data-files") from None
@@ -112,7 +119,9 @@ def read_rows_file(path: Path) -> list[dict]:
         try:
             table = pq.read_table(path)
         except Exception as exc:  # pyarrow raises several unrelated types for bad files
-            raise DataError(f"{path}: not a readable parquet file ({exc.__class__.__name__}); fix or re-export it") from None
+            raise DataError(
+                f"{path}: not a readable parquet file ({exc.__class__.__name__}); fix or re-export it"
+            ) from None
         return [_check_row(row, f"{path} row {i}") for i, row in enumerate(table.to_pylist())]
     raise DataError(f"data file {path} has unknown type {suffix or '(none)'}; use .jsonl, .json or .parquet")
 
@@ -132,9 +141,11 @@ def load_rows(cfg: DataConfig) -> dict[str, list[dict]]:
     try:
         dataset = load_dataset(cfg.hub_dataset)
     except Exception as exc:  # offline, unknown id, gated: datasets raises many types
-        raise DataError(f"could not load {cfg.hub_dataset!r} from the Hugging Face Hub "
-                        f"({exc.__class__.__name__}); check the id and your connection, or use "
-                        "data.source=files with local files") from None
+        raise DataError(
+            f"could not load {cfg.hub_dataset!r} from the Hugging Face Hub "
+            f"({exc.__class__.__name__}); check the id and your connection, or use "
+            "data.source=files with local files"
+        ) from None
     out = {}
     for split in dataset:
         out[split] = [_check_row(row, f"{cfg.hub_dataset}[{split}][{i}]") for i, row in enumerate(dataset[split])]
@@ -142,6 +153,7 @@ def load_rows(cfg: DataConfig) -> dict[str, list[dict]]:
 
 
 # ---------------------------------------------------------------------------- trees
+
 
 @dataclass
 class ForestResult:
@@ -151,7 +163,12 @@ class ForestResult:
 
 def _child_order(message: dict) -> tuple:
     rank = message["rank"]
-    return (rank is None, rank if rank is not None else 0, str(message.get("created_date") or ""), message["message_id"])
+    return (
+        rank is None,
+        rank if rank is not None else 0,
+        str(message.get("created_date") or ""),
+        message["message_id"],
+    )
 
 
 def _check_no_cycles(by_id: dict[str, dict]) -> None:
@@ -164,14 +181,16 @@ def _check_no_cycles(by_id: dict[str, dict]) -> None:
             path.append(node)
             node = by_id[node]["parent_id"]
         if node in by_id and state.get(node) == 1:
-            raise DataError(f"message {node} is its own ancestor (a parent_id cycle); "
-                            "fix the parent_id values in the data")
+            raise DataError(
+                f"message {node} is its own ancestor (a parent_id cycle); fix the parent_id values in the data"
+            )
         for visited in path:
             state[visited] = 2
 
 
-def build_conversations(rows: Iterable[dict], languages: tuple[str, ...],
-                        system_prompt: str | None = None) -> ForestResult:
+def build_conversations(
+    rows: Iterable[dict], languages: tuple[str, ...], system_prompt: str | None = None
+) -> ForestResult:
     """Turn oasst1 message rows into best-path conversations, counting everything dropped."""
     drops: Counter = Counter()
     by_id: dict[str, dict] = {}
@@ -284,10 +303,15 @@ def prepare(cfg: DataConfig, run_dir: Path) -> dict:
     if not any(per_source.values()):
         reason = max(drops, key=drops.get) if drops else "no trees"
         langs = sorted({r["lang"] for rows in source.values() for r in rows if r["parent_id"] is None and r["lang"]})
-        hint = (f"; the data's root languages are {', '.join(langs)}, data.languages is {list(cfg.languages)}"
-                if reason == "other_language_trees" else "")
-        raise DataError(f"no conversation is left after filtering: the {reason.replace('_', ' ')} filter "
-                        f"removed the most ({drops[reason]}){hint}")
+        hint = (
+            f"; the data's root languages are {', '.join(langs)}, data.languages is {list(cfg.languages)}"
+            if reason == "other_language_trees"
+            else ""
+        )
+        raise DataError(
+            f"no conversation is left after filtering: the {reason.replace('_', ' ')} filter "
+            f"removed the most ({drops[reason]}){hint}"
+        )
     splits = split_conversations(per_source, cfg)
     if not splits["train"]:
         raise DataError("the train split is empty; lower data.val_fraction/test_fraction or add data")
@@ -317,6 +341,7 @@ def read_split(run_dir: Path, split: str) -> list[dict]:
 
 # ---------------------------------------------------------------------------- tokenizing
 
+
 def _fit_turns(encoder, messages: list[dict], max_len: int) -> tuple[list[int], list[int]] | None:
     """Longest prefix of whole user/assistant pairs (system turn kept) that fits ``max_len``."""
     head = 1 if messages and messages[0]["role"] == "system" else 0
@@ -328,8 +353,9 @@ def _fit_turns(encoder, messages: list[dict], max_len: int) -> tuple[list[int], 
     return None
 
 
-def tokenize_conversations(encoder, conversations: list[dict], max_len: int,
-                           overlong: str = "truncate", split: str | None = None) -> tuple[list[dict], Counter]:
+def tokenize_conversations(
+    encoder, conversations: list[dict], max_len: int, overlong: str = "truncate", split: str | None = None
+) -> tuple[list[dict], Counter]:
     """Conversations -> {"input_ids", "labels"} examples; overlong ones cut at a turn or dropped.
 
     With ``split`` named, a split that had conversations and keeps none is an error saying so.
@@ -348,6 +374,8 @@ def tokenize_conversations(encoder, conversations: list[dict], max_len: int,
         examples.append({"input_ids": ids, "labels": labels})
     if split and conversations and not examples:
         fix = "raise it" if overlong == "truncate" else "raise it or use data.overlong=truncate"
-        raise DataError(f"every {split} conversation ({len(conversations)}) is longer than "
-                        f"data.max_seq_len={max_len} tokens even cut at its first turn; {fix}")
+        raise DataError(
+            f"every {split} conversation ({len(conversations)}) is longer than "
+            f"data.max_seq_len={max_len} tokens even cut at its first turn; {fix}"
+        )
     return examples, counts

@@ -43,46 +43,71 @@ def render_markdown(report: dict) -> str:
     lines = ["# Run report", ""]
     hf = report.get("hf")
     if hf:
-        lines += ["## Fine-tuning (transformers, full precision)", "",
-                  "| model | validation loss | test perplexity |", "| --- | ---: | ---: |"]
+        lines += [
+            "## Fine-tuning (transformers, full precision)",
+            "",
+            "| model | validation loss | test perplexity |",
+            "| --- | ---: | ---: |",
+        ]
         for name, label in (("base", "base"), ("adapter", "base + adapter"), ("merged", "merged")):
             val = hf.get(f"{name}_val_loss")
             ppl = hf.get(f"{name}_ppl")
             if ppl is None:
                 continue
-            lines.append(f"| {label} | {val:.4f} | {ppl:.3f} |" if val is not None else
-                         f"| {label} | – | {ppl:.3f} |")
+            lines.append(f"| {label} | {val:.4f} | {ppl:.3f} |" if val is not None else f"| {label} | – | {ppl:.3f} |")
         if hf.get("val_loss_reduction") is not None:
-            lines += ["", f"Validation loss on assistant tokens fell by {100 * hf['val_loss_reduction']:.1f}% "
-                          "relative to the base model."]
+            lines += [
+                "",
+                f"Validation loss on assistant tokens fell by {100 * hf['val_loss_reduction']:.1f}% "
+                "relative to the base model.",
+            ]
         lines.append("")
     if report.get("gguf"):
-        lines += ["## Quantization scorecard (llama.cpp, test split)", "", scorecard_table(report["gguf"]), "",
-                  "![scorecard](scorecard.png)", ""]
+        lines += [
+            "## Quantization scorecard (llama.cpp, test split)",
+            "",
+            scorecard_table(report["gguf"]),
+            "",
+            "![scorecard](scorecard.png)",
+            "",
+        ]
     parity = report.get("parity")
     if parity:
-        lines += ["## Parity checks (GGUF vs transformers fp32, relative: max |diff| / max |logit|)", "",
-                  "| file | case | n_ctx | tokens | max abs diff | relative | top-1 | flips (widest margin) | within bound |",
-                  "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+        lines += [
+            "## Parity checks (GGUF vs transformers fp32, relative: max |diff| / max |logit|)",
+            "",
+            "| file | case | n_ctx | tokens | max abs diff | relative | top-1 | flips (widest margin) | within bound |",
+            "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+        ]
         for key, row in parity_rows(parity):
             file_type, case = key.split("_")
-            lines.append(f"| {file_type.upper()} | {case} | {row['n_ctx']} | {row['tokens']} | "
-                         f"{row['max_abs_logit_diff']:.2e} | {row['relative_diff']:.1e} | {100 * row['top1']:.2f}% | "
-                         f"{row['top1_flips']} ({row['widest_flipped_margin']:.1e}) | {'yes' if row['passes'] else 'NO'} |")
+            lines.append(
+                f"| {file_type.upper()} | {case} | {row['n_ctx']} | {row['tokens']} | "
+                f"{row['max_abs_logit_diff']:.2e} | {row['relative_diff']:.1e} | {100 * row['top1']:.2f}% | "
+                f"{row['top1_flips']} ({row['widest_flipped_margin']:.1e}) | {'yes' if row['passes'] else 'NO'} |"
+            )
         if parity.get("chat_prompt_ids"):
-            lines += ["", "Chat prompt ids against llama-cpp-python's chat handler: "
-                      + format_routes(parity["chat_prompt_ids"])]
+            lines += [
+                "",
+                "Chat prompt ids against llama-cpp-python's chat handler: " + format_routes(parity["chat_prompt_ids"]),
+            ]
         lines.append("")
     heldout = report.get("heldout")
     if heldout:
-        lines += [f"## Held-out questions ({heldout['questions']}, facts the fine-tuning data never mentions)", "",
-                  "| model | exact match |", "| --- | ---: |"]
+        lines += [
+            f"## Held-out questions ({heldout['questions']}, facts the fine-tuning data never mentions)",
+            "",
+            "| model | exact match |",
+            "| --- | ---: |",
+        ]
         lines += [f"| {name} | {100 * rate:.1f}% |" for name, rate in heldout["exact_match"].items()]
         lines.append("")
     if report.get("samples"):
         lines += ["## Sample answers (greedy)", ""]
         for sample in report["samples"]:
-            lines.append(f"**{sample['prompt']}**" + (f" (reference: {sample['reference']})" if sample.get("reference") else ""))
+            lines.append(
+                f"**{sample['prompt']}**" + (f" (reference: {sample['reference']})" if sample.get("reference") else "")
+            )
             lines.append("")
             for name, answer in sample["answers"].items():
                 lines.append(f"- {name}: {answer}")
@@ -95,9 +120,14 @@ def heldout_section(questions: list[dict], results: dict[str, dict]) -> dict:
     return {
         "questions": len(questions),
         "exact_match": {name: r["exact_match"] for name, r in results.items()},
-        "answers": [{"question": q["question"], "reference": q["answer"],
-                     "answers": {name: r["answers"][i] for name, r in results.items()}}
-                    for i, q in enumerate(questions)],
+        "answers": [
+            {
+                "question": q["question"],
+                "reference": q["answer"],
+                "answers": {name: r["answers"][i] for name, r in results.items()},
+            }
+            for i, q in enumerate(questions)
+        ],
     }
 
 
@@ -107,8 +137,9 @@ def hf_splits(cfg: PipelineConfig, run_dir: Path, encoder) -> dict[str, list[dic
 
     splits = {}
     for split in ("val", "test"):
-        examples, _ = tokenize_conversations(encoder, read_split(run_dir, split), cfg.data.max_seq_len,
-                                             cfg.data.overlong, split=split)
+        examples, _ = tokenize_conversations(
+            encoder, read_split(run_dir, split), cfg.data.max_seq_len, cfg.data.overlong, split=split
+        )
         splits[split] = _take_examples(examples, cfg.eval.hf_max_tokens) if cfg.eval.hf_max_tokens else examples
     return splits
 
@@ -126,7 +157,9 @@ def evaluate_hf(cfg: PipelineConfig, run_dir: Path, log=print, with_merged: bool
     needs = [("adapter/adapter_config.json", "train")] + ([("merged/config.json", "merge")] if with_merged else [])
     for needed, stage in needs:
         if not (run_dir / needed).is_file():
-            raise StageOrderError(f"{run_dir / needed} is missing; run `qlora-pipeline {stage} --run-dir {run_dir}` first")
+            raise StageOrderError(
+                f"{run_dir / needed} is missing; run `qlora-pipeline {stage} --run-dir {run_dir}` first"
+            )
     base = resolve_base(cfg, log_fn=log)
     tokenizer = load_tokenizer(base, cfg.model.revision)
     encoder = ChatEncoder.from_hf(tokenizer)
@@ -134,15 +167,19 @@ def evaluate_hf(cfg: PipelineConfig, run_dir: Path, log=print, with_merged: bool
     splits = hf_splits(cfg, run_dir, encoder)
     device, dtype = eval_placement(merge_dtype(cfg, base))
     tokens = sum(len(ex["input_ids"]) for examples in splits.values() for ex in examples)
-    log(f"transformers evaluation on {device} in {str(dtype).replace('torch.', '')}: {tokens:,} tokens "
+    log(
+        f"transformers evaluation on {device} in {str(dtype).replace('torch.', '')}: {tokens:,} tokens "
         f"(validation + test{', capped by eval.hf_max_tokens' if cfg.eval.hf_max_tokens else ''}) per model, "
-        f"{2 + with_merged} models")
+        f"{2 + with_merged} models"
+    )
     bt = cfg.train.batch_tokens
     heldout: dict = {}
 
     def measure(model, name: str) -> dict:
-        losses = {split: evaluate_loss(model, examples, bt, device, desc=f"{name}: {split}") if examples else None
-                  for split, examples in splits.items()}
+        losses = {
+            split: evaluate_loss(model, examples, bt, device, desc=f"{name}: {split}") if examples else None
+            for split, examples in splits.items()
+        }
         if questions:
             heldout[name] = score(questions, hf_answerer(model, encoder, tokenizer, cfg.eval.heldout_max_tokens))
         test = losses["test"]
@@ -170,13 +207,16 @@ def evaluate_hf(cfg: PipelineConfig, run_dir: Path, log=print, with_merged: bool
             update_report(run_dir, "heldout", heldout_section(questions, heldout))
             log("held-out exact match: " + format_exact_match({n: r["exact_match"] for n, r in heldout.items()}))
     merged_text = f", merged {results['merged_ppl']:.2f}" if with_merged else ""
-    log(f"validation loss: base {results['base_val_loss']:.4f} -> adapter {results['adapter_val_loss']:.4f} "
+    log(
+        f"validation loss: base {results['base_val_loss']:.4f} -> adapter {results['adapter_val_loss']:.4f} "
         f"({100 * results.get('val_loss_reduction', 0):.1f}% lower); test perplexity base "
-        f"{results['base_ppl']:.2f}, adapter {results['adapter_ppl']:.2f}{merged_text}")
+        f"{results['base_ppl']:.2f}, adapter {results['adapter_ppl']:.2f}{merged_text}"
+    )
     return results
 
 
 # ---------------------------------------------------------------------------- GGUF variants
+
 
 def _log_softmax(x):
     import numpy as np
@@ -224,8 +264,9 @@ def gguf_gpu_layers(requested: int) -> int:
     return 0
 
 
-def gguf_quality(model_path: Path, examples: list[dict], n_ctx: int, threads: int, reference: list | None,
-                 n_gpu_layers: int = 0):
+def gguf_quality(
+    model_path: Path, examples: list[dict], n_ctx: int, threads: int, reference: list | None, n_gpu_layers: int = 0
+):
     """Perplexity on assistant tokens; with F16 ``reference`` log-probs, mean KL and top-1 agreement."""
     import numpy as np
 
@@ -255,8 +296,9 @@ def gguf_quality(model_path: Path, examples: list[dict], n_ctx: int, threads: in
     return result, logprobs_out
 
 
-def generation_speed(model_path: Path, prompt_ids: list[int], new_tokens: int, runs: int, n_ctx: int,
-                     threads: int, n_gpu_layers: int = 0) -> dict:
+def generation_speed(
+    model_path: Path, prompt_ids: list[int], new_tokens: int, runs: int, n_ctx: int, threads: int, n_gpu_layers: int = 0
+) -> dict:
     """Median greedy generation speed (tokens/s after the first token) and time to first token."""
     import statistics
 
@@ -296,7 +338,7 @@ def format_routes(section: dict) -> str:
 
 def _first_difference(ids: list[int], reference: list[int]) -> dict:
     at = next((i for i, (a, b) in enumerate(zip(ids, reference)) if a != b), min(len(ids), len(reference)))
-    return {"position": at, "ids": ids[max(0, at - 2): at + 4], "reference_ids": reference[max(0, at - 2): at + 4]}
+    return {"position": at, "ids": ids[max(0, at - 2) : at + 4], "reference_ids": reference[max(0, at - 2) : at + 4]}
 
 
 def stock_tokenizers(base: str, revision: str | None = None) -> dict:
@@ -339,16 +381,19 @@ def chat_prompt_routes(stock: dict, tokenizer, chat, conversations: list[list[di
     formatter = Jinja2ChatFormatter(
         template=llm.metadata["tokenizer.chat_template"],
         eos_token=llm.detokenize([llm.token_eos()], special=True).decode(),
-        bos_token=llm.detokenize([llm.token_bos()], special=True).decode())
+        bos_token=llm.detokenize([llm.token_bos()], special=True).decode(),
+    )
     training = ChatEncoder.from_hf(tokenizer)
 
     def apply(tok):
         return lambda m: list(tok.apply_chat_template(m, tokenize=True, add_generation_prompt=True)["input_ids"])
 
-    routes = {**{name: apply(tok) for name, tok in stock.items()},
-              "transformers": apply(tokenizer),
-              "training": training.encode_prompt,
-              "app": lambda m: chat.prompt_ids(m, max_new_tokens=16)[0]}
+    routes = {
+        **{name: apply(tok) for name, tok in stock.items()},
+        "transformers": apply(tokenizer),
+        "training": training.encode_prompt,
+        "app": lambda m: chat.prompt_ids(m, max_new_tokens=16)[0],
+    }
     report = {name: {"identical": 0, "first_difference": None} for name in routes}
     for messages in conversations:
         response = formatter(messages=messages)
@@ -387,17 +432,26 @@ def compare_gguf_logits(path: Path, sequences: list[list[int]], references: list
             if not same.all():  # how close the reference's first two choices were where they flipped
                 top2 = np.sort(ref[~same], axis=-1)[:, -2:]
                 widest_flip = max(widest_flip, float((top2[:, 1] - top2[:, 0]).max()))
-    return {"n_ctx": n_ctx, "tokens": total, "max_abs_logit_diff": max_abs, "max_abs_logit": max_ref,
-            "relative_diff": max_abs / max(max_ref, 1e-30), "top1": agree / max(1, total),
-            "top1_flips": total - agree, "widest_flipped_margin": widest_flip}
+    return {
+        "n_ctx": n_ctx,
+        "tokens": total,
+        "max_abs_logit_diff": max_abs,
+        "max_abs_logit": max_ref,
+        "relative_diff": max_abs / max(max_ref, 1e-30),
+        "top1": agree / max(1, total),
+        "top1_flips": total - agree,
+        "widest_flipped_margin": widest_flip,
+    }
 
 
 def long_parity_ids(examples: list[dict], length: int) -> list[int]:
     """One sequence of ``length`` ids: the test conversations one after another, from the start
     again if they are shorter (past the original context, both runtimes use the long factors)."""
     if not examples:
-        raise ConfigError("the test split is empty, so there is nothing to compare past the original context; "
-                          "set eval.long_parity_tokens=0")
+        raise ConfigError(
+            "the test split is empty, so there is nothing to compare past the original context; "
+            "set eval.long_parity_tokens=0"
+        )
     ids: list[int] = []
     while len(ids) < length:
         for ex in examples:
@@ -438,8 +492,10 @@ def measure_parity(cfg: PipelineConfig, run_dir: Path, examples: list[dict], log
         with LlamaChat(gguf_path(run_dir, F16), n_ctx=64) as probe:
             original = original_context_length(probe.llm.metadata)
         if original is None or ecfg.long_parity_tokens <= original:
-            raise ConfigError(f"eval.long_parity_tokens={ecfg.long_parity_tokens} must exceed the GGUF's original "
-                              f"context ({original}); raise it or set it to 0")
+            raise ConfigError(
+                f"eval.long_parity_tokens={ecfg.long_parity_tokens} must exceed the GGUF's original "
+                f"context ({original}); raise it or set it to 0"
+            )
         cases["long"] = ([long_parity_ids(examples, ecfg.long_parity_tokens)], 2 * original)
     files = {"F16": (gguf_path(run_dir, F16), True)}
     f32_path = run_dir / GGUF_DIR / ".parity-F32.gguf"
@@ -461,19 +517,26 @@ def measure_parity(cfg: PipelineConfig, run_dir: Path, examples: list[dict], log
                 # On the CPU always: llama.cpp's CPU kernels are the reference implementation and
                 # what the Space runs; a GPU build's fp16 accumulation would blur the bound.
                 result = compare_gguf_logits(path, sequences, references, n_ctx, ecfg.threads or usable_cpus())
-                result["passes"] = (result["relative_diff"] <= PARITY_BOUNDS[file_type]
-                                    and result["top1"] >= PARITY_MIN_TOP1)
+                result["passes"] = (
+                    result["relative_diff"] <= PARITY_BOUNDS[file_type] and result["top1"] >= PARITY_MIN_TOP1
+                )
                 # Near-ties: a flip where the reference's two best logits are closer than the largest
                 # difference measured is rounding, not a wrong computation.
                 result["flips_within_error"] = result["widest_flipped_margin"] <= result["max_abs_logit_diff"]
                 parity[f"{file_type.lower()}_{case}"] = result
-                log(f"parity {file_type} GGUF vs transformers fp32, {case} ({result['tokens']} tokens at n_ctx "
+                log(
+                    f"parity {file_type} GGUF vs transformers fp32, {case} ({result['tokens']} tokens at n_ctx "
                     f"{n_ctx}): max |diff| {result['max_abs_logit_diff']:.2e} = {result['relative_diff']:.1e} of "
                     f"the largest logit, top-1 {100 * result['top1']:.2f}% ({result['top1_flips']} flipped, "
                     f"reference margins there <= {result['widest_flipped_margin']:.2e})"
-                    + ("" if result["passes"] else "  OUTSIDE the bound (relative "
-                       f"{PARITY_BOUNDS[file_type]:.0e}, top-1 {100 * PARITY_MIN_TOP1:.1f}%)"
-                       + ("; every flip is a near-tie within that difference" if result["flips_within_error"] else "")))
+                    + (
+                        ""
+                        if result["passes"]
+                        else "  OUTSIDE the bound (relative "
+                        f"{PARITY_BOUNDS[file_type]:.0e}, top-1 {100 * PARITY_MIN_TOP1:.1f}%)"
+                        + ("; every flip is a near-tie within that difference" if result["flips_within_error"] else "")
+                    )
+                )
     finally:
         f32_path.unlink(missing_ok=True)
     return parity
@@ -500,11 +563,15 @@ def plot_scorecard(gguf: dict, out_png: Path) -> None:
 
 
 def scorecard_table(gguf: dict) -> str:
-    lines = ["| variant | size (MB) | bits/weight | perplexity | KL vs F16 | top-1 vs F16 | tokens/s |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    lines = [
+        "| variant | size (MB) | bits/weight | perplexity | KL vs F16 | top-1 vs F16 | tokens/s |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
     for name, r in gguf.items():
-        lines.append(f"| {name} | {r['bytes'] / 1e6:.2f} | {r['bits_per_weight']:.2f} | {r['ppl']:.4f} | "
-                     f"{r['kld_vs_f16']:.5f} | {100 * r['top1_vs_f16']:.2f}% | {r['tokens_per_s']:.1f} |")
+        lines.append(
+            f"| {name} | {r['bytes'] / 1e6:.2f} | {r['bits_per_weight']:.2f} | {r['ppl']:.4f} | "
+            f"{r['kld_vs_f16']:.5f} | {100 * r['top1_vs_f16']:.2f}% | {r['tokens_per_s']:.1f} |"
+        )
     return "\n".join(lines)
 
 
@@ -525,12 +592,15 @@ def evaluate_gguf(cfg: PipelineConfig, run_dir: Path, log=print) -> dict:
     variants = [F16] + [q for q in cfg.export.quant_types if q != F16]
     for quant in variants:
         if not gguf_path(run_dir, quant).is_file():
-            raise StageOrderError(f"{gguf_path(run_dir, quant)} is missing; run `qlora-pipeline export --run-dir {run_dir}` first")
+            raise StageOrderError(
+                f"{gguf_path(run_dir, quant)} is missing; run `qlora-pipeline export --run-dir {run_dir}` first"
+            )
     tokenizer = load_tokenizer(str(run_dir / "merged"))
     encoder = ChatEncoder.from_hf(tokenizer)
     test_convs = read_split(run_dir, "test")
-    examples, _ = tokenize_conversations(encoder, test_convs, min(cfg.data.max_seq_len, ecfg.n_ctx), cfg.data.overlong,
-                                         split="test")
+    examples, _ = tokenize_conversations(
+        encoder, test_convs, min(cfg.data.max_seq_len, ecfg.n_ctx), cfg.data.overlong, split="test"
+    )
     scored = _take_examples(examples, ecfg.kld_max_tokens)
     n_params = sum(int(t.n_elements) for t in GGUFReader(str(gguf_path(run_dir, F16))).tensors)
 
@@ -552,13 +622,21 @@ def evaluate_gguf(cfg: PipelineConfig, run_dir: Path, log=print) -> dict:
         quality, logprobs = gguf_quality(path, scored, ecfg.n_ctx, threads, reference, gpu_layers)
         if quant == F16:
             reference = logprobs
-        speed = generation_speed(path, speed_prompt, ecfg.speed_new_tokens, ecfg.speed_runs, ecfg.n_ctx, threads,
-                                 gpu_layers)
+        speed = generation_speed(
+            path, speed_prompt, ecfg.speed_new_tokens, ecfg.speed_runs, ecfg.n_ctx, threads, gpu_layers
+        )
         size = path.stat().st_size
-        gguf[quant] = {"path": str(path), "bytes": size, "bits_per_weight": 8 * size / n_params,
-                       "ppl": quality["ppl"], "kld_vs_f16": quality["kld_vs_f16"],
-                       "top1_vs_f16": quality["top1_vs_f16"], "tokens_per_s": speed["tokens_per_s"],
-                       "time_to_first_token_s": speed["time_to_first_token_s"], "scored_tokens": quality["tokens"]}
+        gguf[quant] = {
+            "path": str(path),
+            "bytes": size,
+            "bits_per_weight": 8 * size / n_params,
+            "ppl": quality["ppl"],
+            "kld_vs_f16": quality["kld_vs_f16"],
+            "top1_vs_f16": quality["top1_vs_f16"],
+            "tokens_per_s": speed["tokens_per_s"],
+            "time_to_first_token_s": speed["time_to_first_token_s"],
+            "scored_tokens": quality["tokens"],
+        }
     del reference
 
     from qlora_pipeline.heldout import format_exact_match, load_questions, score
@@ -566,8 +644,10 @@ def evaluate_gguf(cfg: PipelineConfig, run_dir: Path, log=print) -> dict:
     greedy = SamplingParams(temperature=0.0, top_p=1.0, top_k=1, repeat_penalty=1.0, max_tokens=ecfg.sample_max_tokens)
     heldout_params = dataclasses.replace(greedy, max_tokens=ecfg.heldout_max_tokens)
     questions = load_questions(ecfg.heldout_questions)
-    prompts = [conv["messages"][: next(i for i, m in enumerate(conv["messages"]) if m["role"] == "user") + 1]
-               for conv in test_convs[: ecfg.samples]]
+    prompts = [
+        conv["messages"][: next(i for i, m in enumerate(conv["messages"]) if m["role"] == "user") + 1]
+        for conv in test_convs[: ecfg.samples]
+    ]
     answers: dict[str, list[str]] = {}
     heldout: dict[str, dict] = {}
     for quant in variants:  # one file open at a time: four full-size GGUFs together exceed Colab's RAM
@@ -575,10 +655,14 @@ def evaluate_gguf(cfg: PipelineConfig, run_dir: Path, log=print) -> dict:
             answers[quant] = [chat.answer(prompt, greedy).strip() for prompt in prompts]
             if questions:
                 heldout[quant] = score(questions, lambda m, chat=chat: chat.answer(m, heldout_params))
-    samples = [{"prompt": prompt[-1]["content"],
-                "reference": conv["messages"][len(prompt)]["content"] if len(conv["messages"]) > len(prompt) else None,
-                "answers": {quant: answers[quant][i] for quant in variants}}
-               for i, (prompt, conv) in enumerate(zip(prompts, test_convs))]
+    samples = [
+        {
+            "prompt": prompt[-1]["content"],
+            "reference": conv["messages"][len(prompt)]["content"] if len(conv["messages"]) > len(prompt) else None,
+            "answers": {quant: answers[quant][i] for quant in variants},
+        }
+        for i, (prompt, conv) in enumerate(zip(prompts, test_convs))
+    ]
     if heldout:
         earlier = read_report(run_dir).get("heldout", {})
         section = heldout_section(questions, heldout)
@@ -592,8 +676,11 @@ def evaluate_gguf(cfg: PipelineConfig, run_dir: Path, log=print) -> dict:
     update_report(run_dir, "parity", parity)
     report = update_report(run_dir, "samples", samples)
     plot_scorecard(gguf, run_dir / "scorecard.png")
-    log("GGUF scorecard (test split, assistant tokens; speed: greedy, "
-        f"{threads} threads{f', {gpu_layers} GPU layers' if gpu_layers else ''}, median of {ecfg.speed_runs}):\n" + scorecard_table(gguf))
+    log(
+        "GGUF scorecard (test split, assistant tokens; speed: greedy, "
+        f"{threads} threads{f', {gpu_layers} GPU layers' if gpu_layers else ''}, median of {ecfg.speed_runs}):\n"
+        + scorecard_table(gguf)
+    )
     return report
 
 

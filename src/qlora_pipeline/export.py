@@ -40,8 +40,11 @@ def quant_types() -> dict[str, int]:
     """Every file type llama.cpp can quantize to, by its usual name (Q4_K_M, Q8_0, F16, ...)."""
     import llama_cpp
 
-    types = {name[len("LLAMA_FTYPE_MOSTLY_"):]: getattr(llama_cpp, name)
-             for name in dir(llama_cpp) if name.startswith("LLAMA_FTYPE_MOSTLY_")}
+    types = {
+        name[len("LLAMA_FTYPE_MOSTLY_") :]: getattr(llama_cpp, name)
+        for name in dir(llama_cpp)
+        if name.startswith("LLAMA_FTYPE_MOSTLY_")
+    }
     types["F32"] = llama_cpp.LLAMA_FTYPE_ALL_F32
     return types
 
@@ -50,16 +53,31 @@ def check_quant_types(names: tuple[str, ...]) -> None:
     valid = quant_types()
     unknown = [n for n in names if n not in valid]
     if unknown:
-        raise ConfigError(f"unknown quantization type {', '.join(unknown)}; llama.cpp knows "
-                          f"{', '.join(sorted(valid))}")
+        raise ConfigError(f"unknown quantization type {', '.join(unknown)}; llama.cpp knows {', '.join(sorted(valid))}")
 
 
 # Nominal bits per weight of llama.cpp's common types (its quantize tool's table, rounded down):
 # a first guess for the free-space check. A file that turns out bigger and fills the disk is
 # still caught when the write fails.
-BITS_PER_WEIGHT = {"F32": 32, "F16": 16, "BF16": 16, "Q8_0": 8.5, "Q6_K": 6.5, "Q5_K_M": 5.6, "Q5_K_S": 5.5,
-                   "Q5_1": 6, "Q5_0": 5.5, "Q4_K_M": 4.8, "Q4_K_S": 4.5, "Q4_1": 5, "Q4_0": 4.5,
-                   "Q3_K_L": 4.2, "Q3_K_M": 3.9, "Q3_K_S": 3.4, "Q2_K": 2.9}
+BITS_PER_WEIGHT = {
+    "F32": 32,
+    "F16": 16,
+    "BF16": 16,
+    "Q8_0": 8.5,
+    "Q6_K": 6.5,
+    "Q5_K_M": 5.6,
+    "Q5_K_S": 5.5,
+    "Q5_1": 6,
+    "Q5_0": 5.5,
+    "Q4_K_M": 4.8,
+    "Q4_K_S": 4.5,
+    "Q4_1": 5,
+    "Q4_0": 4.5,
+    "Q3_K_L": 4.2,
+    "Q3_K_M": 3.9,
+    "Q3_K_S": 3.4,
+    "Q2_K": 2.9,
+}
 
 
 def gguf_size_estimate(weights: int, quant: str) -> int:
@@ -99,17 +117,35 @@ def _run(cmd: list[str], what: str, out_path: Path, needed: int) -> None:
         raise PipelineError(f"{what} failed: {detail[:300]}")
 
 
-def converter_commands(merged_dir: Path, out_path: Path, meta_path: Path, model_name: str, end_of_turn_id: int,
-                       outtype: str = "f16") -> tuple[list[str], list[str]]:
+def converter_commands(
+    merged_dir: Path, out_path: Path, meta_path: Path, model_name: str, end_of_turn_id: int, outtype: str = "f16"
+) -> tuple[list[str], list[str]]:
     """The two command lines of a conversion: llama.cpp's ``convert_hf_to_gguf.py``, then its
     ``gguf_new_metadata.py`` writing ``<|end|>`` as the end-of-turn token (the Phi-3 converter
     writes BOS/EOS but no end-of-turn id, which llama.cpp would otherwise guess from token text)."""
     files = ensure_llama_cpp()
-    convert = [sys.executable, str(files.converter), str(merged_dir), "--outfile", str(out_path),
-               "--outtype", outtype, "--model-name", model_name]
+    convert = [
+        sys.executable,
+        str(files.converter),
+        str(merged_dir),
+        "--outfile",
+        str(out_path),
+        "--outtype",
+        outtype,
+        "--model-name",
+        model_name,
+    ]
     new_metadata = files.root / "gguf-py" / "gguf" / "scripts" / "gguf_new_metadata.py"
-    metadata = [sys.executable, str(new_metadata), str(out_path), str(meta_path), "--special-token-by-id", "eot",
-                str(end_of_turn_id), "--force"]
+    metadata = [
+        sys.executable,
+        str(new_metadata),
+        str(out_path),
+        str(meta_path),
+        "--special-token-by-id",
+        "eot",
+        str(end_of_turn_id),
+        "--force",
+    ]
     return convert, metadata
 
 
@@ -127,13 +163,16 @@ def export_calls(cfg: PipelineConfig, run_dir: Path) -> list[str]:
     calls = [shlex.join(convert), shlex.join(metadata), f"os.replace({str(tmp2)!r}, {str(f16)!r})"]
     threads = cfg.export.threads or usable_cpus()
     for quant in (q for q in cfg.export.quant_types if q != F16):
-        calls.append(f"llama_cpp.llama_model_quantize({str(f16)!r}, {str(gguf_path(run_dir, quant))!r}, "
-                     f"params(ftype={quant_types()[quant]} ({quant}), nthread={threads}))")
+        calls.append(
+            f"llama_cpp.llama_model_quantize({str(f16)!r}, {str(gguf_path(run_dir, quant))!r}, "
+            f"params(ftype={quant_types()[quant]} ({quant}), nthread={threads}))"
+        )
     return calls
 
 
-def convert_to_gguf(merged_dir: Path, out_path: Path, model_name: str, end_of_turn_id: int,
-                    outtype: str = "f16") -> None:
+def convert_to_gguf(
+    merged_dir: Path, out_path: Path, model_name: str, end_of_turn_id: int, outtype: str = "f16"
+) -> None:
     """llama.cpp's converter (F16 by default), then its metadata tool to mark <|end|> as end-of-turn."""
     # The converter's file and the metadata tool's copy of it are on disk together for a moment.
     needed = 2 * gguf_size_estimate(count_parameters(str(merged_dir)), outtype.upper())
@@ -171,8 +210,10 @@ def quantize_gguf(src: Path, dst: Path, quant: str, threads: int) -> None:
         if rc != 0 and looks_like_disk_full("", dst):
             raise disk_full(dst, needed)
         if rc != 0 or not tmp.is_file():
-            raise PipelineError(f"llama.cpp could not quantize {src} to {quant} (status {rc}); "
-                                "check free disk space and that the F16 file is complete")
+            raise PipelineError(
+                f"llama.cpp could not quantize {src} to {quant} (status {rc}); "
+                "check free disk space and that the F16 file is complete"
+            )
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, dst)

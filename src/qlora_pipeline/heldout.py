@@ -15,9 +15,9 @@ from __future__ import annotations
 import json
 import re
 import string
+from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
-from typing import Callable
 
 from qlora_pipeline.errors import DataError
 
@@ -35,8 +35,10 @@ def load_questions(source: str) -> list[dict]:
         return []
     path = sample_questions_path() if source == "sample" else Path(source)
     if not path.is_file():
-        raise DataError(f"held-out questions file {path} does not exist; set eval.heldout_questions to "
-                        "sample, none or a .jsonl file")
+        raise DataError(
+            f"held-out questions file {path} does not exist; set eval.heldout_questions to "
+            "sample, none or a .jsonl file"
+        )
     questions = []
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
         if not line.strip():
@@ -46,7 +48,7 @@ def load_questions(source: str) -> list[dict]:
         except json.JSONDecodeError as exc:
             raise DataError(f"{path}:{number}: malformed JSON ({exc.msg}); each line must be one JSON object") from None
         if not (isinstance(row, dict) and isinstance(row.get("question"), str) and isinstance(row.get("answer"), str)):
-            raise DataError(f"{path}:{number}: needs string fields \"question\" and \"answer\"")
+            raise DataError(f'{path}:{number}: needs string fields "question" and "answer"')
         questions.append(row)
     return questions
 
@@ -83,8 +85,14 @@ def hf_answerer(model, encoder, tokenizer, max_new_tokens: int) -> Callable[[lis
     def answer(messages: list[dict]) -> str:
         ids = torch.tensor([encoder.encode_prompt(messages)], device=device)
         with torch.no_grad():
-            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                                 do_sample=False, eos_token_id=stop, pad_token_id=tokenizer.pad_token_id)
-        return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+            out = model.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                eos_token_id=stop,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+        return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
 
     return answer

@@ -12,18 +12,21 @@ from qlora_pipeline.errors import PipelineError
 
 
 def push_folder(folder: Path, repo_id: str, private: bool = True, repo_type: str = "model") -> str:
-    """Upload ``folder`` to the repo ``repo_id`` (a model repo, or a Gradio Space; created if needed); return its URL."""
+    """Upload ``folder`` to ``repo_id`` (a model repo or a Gradio Space; created if needed); return its URL."""
     token = os.environ.get("HF_TOKEN")
     if not token:
-        raise PipelineError("HF_TOKEN is not set; create a write token at huggingface.co/settings/tokens "
-                            "and set it in the environment (Colab: the Secrets panel)")
+        raise PipelineError(
+            "HF_TOKEN is not set; create a write token at huggingface.co/settings/tokens "
+            "and set it in the environment (Colab: the Secrets panel)"
+        )
     from huggingface_hub import HfApi
 
     api = HfApi(token=token)
     space = {"space_sdk": "gradio"} if repo_type == "space" else {}
     api.create_repo(repo_id, private=private, exist_ok=True, repo_type=repo_type, **space)
-    api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type=repo_type,
-                      commit_message="Upload from qlora-pipeline")
+    api.upload_folder(
+        folder_path=str(folder), repo_id=repo_id, repo_type=repo_type, commit_message="Upload from qlora-pipeline"
+    )
     return f"https://huggingface.co/{'spaces/' if repo_type == 'space' else ''}{repo_id}"
 
 
@@ -57,8 +60,11 @@ def push_run_part(run_dir: Path, part: str, repo_id: str | None, enabled: bool) 
         from huggingface_hub import HfApi
 
         HfApi(token=os.environ["HF_TOKEN"]).upload_file(
-            path_or_fileobj=str(run_dir / "config.json"), path_in_repo=RUN_CONFIG_IN_REPO, repo_id=repo_id,
-            commit_message="The qlora-pipeline run configuration these files belong to")
+            path_or_fileobj=str(run_dir / "config.json"),
+            path_in_repo=RUN_CONFIG_IN_REPO,
+            repo_id=repo_id,
+            commit_message="The qlora-pipeline run configuration these files belong to",
+        )
     return url
 
 
@@ -74,20 +80,25 @@ def pull_run_part(run_dir: Path, part: str, repo_id: str | None, cache_dir: str 
     if (run_dir / part / PART_MARKERS[part]).is_file():
         return False
     if not repo_id:
-        raise PipelineError(f"{run_dir / part} is missing: run the previous notebook with this RUN_DIR (on Colab: "
-                            "the same Google Drive), or set HUB_REPO to the Hub repo it pushed the "
-                            f"{part} to")
+        raise PipelineError(
+            f"{run_dir / part} is missing: run the previous notebook with this RUN_DIR (on Colab: "
+            "the same Google Drive), or set HUB_REPO to the Hub repo it pushed the "
+            f"{part} to"
+        )
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
     try:
         snapshot = Path(snapshot_download(repo_id, cache_dir=cache_dir, token=os.environ.get("HF_TOKEN")))
     except (HfHubHTTPError, LocalEntryNotFoundError, OSError) as exc:
-        raise PipelineError(f"could not download {repo_id!r} from the Hub ({str(exc).splitlines()[0][:160]}); "
-                            "check HUB_REPO and, for a private repo, HF_TOKEN") from None
+        raise PipelineError(
+            f"could not download {repo_id!r} from the Hub ({str(exc).splitlines()[0][:160]}); "
+            "check HUB_REPO and, for a private repo, HF_TOKEN"
+        ) from None
     if not (snapshot / PART_MARKERS[part]).is_file():
-        raise PipelineError(f"the Hub repo {repo_id!r} has no {PART_MARKERS[part]}: it does not hold a {part}; "
-                            "check HUB_REPO")
+        raise PipelineError(
+            f"the Hub repo {repo_id!r} has no {PART_MARKERS[part]}: it does not hold a {part}; check HUB_REPO"
+        )
     run_dir.mkdir(parents=True, exist_ok=True)
     with atomic_dir(run_dir / part) as tmp:
         for file in snapshot.rglob("*"):

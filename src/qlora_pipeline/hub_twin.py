@@ -178,8 +178,15 @@ def _prepare_datasets_cache(datasets_cache: Path, commit: str, parquet: dict[str
 
     name = DATASET_ID.split("/")[1]
     files = {path.name.split("-")[0]: [str(path)] for path in parquet.values()}
-    builder = Parquet(cache_dir=str(datasets_cache), dataset_name=name, config_name="default", config_id="default",
-                      hash=commit, data_files=files, features=oasst1_features())
+    builder = Parquet(
+        cache_dir=str(datasets_cache),
+        dataset_name=name,
+        config_name="default",
+        config_id="default",
+        hash=commit,
+        data_files=files,
+        features=oasst1_features(),
+    )
     builder.download_and_prepare()
     # The builder names the folder after the dataset; load_dataset looks for "namespace___name".
     (datasets_cache / name).rename(datasets_cache / DATASET_ID.replace("/", "___"))
@@ -221,8 +228,10 @@ def build_hub_twin(out: Path, tiny: TinyConfig | None = None, log=print) -> Path
         data_commit = write_cached_repo(cache, "dataset", DATASET_ID, {"README.md": card, **parquet})
         _prepare_datasets_cache(tmp / "datasets", data_commit, parquet)
         (tmp / COMPLETE_MARKER).write_text(stamp)
-    log(f"twin hub: {MODEL_ID}@{model_commit[:8]} and {DATASET_ID}@{data_commit[:8]} in {out}\n"
-        f"use it with: HF_HOME={out} HF_HUB_OFFLINE=1")
+    log(
+        f"twin hub: {MODEL_ID}@{model_commit[:8]} and {DATASET_ID}@{data_commit[:8]} in {out}\n"
+        f"use it with: HF_HOME={out} HF_HUB_OFFLINE=1"
+    )
     return out
 
 

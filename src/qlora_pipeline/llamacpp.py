@@ -53,8 +53,7 @@ class LlamaCppFiles:
 
     @property
     def phi3_vocab_tests(self) -> tuple[Path, Path]:
-        return (self.root / "models" / "ggml-vocab-phi-3.gguf.inp",
-                self.root / "models" / "ggml-vocab-phi-3.gguf.out")
+        return (self.root / "models" / "ggml-vocab-phi-3.gguf.inp", self.root / "models" / "ggml-vocab-phi-3.gguf.out")
 
     @property
     def phi35_chat_template(self) -> Path:
@@ -65,8 +64,9 @@ def installed_version() -> str:
     try:
         return metadata.version("llama-cpp-python")
     except metadata.PackageNotFoundError:
-        raise PipelineError("llama-cpp-python is not installed; run `make setup` "
-                            "(or pip install -r requirements.txt)") from None
+        raise PipelineError(
+            "llama-cpp-python is not installed; run `make setup` (or pip install -r requirements.txt)"
+        ) from None
 
 
 def _missing(root: Path) -> list[str]:
@@ -74,14 +74,27 @@ def _missing(root: Path) -> list[str]:
 
 
 def _download_sdist(version: str, into: Path) -> Path:
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-           "--quiet", "-d", str(into), f"llama-cpp-python=={version}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--no-binary",
+        ":all:",
+        "--quiet",
+        "-d",
+        str(into),
+        f"llama-cpp-python=={version}",
+    ]
     result = subprocess.run(cmd, capture_output=True, text=True)
     archives = list(into.glob("llama_cpp_python-*.tar.gz"))
     if result.returncode != 0 or not archives:
         detail = (result.stderr.strip().splitlines() or ["no output"])[-1]
-        raise PipelineError(f"could not download the llama-cpp-python {version} source distribution ({detail}); "
-                            "connect to the package index once, or set LLAMA_CPP_DIR to a llama.cpp checkout")
+        raise PipelineError(
+            f"could not download the llama-cpp-python {version} source distribution ({detail}); "
+            "connect to the package index once, or set LLAMA_CPP_DIR to a llama.cpp checkout"
+        )
     return archives[0]
 
 
@@ -92,7 +105,7 @@ def _extract(archive: Path, dest: Path) -> None:
             parts = member.name.split("/", 1)
             if len(parts) < 2 or not parts[1].startswith("vendor/llama.cpp/"):
                 continue
-            rel = parts[1][len("vendor/llama.cpp/"):]
+            rel = parts[1][len("vendor/llama.cpp/") :]
             if any(rel == n or (n.endswith("/") and rel.startswith(n)) for n in NEEDED):
                 if not (member.isfile() or member.isdir()):
                     continue  # no links or devices out of an archive
@@ -108,8 +121,10 @@ def ensure_llama_cpp(version: str | None = None) -> LlamaCppFiles:
         root = Path(override).expanduser()
         missing = _missing(root)
         if missing:
-            raise PipelineError(f"LLAMA_CPP_DIR={root} lacks {', '.join(missing)}; point it at a llama.cpp "
-                                "checkout or unset it to use the copy from llama-cpp-python")
+            raise PipelineError(
+                f"LLAMA_CPP_DIR={root} lacks {', '.join(missing)}; point it at a llama.cpp "
+                "checkout or unset it to use the copy from llama-cpp-python"
+            )
         return LlamaCppFiles(root)
 
     version = version or installed_version()
@@ -126,8 +141,10 @@ def ensure_llama_cpp(version: str | None = None) -> LlamaCppFiles:
         _extract(archive, staging)
         missing = _missing(staging)
         if missing:
-            raise PipelineError(f"the llama-cpp-python {version} sources lack {', '.join(missing)}; "
-                                "set LLAMA_CPP_DIR to a llama.cpp checkout that has them")
+            raise PipelineError(
+                f"the llama-cpp-python {version} sources lack {', '.join(missing)}; "
+                "set LLAMA_CPP_DIR to a llama.cpp checkout that has them"
+            )
         (staging / COMPLETE_MARKER).write_text(version + "\n")
         if root.exists():
             shutil.rmtree(root)

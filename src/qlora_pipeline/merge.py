@@ -60,9 +60,12 @@ def check_adapter_files(adapter_dir: Path) -> None:
     weights = Path(adapter_dir) / "adapter_model.safetensors"
     if not weights.is_file():
         pickle = (Path(adapter_dir) / "adapter_model.bin").is_file()
-        raise ModelError(f"{adapter_dir} has " + ("only a pickle checkpoint (adapter_model.bin)" if pickle else
-                         "no adapter_model.safetensors") + "; the pipeline loads only safetensors: save the adapter "
-                         "with save_pretrained(safe_serialization=True)")
+        raise ModelError(
+            f"{adapter_dir} has "
+            + ("only a pickle checkpoint (adapter_model.bin)" if pickle else "no adapter_model.safetensors")
+            + "; the pipeline loads only safetensors: save the adapter "
+            "with save_pretrained(safe_serialization=True)"
+        )
     check_safetensors(weights)
 
 
@@ -76,8 +79,10 @@ def load_adapter(model, adapter_dir: Path):
     except RuntimeError as exc:  # size mismatch in load_state_dict
         first = str(exc).splitlines()
         detail = next((line.strip() for line in first if "size mismatch" in line), first[0] if first else "")
-        raise ModelError(f"the adapter in {adapter_dir} does not fit this base model ({detail[:200]}); "
-                         "merge with the base it was trained on (model.name_or_path)") from None
+        raise ModelError(
+            f"the adapter in {adapter_dir} does not fit this base model ({detail[:200]}); "
+            "merge with the base it was trained on (model.name_or_path)"
+        ) from None
 
 
 def model_logits(model, examples: list[dict], device: str = "cpu") -> list:
@@ -118,7 +123,8 @@ def merge(cfg: PipelineConfig, run_dir: Path, log=print) -> dict:
     tokenizer = load_tokenizer(base, cfg.model.revision)
     encoder = ChatEncoder.from_hf(tokenizer)
     check_examples, _ = tokenize_conversations(
-        encoder, read_split(run_dir, "val")[: cfg.merge.check_samples], cfg.data.max_seq_len, cfg.data.overlong)
+        encoder, read_split(run_dir, "val")[: cfg.merge.check_samples], cfg.data.max_seq_len, cfg.data.overlong
+    )
 
     device = merge_device(cfg, base, log)
     if use_streaming(cfg, base, log, device):
@@ -145,8 +151,10 @@ def merge(cfg: PipelineConfig, run_dir: Path, log=print) -> dict:
 def _report_check(check: dict, dtype, samples: int, log, **extra) -> None:
     """Complete the merge check's record and log it (both merge paths)."""
     check.update({"dtype": str(dtype).replace("torch.", ""), "samples": samples, **extra})
-    log(f"merge check: max |logit diff| {check.get('max_abs_logit_diff', float('nan')):.2e}, "
-        f"argmax agreement {100 * check.get('argmax_agreement', 0):.2f}% on {check.get('tokens', 0)} tokens")
+    log(
+        f"merge check: max |logit diff| {check.get('max_abs_logit_diff', float('nan')):.2e}, "
+        f"argmax agreement {100 * check.get('argmax_agreement', 0):.2f}% on {check.get('tokens', 0)} tokens"
+    )
 
 
 def local_base_dir(base: str, revision: str | None) -> Path:
@@ -155,8 +163,11 @@ def local_base_dir(base: str, revision: str | None) -> Path:
         return Path(base)
     from huggingface_hub import snapshot_download
 
-    return Path(snapshot_download(base, revision=revision,
-                                  allow_patterns=["*.safetensors", "*.json", "tokenizer.model", "*.jinja"]))
+    return Path(
+        snapshot_download(
+            base, revision=revision, allow_patterns=["*.safetensors", "*.json", "tokenizer.model", "*.jinja"]
+        )
+    )
 
 
 def base_weight_bytes(base: str, revision: str | None) -> int | None:
@@ -201,8 +212,9 @@ def use_streaming(cfg: PipelineConfig, base: str, log=print, device: str = "cpu"
     free = psutil.virtual_memory().available
     streaming = size > free / 2
     if streaming:
-        log(f"streaming merge: the base ({size / 1e9:.1f} GB) is larger than half the free memory "
-            f"({free / 1e9:.1f} GB)")
+        log(
+            f"streaming merge: the base ({size / 1e9:.1f} GB) is larger than half the free memory ({free / 1e9:.1f} GB)"
+        )
     return streaming
 
 
@@ -217,8 +229,9 @@ def _merge_streaming(cfg: PipelineConfig, run_dir: Path, base: str, dtype, token
         tokenizer.save_pretrained(tmp)
         if not copy_sentencepiece_model(str(base_dir), tmp, cfg.model.revision):
             raise ModelError(f"the base {base!r} has no tokenizer.model; llama.cpp's Phi-3 converter needs it")
-        reference = model_logits(load_adapter(load_base_full_precision(base, cfg.model, dtype=dtype),
-                                              run_dir / "adapter"), check_examples)
+        reference = model_logits(
+            load_adapter(load_base_full_precision(base, cfg.model, dtype=dtype), run_dir / "adapter"), check_examples
+        )
         free_memory()  # base + adapter is gone before the merged model loads: one model in RAM at a time
         merged = load_base_full_precision(str(tmp), cfg.model, dtype=dtype)
         check = compare_logits(reference, model_logits(merged, check_examples))

@@ -24,8 +24,16 @@ from pathlib import Path
 
 from qlora_pipeline.errors import ModelError
 
-CONFIG_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-                "special_tokens_map.json", "tokenizer.model", "chat_template.jinja", "added_tokens.json")
+CONFIG_FILES = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "chat_template.jinja",
+    "added_tokens.json",
+)
 
 
 def read_adapter(adapter_dir: Path) -> tuple[dict, dict]:
@@ -35,8 +43,9 @@ def read_adapter(adapter_dir: Path) -> tuple[dict, dict]:
     adapter_dir = Path(adapter_dir)
     config = json.loads((adapter_dir / "adapter_config.json").read_text())
     if config.get("use_dora"):
-        raise ModelError(f"{adapter_dir} is a DoRA adapter; the streaming merge handles plain LoRA only "
-                         "(set merge.streaming=false)")
+        raise ModelError(
+            f"{adapter_dir} is a DoRA adapter; the streaming merge handles plain LoRA only (set merge.streaming=false)"
+        )
     if config.get("fan_in_fan_out"):
         raise ModelError(f"{adapter_dir} uses fan_in_fan_out (Conv1D layers); set merge.streaming=false")
     tensors = load_file(str(adapter_dir / "adapter_model.safetensors"))
@@ -49,8 +58,10 @@ def read_adapter(adapter_dir: Path) -> tuple[dict, dict]:
                 pairs.setdefault(base_name, {})[part] = tensor
                 break
         else:
-            raise ModelError(f"{adapter_dir} holds {key!r}, which is not a LoRA A/B matrix (modules_to_save?); "
-                             "set merge.streaming=false to merge it with peft")
+            raise ModelError(
+                f"{adapter_dir} holds {key!r}, which is not a LoRA A/B matrix (modules_to_save?); "
+                "set merge.streaming=false to merge it with peft"
+            )
     incomplete = [name for name, pair in pairs.items() if len(pair) != 2]
     if incomplete:
         raise ModelError(f"{adapter_dir} lacks A or B for {incomplete[0]}; the adapter file is damaged")
@@ -68,12 +79,24 @@ def shard_files(base_dir: Path) -> list[str]:
         return sorted(set(json.loads(index.read_text())["weight_map"].values()))
     if (base_dir / "model.safetensors").is_file():
         return ["model.safetensors"]
-    raise ModelError(f"{base_dir} has no safetensors weights (model.safetensors or an index); the streaming "
-                     "merge reads safetensors checkpoints only")
+    raise ModelError(
+        f"{base_dir} has no safetensors weights (model.safetensors or an index); the streaming "
+        "merge reads safetensors checkpoints only"
+    )
 
 
-DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64", "I64": "int64",
-          "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
+DTYPES = {
+    "F32": "float32",
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "F64": "float64",
+    "I64": "int64",
+    "I32": "int32",
+    "I16": "int16",
+    "I8": "int8",
+    "U8": "uint8",
+    "BOOL": "bool",
+}
 
 
 def read_header(path: Path) -> tuple[dict, int]:
@@ -92,7 +115,11 @@ def _read_tensor(f, info: dict, data_start: int):
     buffer = bytearray(end - begin)
     f.readinto(buffer)
     dtype = getattr(torch, DTYPES[info["dtype"]])
-    return torch.frombuffer(buffer, dtype=dtype).reshape(info["shape"]) if buffer else torch.empty(info["shape"], dtype=dtype)
+    return (
+        torch.frombuffer(buffer, dtype=dtype).reshape(info["shape"])
+        if buffer
+        else torch.empty(info["shape"], dtype=dtype)
+    )
 
 
 def _tensor_bytes(tensor) -> memoryview:
@@ -128,7 +155,11 @@ def stream_merge(base_dir: Path, adapter_dir: Path, out_dir: Path, dtype=None, l
                 out_name = out_dtype_name if out_dtype_name and is_float else info["dtype"]
                 itemsize = torch.empty(0, dtype=getattr(torch, DTYPES[out_name])).element_size()
                 nbytes = math.prod(info["shape"]) * itemsize
-                out_header[name] = {"dtype": out_name, "shape": info["shape"], "data_offsets": [offset, offset + nbytes]}
+                out_header[name] = {
+                    "dtype": out_name,
+                    "shape": info["shape"],
+                    "data_offsets": [offset, offset + nbytes],
+                }
                 offset += nbytes
             header_bytes = json.dumps(out_header, separators=(",", ":")).encode()
             header_bytes += b" " * (-len(header_bytes) % 8)  # the format pads the header to 8 bytes
@@ -141,16 +172,20 @@ def stream_merge(base_dir: Path, adapter_dir: Path, out_dir: Path, dtype=None, l
                     if name in pairs:
                         lora_a, lora_b = pairs[name]
                         if (lora_b.shape[0], lora_a.shape[1]) != tuple(weight.shape):
-                            raise ModelError(f"the adapter's {name} is {lora_b.shape[0]}x{lora_a.shape[1]} but the "
-                                             f"base's is {tuple(weight.shape)}; merge with the base it was trained on")
+                            raise ModelError(
+                                f"the adapter's {name} is {lora_b.shape[0]}x{lora_a.shape[1]} but the "
+                                f"base's is {tuple(weight.shape)}; merge with the base it was trained on"
+                            )
                         weight = weight.float().add_((lora_b.float() @ lora_a.float()).mul_(scale))
                         merged += 1
                     dst.write(_tensor_bytes(weight.to(target)))
                     del weight
             progress.update(1)
     if merged != len(pairs):
-        raise ModelError(f"{len(pairs) - merged} adapted weights of {adapter_dir} are not in {base_dir}; "
-                         "merge with the base it was trained on")
+        raise ModelError(
+            f"{len(pairs) - merged} adapted weights of {adapter_dir} are not in {base_dir}; "
+            "merge with the base it was trained on"
+        )
     if (base_dir / "model.safetensors.index.json").is_file():
         shutil.copy2(base_dir / "model.safetensors.index.json", out_dir / "model.safetensors.index.json")
     for name in CONFIG_FILES:

@@ -27,7 +27,7 @@ class Device:
     """Where the model runs and in which dtype it computes."""
 
     name: str  # "cuda", "mps" or "cpu"
-    compute_dtype: "object"  # a torch.dtype
+    compute_dtype: object  # a torch.dtype
     mixed_precision: str  # accelerate's: "bf16", "fp16" or "no"
 
 
@@ -57,7 +57,9 @@ def pick_device(compute_dtype: str = "auto", mixed_precision: str = "auto") -> D
     if key not in _logged_device:
         _logged_device.add(key)
         extra = f" ({torch.cuda.get_device_name(0)})" if name == "cuda" else ""
-        log.info("device: %s%s, compute dtype %s, mixed precision %s", name, extra, str(dtype).replace("torch.", ""), mixed)
+        log.info(
+            "device: %s%s, compute dtype %s, mixed precision %s", name, extra, str(dtype).replace("torch.", ""), mixed
+        )
     return device
 
 
@@ -72,8 +74,10 @@ def resolve_base(cfg: PipelineConfig, log_fn=print) -> str:
         if not (path / "config.json").is_file():
             raise ModelError(f"{path} has no config.json; point model.name_or_path at a saved model folder")
         if not (path / "tokenizer.model").is_file():  # found now, not after hours of training
-            raise ModelError(f"{path} has no tokenizer.model; llama.cpp's Phi-3 converter needs this SentencePiece "
-                             "file: copy it from the base model's repository into the folder")
+            raise ModelError(
+                f"{path} has no tokenizer.model; llama.cpp's Phi-3 converter needs this SentencePiece "
+                "file: copy it from the base model's repository into the folder"
+            )
         return str(path)
     return cfg.model.name_or_path
 
@@ -84,8 +88,10 @@ def load_tokenizer(base: str, revision: str | None = None):
     try:
         tokenizer = AutoTokenizer.from_pretrained(base, revision=revision, trust_remote_code=False)
     except OSError as exc:
-        raise ModelError(f"could not load a tokenizer from {base!r} ({str(exc).splitlines()[0][:160]}); "
-                         "check model.name_or_path, or log in with HF_TOKEN for gated models") from None
+        raise ModelError(
+            f"could not load a tokenizer from {base!r} ({str(exc).splitlines()[0][:160]}); "
+            "check model.name_or_path, or log in with HF_TOKEN for gated models"
+        ) from None
     restore_file_pipeline(tokenizer, base, revision)
     if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
         # Phi-3.5 ships pad == eos; padding is masked out of the loss, and masking EOS-as-pad
@@ -129,13 +135,16 @@ def _from_pretrained(base: str, revision: str | None, **kwargs):
     from transformers import AutoModelForCausalLM
 
     try:
-        return AutoModelForCausalLM.from_pretrained(base, revision=revision, trust_remote_code=False,
-                                                    use_safetensors=True, **kwargs)
+        return AutoModelForCausalLM.from_pretrained(
+            base, revision=revision, trust_remote_code=False, use_safetensors=True, **kwargs
+        )
     except SafetensorError as exc:
         raise broken_safetensors(Path(base), exc) from None
     except OSError as exc:
-        raise ModelError(f"could not load model weights from {base!r} ({str(exc).splitlines()[0][:160]}); "
-                         "the pipeline loads only safetensors; check model.name_or_path") from None
+        raise ModelError(
+            f"could not load model weights from {base!r} ({str(exc).splitlines()[0][:160]}); "
+            "the pipeline loads only safetensors; check model.name_or_path"
+        ) from None
 
 
 def count_parameters(base: str) -> int:
@@ -172,8 +181,10 @@ def check_safetensors(file: Path, cause: Exception | None = None) -> None:
         with safe_open(str(file), framework="np"):
             pass
     except Exception as exc:  # safetensors raises its own error or OSError, depending on the damage
-        raise ModelError(f"{file} is not a complete safetensors file ({str(cause or exc)[:100]}); "
-                         "it was probably cut short: copy or download it again") from None
+        raise ModelError(
+            f"{file} is not a complete safetensors file ({str(cause or exc)[:100]}); "
+            "it was probably cut short: copy or download it again"
+        ) from None
 
 
 def broken_safetensors(where: Path, exc: Exception) -> ModelError:
@@ -222,8 +233,14 @@ def peft_lora_config(lcfg: LoraConfig):
     """peft's ``LoraConfig`` for the preset's adapters."""
     from peft import LoraConfig as PeftLoraConfig
 
-    return PeftLoraConfig(r=lcfg.r, lora_alpha=lcfg.alpha, lora_dropout=lcfg.dropout,
-                          target_modules=list(lcfg.target_modules), bias="none", task_type="CAUSAL_LM")
+    return PeftLoraConfig(
+        r=lcfg.r,
+        lora_alpha=lcfg.alpha,
+        lora_dropout=lcfg.dropout,
+        target_modules=list(lcfg.target_modules),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
 
 
 def load_base_for_training(mcfg: ModelConfig, base: str, device: Device):
@@ -232,15 +249,24 @@ def load_base_for_training(mcfg: ModelConfig, base: str, device: Device):
         from peft import prepare_model_for_kbit_training
 
         quant = quantization_config(mcfg, device)
-        model = _from_pretrained(base, mcfg.revision, quantization_config=quant, device_map={"": device.name},
-                                 dtype=device.compute_dtype, attn_implementation=mcfg.attn_implementation)
+        model = _from_pretrained(
+            base,
+            mcfg.revision,
+            quantization_config=quant,
+            device_map={"": device.name},
+            dtype=device.compute_dtype,
+            attn_implementation=mcfg.attn_implementation,
+        )
         model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=mcfg.gradient_checkpointing,
-            gradient_checkpointing_kwargs={"use_reentrant": False})
+            model,
+            use_gradient_checkpointing=mcfg.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
         keep_nf4_layout(model)
     else:
-        model = _from_pretrained(base, mcfg.revision, dtype=device.compute_dtype,
-                                 attn_implementation=mcfg.attn_implementation).to(device.name)
+        model = _from_pretrained(
+            base, mcfg.revision, dtype=device.compute_dtype, attn_implementation=mcfg.attn_implementation
+        ).to(device.name)
         for param in model.parameters():
             param.requires_grad_(False)
         if mcfg.gradient_checkpointing:
@@ -256,8 +282,9 @@ def load_base_full_precision(base: str, mcfg: ModelConfig, dtype=None, device: s
     On a GPU the weights go straight from the safetensors files to the device (``device_map``),
     so a 7.6 GB model never sits in Colab's 12.7 GB of RAM as well."""
     placement = {} if device == "cpu" else {"device_map": device}
-    model = _from_pretrained(base, mcfg.revision, dtype=dtype or "auto",
-                             attn_implementation=mcfg.attn_implementation, **placement)
+    model = _from_pretrained(
+        base, mcfg.revision, dtype=dtype or "auto", attn_implementation=mcfg.attn_implementation, **placement
+    )
     model.eval()
     return model
 
@@ -308,12 +335,18 @@ def check_lora_targets(model, target_modules: tuple[str, ...]) -> dict[str, int]
     for target in target_modules:
         missing = sorted(layers - found.get(target, set()))
         if missing:
-            where = "any layer" if len(missing) == len(layers) else f"layers {missing[:5]}{'...' if len(missing) > 5 else ''}"
+            where = (
+                "any layer"
+                if len(missing) == len(layers)
+                else f"layers {missing[:5]}{'...' if len(missing) > 5 else ''}"
+            )
             problems.append(f"{target!r} matches no module in {where}")
     if problems:
-        raise ModelError(f"LoRA target modules do not fit this model: {'; '.join(problems)}; "
-                         f"its linear layers are {', '.join(sorted(linear_names))} "
-                         "(set lora.target_modules to some of these)")
+        raise ModelError(
+            f"LoRA target modules do not fit this model: {'; '.join(problems)}; "
+            f"its linear layers are {', '.join(sorted(linear_names))} "
+            "(set lora.target_modules to some of these)"
+        )
     return {target: len(found[target]) for target in target_modules}
 
 
@@ -332,8 +365,9 @@ def attach_lora(model, lcfg: LoraConfig, mcfg: ModelConfig, seed: int = 0):
             trainable[module] += param.numel()
     total = sum(p.numel() for p in model.parameters())
     report = {
-        "targets": {t: {"layers": per_target_layers[t], "trainable_params": trainable.get(t, 0)}
-                    for t in lcfg.target_modules},
+        "targets": {
+            t: {"layers": per_target_layers[t], "trainable_params": trainable.get(t, 0)} for t in lcfg.target_modules
+        },
         "trainable_params": sum(trainable.values()),
         "total_params": total,
     }
@@ -343,8 +377,7 @@ def attach_lora(model, lcfg: LoraConfig, mcfg: ModelConfig, seed: int = 0):
 
 
 def format_lora_report(report: dict) -> str:
-    lines = ["LoRA target check (every layer must match):",
-             f"  {'module':<14}{'layers':>8}{'trainable':>12}"]
+    lines = ["LoRA target check (every layer must match):", f"  {'module':<14}{'layers':>8}{'trainable':>12}"]
     for target, info in report["targets"].items():
         lines.append(f"  {target:<14}{info['layers']:>8}{info['trainable_params']:>12,}")
     share = 100 * report["trainable_params"] / max(1, report["total_params"])

@@ -21,6 +21,7 @@ GPU_TAG = "gpu"
 
 # ---------------------------------------------------------------------------- environment
 
+
 def environment_report() -> dict:
     """Where the notebook runs: Colab or not, the accelerator, library versions. Printed once."""
     import warnings
@@ -52,6 +53,7 @@ def environment_report() -> dict:
 
 
 # ---------------------------------------------------------------------------- data views
+
 
 def tree_text(rows: list[dict], tree_id: str, width: int = 60) -> str:
     """An oasst1 tree as indented text: role, rank and flags of every message."""
@@ -109,20 +111,29 @@ def draw_tree(rows: list[dict], tree_id: str, best_path: list[str] | None = None
     if ax is None:
         _, ax = plt.subplots(figsize=(max(4, next_x[0] * 1.6), 3.5))
     chosen = set(best_path or [])
-    for mid, (x, y, row) in positions.items():
+    for x, y, row in positions.values():
         if row["parent_id"] in positions:
             px, py, _ = positions[row["parent_id"]]
             ax.plot([px, x], [py, y], color="grey", lw=1, zorder=1)
     for mid, (x, y, row) in positions.items():
         colour = "tab:blue" if row["role"] == "prompter" else "tab:orange"
         removed = row["deleted"] or row["review_result"] is False
-        ax.scatter([x], [y], s=260, zorder=2, edgecolors=colour, linewidths=2,
-                   c=colour if mid in chosen else "white", marker="X" if removed else "o")
+        ax.scatter(
+            [x],
+            [y],
+            s=260,
+            zorder=2,
+            edgecolors=colour,
+            linewidths=2,
+            c=colour if mid in chosen else "white",
+            marker="X" if removed else "o",
+        )
         label = "" if row["rank"] is None else str(row["rank"])
         ax.annotate(label, (x, y), ha="center", va="center", fontsize=8, zorder=3)
     ax.set_axis_off()
-    ax.set_title("oasst1 tree: blue = prompter, orange = assistant, number = rank, "
-                 "filled = kept path, X = removed", fontsize=8)
+    ax.set_title(
+        "oasst1 tree: blue = prompter, orange = assistant, number = rank, filled = kept path, X = removed", fontsize=8
+    )
     return ax
 
 
@@ -157,8 +168,13 @@ def packed_batch_table(tokenizer, input_ids, labels, position_ids, context: int 
     starts = [i for i, p in enumerate(pos) if p == 0 and i > 0]
     middle = starts[0] if starts else len(ids) // 2
     window = range(max(0, middle - context), min(len(ids), middle + context))
-    return pd.DataFrame([{"token": tokenizer.convert_ids_to_tokens(ids[i]), "position id": pos[i],
-                          "target": labs[i] != IGNORE_INDEX} for i in window], index=list(window))
+    return pd.DataFrame(
+        [
+            {"token": tokenizer.convert_ids_to_tokens(ids[i]), "position id": pos[i], "target": labs[i] != IGNORE_INDEX}
+            for i in window
+        ],
+        index=list(window),
+    )
 
 
 def forward_tokens_per_s(model, input_ids, position_ids, device) -> float:
@@ -167,8 +183,10 @@ def forward_tokens_per_s(model, input_ids, position_ids, device) -> float:
 
     import torch
 
-    with torch.no_grad(), torch.autocast(device.name, dtype=device.compute_dtype,
-                                         enabled=device.mixed_precision != "no"):
+    with (
+        torch.no_grad(),
+        torch.autocast(device.name, dtype=device.compute_dtype, enabled=device.mixed_precision != "no"),
+    ):
         started = time.perf_counter()
         model(input_ids=input_ids, position_ids=position_ids, use_cache=False)
         if device.name == "cuda":
@@ -204,13 +222,21 @@ def memory_table(n_params: int) -> list[dict]:
     """Bytes of the base weights at each precision the course compares (scales included for NF4)."""
     from qlora_pipeline.concepts import bits_per_parameter
 
-    rows = [("fp32", 32.0), ("fp16 / bf16", 16.0), ("int8", 8.0),
-            ("NF4 (block 64)", bits_per_parameter(64)), ("NF4 + double quantization", bits_per_parameter(64, True))]
-    return [{"precision": name, "bits per parameter": round(bits, 3), "GB": round(n_params * bits / 8 / 1e9, 3)}
-            for name, bits in rows]
+    rows = [
+        ("fp32", 32.0),
+        ("fp16 / bf16", 16.0),
+        ("int8", 8.0),
+        ("NF4 (block 64)", bits_per_parameter(64)),
+        ("NF4 + double quantization", bits_per_parameter(64, True)),
+    ]
+    return [
+        {"precision": name, "bits per parameter": round(bits, 3), "GB": round(n_params * bits / 8 / 1e9, 3)}
+        for name, bits in rows
+    ]
 
 
 # ---------------------------------------------------------------------------- answers
+
 
 def hf_answers(model, tokenizer, prompts: list[str], max_new_tokens: int = 48, system: str | None = None) -> list[str]:
     """Greedy answers of a transformers model through the chat template (stops at <|end|>)."""
@@ -224,10 +250,15 @@ def hf_answers(model, tokenizer, prompts: list[str], max_new_tokens: int = 48, s
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
         ids = torch.tensor([encoder.encode_prompt(messages)], device=model.device)
         with torch.no_grad():
-            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                                 do_sample=False, eos_token_id=[encoder.end_of_turn_id, tokenizer.eos_token_id],
-                                 pad_token_id=tokenizer.pad_token_id)
-        answers.append(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip())
+            out = model.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                eos_token_id=[encoder.end_of_turn_id, tokenizer.eos_token_id],
+                pad_token_id=tokenizer.pad_token_id,
+            )
+        answers.append(tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip())
     return answers
 
 
@@ -247,6 +278,7 @@ def gguf_answers(run_dir: Path, quants: list[str], messages: list[dict], params,
 
 # ---------------------------------------------------------------------------- running notebooks
 
+
 def strip_outputs(path: Path) -> bool:
     """Remove outputs and execution counts in place; True if the file changed."""
     import nbformat
@@ -263,8 +295,9 @@ def strip_outputs(path: Path) -> bool:
     return changed
 
 
-def run_notebook(path: Path, output_path: Path, parameters: dict | None = None, cwd: Path | None = None,
-                 timeout: int = 900) -> Path:
+def run_notebook(
+    path: Path, output_path: Path, parameters: dict | None = None, cwd: Path | None = None, timeout: int = 900
+) -> Path:
     """Execute a notebook top to bottom in a real kernel; raise on the first failing cell."""
     import tempfile
 
@@ -282,9 +315,16 @@ def run_notebook(path: Path, output_path: Path, parameters: dict | None = None, 
     with tempfile.TemporaryDirectory() as tmp:
         prepared = Path(tmp) / Path(path).name
         nbformat.write(nb, str(prepared))
-        papermill.execute_notebook(str(prepared), str(output_path), parameters=parameters or {},
-                                   cwd=str(cwd or Path(path).resolve().parent), kernel_name="python3",
-                                   progress_bar=False, execution_timeout=timeout, log_output=False)
+        papermill.execute_notebook(
+            str(prepared),
+            str(output_path),
+            parameters=parameters or {},
+            cwd=str(cwd or Path(path).resolve().parent),
+            kernel_name="python3",
+            progress_bar=False,
+            execution_timeout=timeout,
+            log_output=False,
+        )
     return output_path
 
 
@@ -292,7 +332,9 @@ def main(argv: list[str] | None = None) -> int:
     """``python -m qlora_pipeline.notebook OUT_DIR NB...``: execute notebooks into OUT_DIR with outputs."""
     argv = list(sys.argv[1:] if argv is None else argv)
     out_dir, notebooks = Path(argv[0]), [Path(p) for p in argv[1:]]
-    params = json.loads(Path(out_dir / "parameters.json").read_text()) if (out_dir / "parameters.json").is_file() else {}
+    params = (
+        json.loads(Path(out_dir / "parameters.json").read_text()) if (out_dir / "parameters.json").is_file() else {}
+    )
     import time
 
     total = time.time()

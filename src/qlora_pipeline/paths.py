@@ -9,8 +9,9 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from qlora_pipeline.errors import DiskFullError
 
@@ -135,6 +136,7 @@ def atomic_dir(final: Path, size_hint: int | None = None) -> Iterator[Path]:
 
 # ---------------------------------------------------------------------------- manifests
 
+
 def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -187,6 +189,7 @@ def manifest_difference(recorded: dict, current: dict) -> str | None:
 
 # ---------------------------------------------------------------------------- disk space
 
+
 def _existing_ancestor(path: Path) -> Path:
     path = Path(path).absolute()
     while not path.exists() and path != path.parent:
@@ -208,8 +211,10 @@ def human_bytes(n: float) -> str:
 
 def disk_full(path: Path, needed: int | None) -> DiskFullError:
     need = f"needs about {human_bytes(needed)}, " if needed else ""
-    return DiskFullError(f"not enough disk space to write {path} ({need}{human_bytes(free_bytes(path))} free); "
-                         "free some space or use a --run-dir on a larger disk (the previous version is untouched)")
+    return DiskFullError(
+        f"not enough disk space to write {path} ({need}{human_bytes(free_bytes(path))} free); "
+        "free some space or use a --run-dir on a larger disk (the previous version is untouched)"
+    )
 
 
 def looks_like_disk_full(error: Exception | str, where: Path) -> bool:

@@ -26,8 +26,13 @@ SPIECE_VOCAB_SIZE = 32000  # ids from here on are added tokens in the HF tokeniz
 # branch); the HF side must do the same or the prompt ids of training and serving differ.
 NO_RSTRIP = {UNK, BOS, EOS_TEXT}
 # The tokenizer files of the hub repository, as build_phi35_tokenizer writes them.
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
-                   "added_tokens.json")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer.model",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+)
 
 
 def _field_values(reader, key: str) -> list:
@@ -105,8 +110,11 @@ def phi35_reference() -> dict:
     import json
     from importlib import resources
 
-    return json.loads((resources.files("qlora_pipeline") / "sample_data" / "phi35_mini_instruct_facts.json")
-                      .read_text(encoding="utf-8"))
+    return json.loads(
+        (resources.files("qlora_pipeline") / "sample_data" / "phi35_mini_instruct_facts.json").read_text(
+            encoding="utf-8"
+        )
+    )
 
 
 def _hub_added_tokens(backend_json: dict) -> dict[str, dict]:
@@ -116,9 +124,14 @@ def _hub_added_tokens(backend_json: dict) -> dict[str, dict]:
     out = {}
     for token in sorted(backend_json["added_tokens"], key=lambda t: t["id"]):
         content = token["content"]
-        out[str(token["id"])] = {"content": content, "lstrip": False, "normalized": False,
-                                 "rstrip": content not in NO_RSTRIP, "single_word": False,
-                                 "special": content != "</s>"}
+        out[str(token["id"])] = {
+            "content": content,
+            "lstrip": False,
+            "normalized": False,
+            "rstrip": content not in NO_RSTRIP,
+            "single_word": False,
+            "special": content != "</s>",
+        }
     return out
 
 
@@ -126,12 +139,20 @@ def hub_tokenizer_config(added_tokens_decoder: dict, chat_template: str) -> dict
     """tokenizer_config.json with the fields and values of the hub repository's."""
     special = phi35_reference()["special_tokens_map"]
     return {
-        "add_bos_token": False, "add_eos_token": False,
+        "add_bos_token": False,
+        "add_eos_token": False,
         "added_tokens_decoder": added_tokens_decoder,
-        "bos_token": special["bos_token"], "chat_template": chat_template,
-        "clean_up_tokenization_spaces": False, "eos_token": special["eos_token"], "legacy": False,
-        "model_max_length": 131072, "pad_token": special["pad_token"], "padding_side": "left",
-        "sp_model_kwargs": {}, "tokenizer_class": "LlamaTokenizer", "unk_token": special["unk_token"],
+        "bos_token": special["bos_token"],
+        "chat_template": chat_template,
+        "clean_up_tokenization_spaces": False,
+        "eos_token": special["eos_token"],
+        "legacy": False,
+        "model_max_length": 131072,
+        "pad_token": special["pad_token"],
+        "padding_side": "left",
+        "sp_model_kwargs": {},
+        "tokenizer_class": "LlamaTokenizer",
+        "unk_token": special["unk_token"],
         "use_default_system_prompt": False,
     }
 
@@ -164,11 +185,16 @@ def build_phi35_tokenizer(out_dir: Path):
     write_json_atomic(out_dir / "tokenizer.json", backend)
     added = _hub_added_tokens(backend)
     write_json_atomic(out_dir / "tokenizer_config.json", hub_tokenizer_config(added, phi35_chat_template()))
-    write_json_atomic(out_dir / "special_tokens_map.json", {
-        name: {"content": value, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False}
-        for name, value in phi35_reference()["special_tokens_map"].items()})
-    write_json_atomic(out_dir / "added_tokens.json",
-                      {t["content"]: int(i) for i, t in added.items() if int(i) >= SPIECE_VOCAB_SIZE})
+    write_json_atomic(
+        out_dir / "special_tokens_map.json",
+        {
+            name: {"content": value, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False}
+            for name, value in phi35_reference()["special_tokens_map"].items()
+        },
+    )
+    write_json_atomic(
+        out_dir / "added_tokens.json", {t["content"]: int(i) for i, t in added.items() if int(i) >= SPIECE_VOCAB_SIZE}
+    )
     tokenizer = AutoTokenizer.from_pretrained(str(out_dir))
     restore_file_pipeline(tokenizer, str(out_dir))  # as model.load_tokenizer does: llama.cpp's ids
     for name, token_id in ((EOS_TEXT, vocab["eos_id"]), (END, 32007), (USER, 32010), (ASSISTANT, 32001)):

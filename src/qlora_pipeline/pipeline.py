@@ -15,9 +15,9 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from qlora_pipeline.config import PipelineConfig, config_from_dict
 from qlora_pipeline.errors import PipelineError
@@ -33,16 +33,28 @@ class Stage:
 
 
 STAGES = (
-    Stage("prepare", ("data",), ("data",),
-          ("data/train.jsonl", "data/val.jsonl", "data/test.jsonl", "data/stats.json")),
-    Stage("train", ("data", "tiny", "model", "lora", "train"), ("adapter", "train_log.jsonl", "loss.png"),
-          ("adapter/adapter_config.json",)),
-    Stage("merge", ("data", "tiny", "model", "lora", "train", "merge"), ("merged", "merge_check.json"),
-          ("merged/config.json", "merge_check.json")),
-    Stage("export", ("data", "tiny", "model", "lora", "train", "merge", "export"), ("gguf",),
-          ("gguf/manifest.json",)),
-    Stage("evaluate", ("data", "tiny", "model", "lora", "train", "merge", "export", "eval"),
-          ("report.json", "report.md", "scorecard.png"), ("report.json", "scorecard.png")),
+    Stage(
+        "prepare", ("data",), ("data",), ("data/train.jsonl", "data/val.jsonl", "data/test.jsonl", "data/stats.json")
+    ),
+    Stage(
+        "train",
+        ("data", "tiny", "model", "lora", "train"),
+        ("adapter", "train_log.jsonl", "loss.png"),
+        ("adapter/adapter_config.json",),
+    ),
+    Stage(
+        "merge",
+        ("data", "tiny", "model", "lora", "train", "merge"),
+        ("merged", "merge_check.json"),
+        ("merged/config.json", "merge_check.json"),
+    ),
+    Stage("export", ("data", "tiny", "model", "lora", "train", "merge", "export"), ("gguf",), ("gguf/manifest.json",)),
+    Stage(
+        "evaluate",
+        ("data", "tiny", "model", "lora", "train", "merge", "export", "eval"),
+        ("report.json", "report.md", "scorecard.png"),
+        ("report.json", "scorecard.png"),
+    ),
 )
 STAGE_NAMES = tuple(s.name for s in STAGES)
 
@@ -57,8 +69,9 @@ def check_run_dir(run_dir: Path) -> Path:
         probe.write_text("")
         probe.unlink()
     except OSError as exc:  # permissions, a read-only file system, a file in the way
-        raise PipelineError(f"run directory {run_dir} is not writable ({exc.strerror}); choose another --run-dir "
-                            "or fix its permissions") from None
+        raise PipelineError(
+            f"run directory {run_dir} is not writable ({exc.strerror}); choose another --run-dir or fix its permissions"
+        ) from None
     return run_dir
 
 
@@ -106,8 +119,9 @@ def stage_status(cfg: PipelineConfig, run_dir: Path, stage: Stage) -> tuple[str,
     run_dir = Path(run_dir)
     if record is None:
         return "missing", "not done yet"
-    changed = [name for name, value in _section_hashes(cfg, stage).items()
-               if record.get("config", {}).get(name) != value]
+    changed = [
+        name for name, value in _section_hashes(cfg, stage).items() if record.get("config", {}).get(name) != value
+    ]
     if changed:
         return "changed", f"configuration changed since the last run ({', '.join(changed)})"
     if record.get("inputs") != _inputs_digest(run_dir, stage):
@@ -121,13 +135,16 @@ def stage_status(cfg: PipelineConfig, run_dir: Path, stage: Stage) -> tuple[str,
 
 
 def mark_done(cfg: PipelineConfig, run_dir: Path, stage: Stage, seconds: float) -> None:
-    write_json_atomic(_record_path(run_dir, stage), {
-        "config": _section_hashes(cfg, stage),
-        "inputs": _inputs_digest(run_dir, stage),
-        "outputs": file_manifest(Path(run_dir), stage.outputs),
-        "seconds": round(seconds, 1),
-        "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    })
+    write_json_atomic(
+        _record_path(run_dir, stage),
+        {
+            "config": _section_hashes(cfg, stage),
+            "inputs": _inputs_digest(run_dir, stage),
+            "outputs": file_manifest(Path(run_dir), stage.outputs),
+            "seconds": round(seconds, 1),
+            "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        },
+    )
 
 
 def stage_functions() -> dict[str, Callable]:
@@ -171,8 +188,10 @@ def _train_resume(cfg: PipelineConfig, run_dir: Path, resume: bool, forced: bool
     if resume and checkpoint is None:
         log("[train] no checkpoint of this configuration to resume from; training starts at step 0")
     if not resume and checkpoint is not None and not checkpoint_finished(checkpoint):
-        raise PipelineError(f"training was interrupted and {checkpoint} can continue it; add --resume to "
-                            "continue, or --force train to start over")
+        raise PipelineError(
+            f"training was interrupted and {checkpoint} can continue it; add --resume to "
+            "continue, or --force train to start over"
+        )
     return resume and checkpoint is not None
 
 
@@ -206,8 +225,14 @@ def resume_training(cfg: PipelineConfig, run_dir: Path, fresh: bool = False, log
     return checkpoint is not None
 
 
-def run_pipeline(cfg: PipelineConfig, run_dir: Path, log=print, resume: bool = False,
-                 force: tuple[str, ...] = (), until: str | None = None) -> dict:
+def run_pipeline(
+    cfg: PipelineConfig,
+    run_dir: Path,
+    log=print,
+    resume: bool = False,
+    force: tuple[str, ...] = (),
+    until: str | None = None,
+) -> dict:
     """Run every stage (up to ``until``), skipping completed ones; return per-stage seconds."""
     run_dir = check_run_dir(run_dir)
     save_run_config(cfg, run_dir)

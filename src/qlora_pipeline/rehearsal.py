@@ -28,8 +28,13 @@ from qlora_pipeline.paths import write_json_atomic
 
 S29 = ("S29_finetuning_llm.ipynb", "S29_phi3_inference.ipynb", "S29_phi3_QuantizeLLMs_checkpoint.ipynb")
 COLAB_RAM_BYTES = 12.7e9  # free Colab's RAM (the T4's VM)
-RUN_FILES = ("config.json", "adapter/adapter_model.safetensors", "merged/config.json", "gguf/model-F16.gguf",
-             "report.json")
+RUN_FILES = (
+    "config.json",
+    "adapter/adapter_model.safetensors",
+    "merged/config.json",
+    "gguf/model-F16.gguf",
+    "report.json",
+)
 
 
 class MemorySampler:
@@ -72,7 +77,7 @@ class MemorySampler:
             self.samples.append((time.time() - self.started, *self._measure()))
             self._stop.wait(self.interval)
 
-    def __enter__(self) -> "MemorySampler":
+    def __enter__(self) -> MemorySampler:
         self._thread.start()
         return self
 
@@ -111,13 +116,21 @@ def run_sequence(out: Path, repo: Path, parameters: dict, timeout: int = 3600, l
             run_notebook(repo / name, out / "executed" / name, parameters=params, cwd=vm, timeout=timeout)
         left_on_vm = sorted(str(p.relative_to(vm)) for p in vm.rglob("*"))
         if left_on_vm:
-            raise PipelineError(f"{name} wrote {left_on_vm[:3]} to its VM's disk, which Colab throws away; "
-                                "everything must go to RUN_DIR")
-        results["notebooks"][name] = {"seconds": round(time.time() - started, 1), "peak_rss_bytes": memory.peak,
-                                      "peak_anonymous_bytes": memory.peak_anonymous, "started": memory.started,
-                                      "samples": memory.samples}
-        log(f"{name}: {time.time() - started:.0f} s on vm-{i}, kernel peak RSS {memory.peak / 1e9:.2f} GB "
-            f"(anonymous {memory.peak_anonymous / 1e9:.2f} GB)")
+            raise PipelineError(
+                f"{name} wrote {left_on_vm[:3]} to its VM's disk, which Colab throws away; "
+                "everything must go to RUN_DIR"
+            )
+        results["notebooks"][name] = {
+            "seconds": round(time.time() - started, 1),
+            "peak_rss_bytes": memory.peak,
+            "peak_anonymous_bytes": memory.peak_anonymous,
+            "started": memory.started,
+            "samples": memory.samples,
+        }
+        log(
+            f"{name}: {time.time() - started:.0f} s on vm-{i}, kernel peak RSS {memory.peak / 1e9:.2f} GB "
+            f"(anonymous {memory.peak_anonymous / 1e9:.2f} GB)"
+        )
         write_json_atomic(out / "rehearsal.json", results)  # what is measured so far survives a later failure
     missing = [f for f in RUN_FILES if not (run_dir / f).is_file()]
     if missing:
@@ -144,8 +157,15 @@ def cell_peaks(executed: Path, samples: list, started: float | None = None) -> l
         begin, end = epoch(meta["start_time"]) - origin, epoch(meta["end_time"]) - origin
         inside = [(rss, anon) for t, rss, anon in samples if begin <= t <= end]
         if inside:
-            rows.append({"cell": index, "first_line": cell.source.splitlines()[0][:70], "seconds": round(end - begin, 1),
-                         "peak_rss_bytes": max(r for r, _ in inside), "peak_anonymous_bytes": max(a for _, a in inside)})
+            rows.append(
+                {
+                    "cell": index,
+                    "first_line": cell.source.splitlines()[0][:70],
+                    "seconds": round(end - begin, 1),
+                    "peak_rss_bytes": max(r for r, _ in inside),
+                    "peak_anonymous_bytes": max(a for _, a in inside),
+                }
+            )
     return rows
 
 
@@ -162,16 +182,30 @@ def plot_memory(results: dict, out_png: Path, full_model_bytes: int | None = Non
     offset = 0.0
     for name, nb in results["notebooks"].items():
         xs = [offset + t for t, _, _ in nb["samples"]]
-        line, = ax.plot(xs, [rss / 1e9 for _, rss, _ in nb["samples"]],
-                        label=f"{name}: RSS (peak {nb['peak_rss_bytes'] / 1e9:.1f} GB)")
-        ax.plot(xs, [anon / 1e9 for _, _, anon in nb["samples"]], color=line.get_color(), lw=0.8, ls="--",
-                label=f"  anonymous (peak {nb['peak_anonymous_bytes'] / 1e9:.1f} GB)")
+        (line,) = ax.plot(
+            xs,
+            [rss / 1e9 for _, rss, _ in nb["samples"]],
+            label=f"{name}: RSS (peak {nb['peak_rss_bytes'] / 1e9:.1f} GB)",
+        )
+        ax.plot(
+            xs,
+            [anon / 1e9 for _, _, anon in nb["samples"]],
+            color=line.get_color(),
+            lw=0.8,
+            ls="--",
+            label=f"  anonymous (peak {nb['peak_anonymous_bytes'] / 1e9:.1f} GB)",
+        )
         offset = xs[-1] if xs else offset
     ax.axhline(COLAB_RAM_BYTES / 1e9, color="red", ls="--", lw=1, label="free Colab RAM (12.7 GB)")
     if full_model_bytes:
         for k, style in ((1, ":"), (2, "-.")):
-            ax.axhline(k * full_model_bytes / 1e9, color="grey", ls=style, lw=1,
-                       label=f"{k} full-size model{'s' if k > 1 else ''} ({k * full_model_bytes / 1e9:.1f} GB)")
+            ax.axhline(
+                k * full_model_bytes / 1e9,
+                color="grey",
+                ls=style,
+                lw=1,
+                label=f"{k} full-size model{'s' if k > 1 else ''} ({k * full_model_bytes / 1e9:.1f} GB)",
+            )
     ax.set_xlabel("seconds (three notebooks, three kernels)")
     ax.set_ylabel("kernel memory, GB")
     ax.set_title("The Colab notebook sequence: resident memory")
@@ -196,8 +230,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("out", type=Path, help="folder for the VMs, the shared Drive and the executed notebooks")
     parser.add_argument("--preset", default="phi35-colab-t4")
     parser.add_argument("--override", action="append", default=[], help="KEY=VALUE for every notebook's OVERRIDES")
-    parser.add_argument("--param", action="append", default=[],
-                        help="NAME=VALUE: a notebook parameter (VALUE read as JSON, else as a string)")
+    parser.add_argument(
+        "--param",
+        action="append",
+        default=[],
+        help="NAME=VALUE: a notebook parameter (VALUE read as JSON, else as a string)",
+    )
     parser.add_argument("--repo", type=Path, default=Path.cwd(), help="the checkout holding the notebooks")
     parser.add_argument("--full-model-bytes", type=int, default=None, help="draw this size as one model")
     parser.add_argument("--timeout", type=int, default=3600, help="seconds per cell")
@@ -212,8 +250,10 @@ def main(argv: list[str] | None = None) -> int:
     summary = {name: {k: v for k, v in nb.items() if k != "samples"} for name, nb in results["notebooks"].items()}
     write_json_atomic(args.out / "rehearsal.json", {**results, "summary": summary})
     print(json.dumps(summary, indent=1))
-    print(f"notebooks 2 and 3 found notebook 1's work through {results['run_dir']} alone; "
-          f"memory curve: {args.out / 'memory.png'}")
+    print(
+        f"notebooks 2 and 3 found notebook 1's work through {results['run_dir']} alone; "
+        f"memory curve: {args.out / 'memory.png'}"
+    )
     return 0
 
 

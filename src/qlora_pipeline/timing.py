@@ -36,13 +36,16 @@ def step_counts(cfg: PipelineConfig, run_dir: Path, encoder) -> dict[str, int]:
     if tcfg.eval_max_batches is not None:
         val_per_eval = min(val_per_eval, tcfg.eval_max_batches * tcfg.batch_tokens)
     evals = total_steps // tcfg.eval_every + 2  # before training, every eval_every steps, at the end
-    check, _ = tokenize_conversations(encoder, read_split(run_dir, "val")[: cfg.merge.check_samples],
-                                      cfg.data.max_seq_len, cfg.data.overlong)
-    return {"optimizer_steps": total_steps,
-            "train_tokens": sum(len(train[i]["input_ids"]) for batch in micro_batches for i in batch),
-            "validation_tokens_during_training": evals * val_per_eval,
-            "hf_tokens_per_model": _tokens(splits["val"]) + _tokens(splits["test"]),
-            "merge_check_tokens": _tokens(check)}
+    check, _ = tokenize_conversations(
+        encoder, read_split(run_dir, "val")[: cfg.merge.check_samples], cfg.data.max_seq_len, cfg.data.overlong
+    )
+    return {
+        "optimizer_steps": total_steps,
+        "train_tokens": sum(len(train[i]["input_ids"]) for batch in micro_batches for i in batch),
+        "validation_tokens_during_training": evals * val_per_eval,
+        "hf_tokens_per_model": _tokens(splits["val"]) + _tokens(splits["test"]),
+        "merge_check_tokens": _tokens(check),
+    }
 
 
 def estimate(counts: dict[str, int], train_tokens_per_s: float, forward_tokens_per_s: float) -> dict:
@@ -56,7 +59,8 @@ def estimate(counts: dict[str, int], train_tokens_per_s: float, forward_tokens_p
         },
         "S29_phi3_inference": {"merge check (base + adapter, then merged)": 2 * counts["merge_check_tokens"] / fwd},
         "S29_phi3_QuantizeLLMs_checkpoint": {
-            "base, adapter and merged scores": 3 * counts["hf_tokens_per_model"] / fwd},
+            "base, adapter and merged scores": 3 * counts["hf_tokens_per_model"] / fwd
+        },
     }
 
 
@@ -75,8 +79,10 @@ def format_duration(seconds: float) -> str:
 def format_estimate(table: dict, notebook: str | None = None) -> str:
     """Lines of "notebook: step ≈ N min", for one notebook or all of them."""
     rates = table["rates"]
-    lines = [f"measured here: training {rates['train_tokens_per_s']:,.0f} tokens/s, "
-             f"forward passes {rates['forward_tokens_per_s']:,.0f} tokens/s"]
+    lines = [
+        f"measured here: training {rates['train_tokens_per_s']:,.0f} tokens/s, "
+        f"forward passes {rates['forward_tokens_per_s']:,.0f} tokens/s"
+    ]
     for name, steps in table.items():
         if name == "rates" or (notebook and name != notebook):
             continue

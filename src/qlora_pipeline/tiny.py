@@ -93,9 +93,13 @@ def reference_phi3_config(**sizes):
 
 def twin_sizes(cfg: TinyConfig) -> dict:
     """The only config.json fields in which the twin differs from Phi-3.5-mini."""
-    return {"hidden_size": cfg.hidden_size, "intermediate_size": cfg.intermediate_size,
-            "num_hidden_layers": cfg.num_layers, "num_attention_heads": cfg.num_heads,
-            "num_key_value_heads": cfg.num_heads}
+    return {
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.intermediate_size,
+        "num_hidden_layers": cfg.num_layers,
+        "num_attention_heads": cfg.num_heads,
+        "num_key_value_heads": cfg.num_heads,
+    }
 
 
 def tiny_phi3_config(cfg: TinyConfig):
@@ -130,7 +134,7 @@ def _pretrain(model, tokenizer, cfg: TinyConfig) -> list[float]:
     bar = tqdm(range(cfg.pretrain_steps), desc="pre-training tiny base", unit="step")
     for _ in bar:
         starts = torch.randint(0, n_windows, (cfg.pretrain_batch_size,), generator=generator)
-        batch = torch.stack([data[s: s + cfg.pretrain_seq_len] for s in starts.tolist()])
+        batch = torch.stack([data[s : s + cfg.pretrain_seq_len] for s in starts.tolist()])
         loss = model(input_ids=batch, labels=batch).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -182,8 +186,10 @@ def ensure_tiny_base(cfg: TinyConfig, log=print) -> Path:
     with atomic_dir(final) as tmp:
         record = build_tiny_base(cfg, tmp)
     loss = record["pretrain_last_loss"]
-    log(f"tiny base: {record['parameters'] / 1e6:.1f}M parameters, built in {record['build_seconds']} s"
-        + (f", pre-training loss {record['pretrain_first_loss']:.2f} -> {loss:.2f}" if loss else ", untrained"))
+    log(
+        f"tiny base: {record['parameters'] / 1e6:.1f}M parameters, built in {record['build_seconds']} s"
+        + (f", pre-training loss {record['pretrain_first_loss']:.2f} -> {loss:.2f}" if loss else ", untrained")
+    )
     return final
 
 

@@ -26,14 +26,22 @@ from qlora_pipeline.chat_format import IGNORE_INDEX, ChatEncoder
 from qlora_pipeline.config import PipelineConfig, TrainConfig
 from qlora_pipeline.data import read_split, tokenize_conversations
 from qlora_pipeline.errors import PipelineError
-from qlora_pipeline.paths import (atomic_dir, file_sha256, folder_bytes, recover_interrupted, require_free_space,
-                                  save_figure_atomic, write_json_atomic)
+from qlora_pipeline.paths import (
+    atomic_dir,
+    file_sha256,
+    folder_bytes,
+    recover_interrupted,
+    require_free_space,
+    save_figure_atomic,
+    write_json_atomic,
+)
 
 CHECKPOINTS = "checkpoints"
 ADAPTER = "adapter"
 
 
 # ---------------------------------------------------------------------------- batches
+
 
 def pack_examples(examples: list[dict], batch_tokens: int, order: list[int]) -> list[list[int]]:
     """Greedy packing in the given order: each micro-batch is a list of example indices whose
@@ -88,13 +96,18 @@ def token_losses(model, input_ids, labels, position_ids):
     logits = model(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits
     shift_logits = logits[:, :-1, :].float()
     shift_labels = labels[:, 1:]
-    loss_sum = F.cross_entropy(shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1),
-                               ignore_index=IGNORE_INDEX, reduction="sum")
+    loss_sum = F.cross_entropy(
+        shift_logits.reshape(-1, shift_logits.size(-1)),
+        shift_labels.reshape(-1),
+        ignore_index=IGNORE_INDEX,
+        reduction="sum",
+    )
     return loss_sum, int((shift_labels != IGNORE_INDEX).sum())
 
 
-def evaluate_loss(model, examples: list[dict], batch_tokens: int, device: str,
-                  max_batches: int | None = None, desc: str | None = None) -> float:
+def evaluate_loss(
+    model, examples: list[dict], batch_tokens: int, device: str, max_batches: int | None = None, desc: str | None = None
+) -> float:
     """Mean loss per assistant token over ``examples`` (the training masking)."""
     import torch
     from tqdm.auto import tqdm
@@ -120,6 +133,7 @@ def evaluate_loss(model, examples: list[dict], batch_tokens: int, device: str,
 
 # ---------------------------------------------------------------------------- state
 
+
 @dataclass
 class LoopState:
     """Everything besides weights and optimizer that a resumed run needs to continue exactly."""
@@ -139,6 +153,7 @@ def _lr_lambda(total_steps: int, warmup_steps: int):
             return (step + 1) / warmup_steps
         progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
     return fn
 
 
@@ -156,8 +171,18 @@ def checkpoint_size_estimate(run_dir: Path, model, with_best: bool) -> int:
     return weights * (4 if with_best else 3) + (1 << 20)
 
 
-def save_checkpoint(run_dir: Path, model, optimizer, scheduler, state: LoopState, best_weights: dict | None,
-                    keep: int, fingerprint: str = "", finished: bool = False, scaler=None) -> Path:
+def save_checkpoint(
+    run_dir: Path,
+    model,
+    optimizer,
+    scheduler,
+    state: LoopState,
+    best_weights: dict | None,
+    keep: int,
+    fingerprint: str = "",
+    finished: bool = False,
+    scaler=None,
+) -> Path:
     """Write the full training state to checkpoints/step-N atomically; keep the newest ``keep``.
 
     Complete or invisible: files go to a temporary folder with a manifest of their sizes and
@@ -177,22 +202,31 @@ def save_checkpoint(run_dir: Path, model, optimizer, scheduler, state: LoopState
             save_file(best_weights, str(tmp / "best.safetensors"))
         # The fp16 loss scaler's scale and growth tracker: a resume that restarted them at 65536
         # would skip steps on overflow again and train differently from an uninterrupted run.
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "scaler": scaler.state_dict() if scaler is not None else None,
-                    "torch_rng": torch.get_rng_state(),
-                    "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
-                   tmp / "optimizer.pt")
+        torch.save(
+            {
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict() if scaler is not None else None,
+                "torch_rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            },
+            tmp / "optimizer.pt",
+        )
         py_state = random.getstate()
         np_state = np.random.get_state()
-        write_json_atomic(tmp / "loop_state.json", {
-            **state.__dict__,
-            "python_rng": [py_state[0], list(py_state[1]), py_state[2]],
-            "numpy_rng": [np_state[0], np_state[1].tolist(), *np_state[2:]],
-            "fingerprint": fingerprint,
-            "finished": finished,
-        })
-        manifest = {file.name: {"bytes": file.stat().st_size, "sha256": file_sha256(file)}
-                    for file in sorted(tmp.iterdir())}
+        write_json_atomic(
+            tmp / "loop_state.json",
+            {
+                **state.__dict__,
+                "python_rng": [py_state[0], list(py_state[1]), py_state[2]],
+                "numpy_rng": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+                "fingerprint": fingerprint,
+                "finished": finished,
+            },
+        )
+        manifest = {
+            file.name: {"bytes": file.stat().st_size, "sha256": file_sha256(file)} for file in sorted(tmp.iterdir())
+        }
         write_json_atomic(tmp / "manifest.json", manifest)
     checkpoints = sorted((Path(run_dir) / CHECKPOINTS).glob("step-*"))
     for old in checkpoints[:-keep]:
@@ -239,8 +273,10 @@ def find_resumable(run_dir: Path, fingerprint: str, warn=print, required: bool =
     if checkpoint_fingerprint(checkpoint) != fingerprint:
         if not required:
             return None
-        raise PipelineError(f"--resume: {checkpoint} was made with other training settings or data; "
-                            "restore them, or run without --resume to start over")
+        raise PipelineError(
+            f"--resume: {checkpoint} was made with other training settings or data; "
+            "restore them, or run without --resume to start over"
+        )
     return checkpoint
 
 
@@ -294,6 +330,7 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, scaler=None) -> tup
 
 
 # ---------------------------------------------------------------------------- the loop
+
 
 class _StopRequest:
     """Turns SIGINT/SIGTERM into a flag the loop checks between steps (then it checkpoints)."""
@@ -373,8 +410,16 @@ def make_optimizer(params: list, tcfg: TrainConfig, device_name: str, total_step
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(total_steps, warmup))
 
 
-def optimizer_step(accelerator, model, examples: list[dict], micro_batches: list[list[int]], params: list,
-                   optimizer, scheduler, max_grad_norm: float) -> tuple[float, int]:
+def optimizer_step(
+    accelerator,
+    model,
+    examples: list[dict],
+    micro_batches: list[list[int]],
+    params: list,
+    optimizer,
+    scheduler,
+    max_grad_norm: float,
+) -> tuple[float, int]:
     """One optimizer step over ``micro_batches`` (gradient accumulation): every labelled token of
     the step weighs the same. Returns the step's loss and the tokens it read. The first notebook
     writes this step out in plain torch; a test checks the two give the same weights."""
@@ -398,8 +443,14 @@ def optimizer_step(accelerator, model, examples: list[dict], micro_batches: list
     return step_loss, tokens
 
 
-def train(cfg: PipelineConfig, run_dir: Path, resume: bool = False, stop_after_steps: int | None = None,
-          log=print, rank_state_dir: Path | None = None) -> dict:
+def train(
+    cfg: PipelineConfig,
+    run_dir: Path,
+    resume: bool = False,
+    stop_after_steps: int | None = None,
+    log=print,
+    rank_state_dir: Path | None = None,
+) -> dict:
     """Fine-tune LoRA adapters on RUN/data/train.jsonl; write RUN/adapter/ and return a summary.
 
     ``stop_after_steps`` interrupts the run after that many optimizer steps, with a checkpoint,
@@ -411,9 +462,15 @@ def train(cfg: PipelineConfig, run_dir: Path, resume: bool = False, stop_after_s
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
 
-    from qlora_pipeline.model import (attach_lora, format_lora_report, load_base_for_training,
-                                      load_tokenizer, pick_device, resolve_base)
     from qlora_pipeline.merge import base_weight_bytes
+    from qlora_pipeline.model import (
+        attach_lora,
+        format_lora_report,
+        load_base_for_training,
+        load_tokenizer,
+        pick_device,
+        resolve_base,
+    )
     from qlora_pipeline.runtime import tune_allocator
 
     run_dir = Path(run_dir)
@@ -431,8 +488,9 @@ def train(cfg: PipelineConfig, run_dir: Path, resume: bool = False, stop_after_s
     base = resolve_base(cfg, log_fn=say)
     tokenizer = load_tokenizer(base, cfg.model.revision)
     encoder = ChatEncoder.from_hf(tokenizer)
-    train_examples, train_counts = tokenize_conversations(encoder, train_convs, cfg.data.max_seq_len,
-                                                          cfg.data.overlong, split="train")
+    train_examples, train_counts = tokenize_conversations(
+        encoder, train_convs, cfg.data.max_seq_len, cfg.data.overlong, split="train"
+    )
     val_examples, _ = tokenize_conversations(encoder, val_convs, cfg.data.max_seq_len, cfg.data.overlong, split="val")
     # glibc's thresholds, raised for small local bases only, before anything is loaded.
     # Measured (2 cores): the tiny model trains 1,315-1,585 tokens/s with them raised at the
@@ -471,8 +529,7 @@ def train(cfg: PipelineConfig, run_dir: Path, resume: bool = False, stop_after_s
                 f.write(json.dumps(row) + "\n")
 
     def run_eval() -> float:
-        val_loss = evaluate_loss(unwrapped, val_examples, tcfg.batch_tokens, accelerator.device,
-                                 tcfg.eval_max_batches)
+        val_loss = evaluate_loss(unwrapped, val_examples, tcfg.batch_tokens, accelerator.device, tcfg.eval_max_batches)
         improved = state.best_val_loss is None or val_loss < state.best_val_loss - 1e-6
         if improved:
             state.best_val_loss, state.best_step = val_loss, state.step
@@ -500,9 +557,10 @@ def train(cfg: PipelineConfig, run_dir: Path, resume: bool = False, stop_after_s
     with _StopRequest() as stop, contextlib.closing(bar):
         while state.step < total_steps and not state.stopped_early:
             first = state.step * micro_per_step
-            mine = plan[first: first + micro_per_step][rank::world]
-            step_loss, tokens = optimizer_step(accelerator, model, train_examples, mine, params, optimizer,
-                                               scheduler, tcfg.max_grad_norm)
+            mine = plan[first : first + micro_per_step][rank::world]
+            step_loss, tokens = optimizer_step(
+                accelerator, model, train_examples, mine, params, optimizer, scheduler, tcfg.max_grad_norm
+            )
             state.tokens_seen += tokens * world
             state.step += 1
             bar.update(1)
@@ -510,8 +568,15 @@ def train(cfg: PipelineConfig, run_dir: Path, resume: bool = False, stop_after_s
             tokens_per_s = (state.tokens_seen - tokens_at_start) / max(elapsed, 1e-9)
             bar.set_postfix(loss=f"{step_loss:.3f}", tok_s=f"{tokens_per_s:.0f}")
             if state.step % tcfg.log_every == 0 or state.step == total_steps:
-                record({"step": state.step, "loss": step_loss, "lr": scheduler.get_last_lr()[0],
-                        "tokens": state.tokens_seen, "tokens_per_s": round(tokens_per_s, 1)})
+                record(
+                    {
+                        "step": state.step,
+                        "loss": step_loss,
+                        "lr": scheduler.get_last_lr()[0],
+                        "tokens": state.tokens_seen,
+                        "tokens_per_s": round(tokens_per_s, 1),
+                    }
+                )
             if state.step % tcfg.eval_every == 0 or state.step == total_steps:
                 val_loss = run_eval()
                 bar.write(f"step {state.step}: validation loss {val_loss:.4f}")
@@ -522,14 +587,25 @@ def train(cfg: PipelineConfig, run_dir: Path, resume: bool = False, stop_after_s
                     bar.write(f"early stopping: no improvement in {tcfg.early_stopping_patience} evaluations")
             interrupted = stop.requested or (stop_after_steps is not None and state.step >= stop_after_steps)
             if is_main and (state.step % tcfg.checkpoint_every == 0 or interrupted):
-                save_checkpoint(run_dir, unwrapped, optimizer, scheduler, state, best_weights, tcfg.keep_checkpoints,
-                                fingerprint, finished=state.step >= total_steps or state.stopped_early,
-                                scaler=accelerator.scaler)
+                save_checkpoint(
+                    run_dir,
+                    unwrapped,
+                    optimizer,
+                    scheduler,
+                    state,
+                    best_weights,
+                    tcfg.keep_checkpoints,
+                    fingerprint,
+                    finished=state.step >= total_steps or state.stopped_early,
+                    scaler=accelerator.scaler,
+                )
             accelerator.wait_for_everyone()
             if interrupted and state.step < total_steps:
                 bar.close()  # before the message below
-                say(f"stopped at step {state.step} with a checkpoint; resume with: "
-                    f"qlora-pipeline run --run-dir {run_dir} --resume")
+                say(
+                    f"stopped at step {state.step} with a checkpoint; resume with: "
+                    f"qlora-pipeline run --run-dir {run_dir} --resume"
+                )
                 return {"interrupted": True, "step": state.step}
     bar.close()
 
@@ -551,7 +627,9 @@ def train(cfg: PipelineConfig, run_dir: Path, resume: bool = False, stop_after_s
         "stopped_early": state.stopped_early,
         "best_step": state.best_step,
         "best_val_loss": state.best_val_loss,
-        "base_val_loss_nf4": next((r["val_loss"] for r in state.history if r.get("step") == 0 and "val_loss" in r), None),
+        "base_val_loss_nf4": next(
+            (r["val_loss"] for r in state.history if r.get("step") == 0 and "val_loss" in r), None
+        ),
         "final_val_loss": next((r["val_loss"] for r in reversed(state.history) if "val_loss" in r), None),
         "tokens_seen": state.tokens_seen,
         "train_seconds_this_process": round(train_seconds, 1),
@@ -566,8 +644,10 @@ def train(cfg: PipelineConfig, run_dir: Path, resume: bool = False, stop_after_s
             tokenizer.save_pretrained(tmp)
             write_json_atomic(tmp / "training_summary.json", summary)
         plot_loss(log_path, run_dir / "loss.png")
-        say(f"adapter saved to {run_dir / ADAPTER} after {state.step} steps "
+        say(
+            f"adapter saved to {run_dir / ADAPTER} after {state.step} steps "
             f"({summary['tokens_per_s']:.0f} tokens/s); validation loss "
-            f"{summary['base_val_loss_nf4']:.4f} -> {summary['best_val_loss']:.4f}")
+            f"{summary['base_val_loss_nf4']:.4f} -> {summary['best_val_loss']:.4f}"
+        )
     accelerator.wait_for_everyone()
     return summary

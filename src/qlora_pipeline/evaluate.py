@@ -13,11 +13,14 @@ import dataclasses
 import json
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from qlora_pipeline.chat_format import END_OF_TURN, ChatEncoder
 from qlora_pipeline.config import PipelineConfig
 from qlora_pipeline.errors import ConfigError, StageOrderError
+from qlora_pipeline.layout import RunLayout
 from qlora_pipeline.paths import save_figure_atomic, write_json_atomic, write_text_atomic
 from qlora_pipeline.runtime import usable_cpus
 
@@ -575,59 +578,94 @@ def scorecard_table(gguf: dict) -> str:
     return "\n".join(lines)
 
 
-def evaluate_gguf(cfg: PipelineConfig, run_dir: Path, log=print) -> dict:
-    """Scorecard of every GGUF variant plus parity checks and sample answers; updates the report."""
+@dataclass
+class _GGUFRun:
+    """What the GGUF evaluation reads: the variants, the test split and its tokens, llama.cpp settings."""
+
+    cfg: PipelineConfig
+    layout: RunLayout
+    variants: list[str]
+    tokenizer: Any
+    encoder: Any
+    test_convs: list[dict]
+    examples: list[dict]
+    threads: int
+    gpu_layers: int
+
+
+def _gguf_run(cfg: PipelineConfig, run_dir: Path) -> _GGUFRun:
+    """Check every variant is there, then load the tokenizer and the test split's tokens."""
+    from qlora_pipeline.chat_format import ChatEncoder
+    from qlora_pipeline.data import read_split, tokenize_conversations
+    from qlora_pipeline.export import F16
+    from qlora_pipeline.model import load_tokenizer
+
+    layout, ecfg = RunLayout(run_dir), cfg.eval
+    variants = [F16] + [q for q in cfg.export.quant_types if q != F16]
+    for quant in variants:
+        if not layout.gguf(quant).is_file():
+            raise StageOrderError(
+                f"{layout.gguf(quant)} is missing; run `qlora-pipeline export --run-dir {run_dir}` first"
+            )
+    tokenizer = load_tokenizer(str(layout.merged))
+    encoder = ChatEncoder.from_hf(tokenizer)
+    test_convs = read_split(run_dir, "test")
+    max_len = min(cfg.data.max_seq_len, ecfg.n_ctx)
+    examples, _ = tokenize_conversations(encoder, test_convs, max_len, cfg.data.overlong, split="test")
+    return _GGUFRun(
+        cfg,
+        layout,
+        variants,
+        tokenizer,
+        encoder,
+        test_convs,
+        examples,
+        ecfg.threads or usable_cpus(),
+        gguf_gpu_layers(ecfg.gguf_gpu_layers),
+    )
+
+
+def _parity_section(r: _GGUFRun, log) -> dict:
+    """Logit parity with transformers, and the chat prompt ids of every route against llama.cpp's."""
+    from qlora_pipeline.chat import LlamaChat
+    from qlora_pipeline.export import F16
+    from qlora_pipeline.model import resolve_base
+
+    parity = measure_parity(r.cfg, r.layout.root, r.examples, log=log)
+    with LlamaChat(r.layout.gguf(F16), n_ctx=r.cfg.eval.n_ctx, n_threads=r.threads) as f16_chat:
+        prompts = [c["messages"][: max(1, len(c["messages"]) - 1)] for c in r.test_convs[:20]]
+        stock = stock_tokenizers(resolve_base(r.cfg, log_fn=log), r.cfg.model.revision)
+        parity["chat_prompt_ids"] = chat_prompt_routes(stock, r.tokenizer, f16_chat, prompts)
+    log("chat prompt ids vs llama.cpp's chat handler: " + format_routes(parity["chat_prompt_ids"]))
+    return parity
+
+
+def _scorecard(r: _GGUFRun) -> dict:
+    """Per variant: size, bits per weight, perplexity, KL and top-1 against F16, and speed."""
     from gguf import GGUFReader
     from tqdm.auto import tqdm
 
-    from qlora_pipeline.chat import LlamaChat, SamplingParams
-    from qlora_pipeline.chat_format import ChatEncoder
-    from qlora_pipeline.data import read_split, tokenize_conversations
-    from qlora_pipeline.export import F16, gguf_path
-    from qlora_pipeline.model import load_tokenizer, resolve_base
+    from qlora_pipeline.export import F16
 
-    run_dir = Path(run_dir)
-    ecfg = cfg.eval
-    threads, gpu_layers = ecfg.threads or usable_cpus(), gguf_gpu_layers(ecfg.gguf_gpu_layers)
-    variants = [F16] + [q for q in cfg.export.quant_types if q != F16]
-    for quant in variants:
-        if not gguf_path(run_dir, quant).is_file():
-            raise StageOrderError(
-                f"{gguf_path(run_dir, quant)} is missing; run `qlora-pipeline export --run-dir {run_dir}` first"
-            )
-    tokenizer = load_tokenizer(str(run_dir / "merged"))
-    encoder = ChatEncoder.from_hf(tokenizer)
-    test_convs = read_split(run_dir, "test")
-    examples, _ = tokenize_conversations(
-        encoder, test_convs, min(cfg.data.max_seq_len, ecfg.n_ctx), cfg.data.overlong, split="test"
-    )
-    scored = _take_examples(examples, ecfg.kld_max_tokens)
-    n_params = sum(int(t.n_elements) for t in GGUFReader(str(gguf_path(run_dir, F16))).tensors)
-
-    parity = measure_parity(cfg, run_dir, examples, log=log)
-    with LlamaChat(gguf_path(run_dir, F16), n_ctx=ecfg.n_ctx, n_threads=threads) as f16_chat:
-        prompts = [c["messages"][: max(1, len(c["messages"]) - 1)] for c in test_convs[:20]]
-        stock = stock_tokenizers(resolve_base(cfg, log_fn=log), cfg.model.revision)
-        parity["chat_prompt_ids"] = chat_prompt_routes(stock, tokenizer, f16_chat, prompts)
-    log("chat prompt ids vs llama.cpp's chat handler: " + format_routes(parity["chat_prompt_ids"]))
-
+    ecfg = r.cfg.eval
+    scored = _take_examples(r.examples, ecfg.kld_max_tokens)
+    n_params = sum(int(t.n_elements) for t in GGUFReader(str(r.layout.gguf(F16))).tensors)
     # The speed prompt: held-out user questions, joined until long enough, then cut to length.
-    speed_text = " ".join(m["content"] for c in test_convs for m in c["messages"] if m["role"] == "user")
-    speed_prompt = encoder.encode_prompt([{"role": "user", "content": speed_text}])[: ecfg.speed_prompt_tokens]
-
+    speed_text = " ".join(m["content"] for c in r.test_convs for m in c["messages"] if m["role"] == "user")
+    speed_prompt = r.encoder.encode_prompt([{"role": "user", "content": speed_text}])[: ecfg.speed_prompt_tokens]
     gguf: dict = {}
     reference = None
-    for quant in tqdm(variants, desc="scoring GGUF variants", unit="file"):
-        path = gguf_path(run_dir, quant)
-        quality, logprobs = gguf_quality(path, scored, ecfg.n_ctx, threads, reference, gpu_layers)
+    for quant in tqdm(r.variants, desc="scoring GGUF variants", unit="file"):
+        path = r.layout.gguf(quant)
+        quality, logprobs = gguf_quality(path, scored, ecfg.n_ctx, r.threads, reference, r.gpu_layers)
         if quant == F16:
             reference = logprobs
         speed = generation_speed(
-            path, speed_prompt, ecfg.speed_new_tokens, ecfg.speed_runs, ecfg.n_ctx, threads, gpu_layers
+            path, speed_prompt, ecfg.speed_new_tokens, ecfg.speed_runs, ecfg.n_ctx, r.threads, r.gpu_layers
         )
         size = path.stat().st_size
         gguf[quant] = {
-            "path": str(path),
+            "path": r.layout.relative(path),
             "bytes": size,
             "bits_per_weight": 8 * size / n_params,
             "ppl": quality["ppl"],
@@ -637,49 +675,66 @@ def evaluate_gguf(cfg: PipelineConfig, run_dir: Path, log=print) -> dict:
             "time_to_first_token_s": speed["time_to_first_token_s"],
             "scored_tokens": quality["tokens"],
         }
-    del reference
+    return gguf
 
+
+def _answers(r: _GGUFRun, log) -> list[dict]:
+    """Greedy answers of every variant to the first test questions, and (with held-out
+    questions configured) their exact-match scores, merged into the report's held-out section."""
+    from qlora_pipeline.chat import LlamaChat, SamplingParams
     from qlora_pipeline.heldout import format_exact_match, load_questions, score
 
+    ecfg = r.cfg.eval
     greedy = SamplingParams(temperature=0.0, top_p=1.0, top_k=1, repeat_penalty=1.0, max_tokens=ecfg.sample_max_tokens)
     heldout_params = dataclasses.replace(greedy, max_tokens=ecfg.heldout_max_tokens)
     questions = load_questions(ecfg.heldout_questions)
     prompts = [
         conv["messages"][: next(i for i, m in enumerate(conv["messages"]) if m["role"] == "user") + 1]
-        for conv in test_convs[: ecfg.samples]
+        for conv in r.test_convs[: ecfg.samples]
     ]
     answers: dict[str, list[str]] = {}
     heldout: dict[str, dict] = {}
-    for quant in variants:  # one file open at a time: four full-size GGUFs together exceed Colab's RAM
-        with LlamaChat(gguf_path(run_dir, quant), n_ctx=ecfg.n_ctx, n_threads=threads, n_gpu_layers=gpu_layers) as chat:
+    for quant in r.variants:  # one file open at a time: four full-size GGUFs together exceed Colab's RAM
+        with LlamaChat(r.layout.gguf(quant), n_ctx=ecfg.n_ctx, n_threads=r.threads, n_gpu_layers=r.gpu_layers) as chat:
             answers[quant] = [chat.answer(prompt, greedy).strip() for prompt in prompts]
             if questions:
                 heldout[quant] = score(questions, lambda m, chat=chat: chat.answer(m, heldout_params))
-    samples = [
+    if heldout:
+        _merge_heldout(r.layout.root, heldout_section(questions, heldout))
+        log("held-out exact match (GGUF): " + format_exact_match({q: h["exact_match"] for q, h in heldout.items()}))
+    return [
         {
             "prompt": prompt[-1]["content"],
             "reference": conv["messages"][len(prompt)]["content"] if len(conv["messages"]) > len(prompt) else None,
-            "answers": {quant: answers[quant][i] for quant in variants},
+            "answers": {quant: answers[quant][i] for quant in r.variants},
         }
-        for i, (prompt, conv) in enumerate(zip(prompts, test_convs))
+        for i, (prompt, conv) in enumerate(zip(prompts, r.test_convs))
     ]
-    if heldout:
-        earlier = read_report(run_dir).get("heldout", {})
-        section = heldout_section(questions, heldout)
-        section["exact_match"] = {**earlier.get("exact_match", {}), **section["exact_match"]}
-        for row, before in zip(section["answers"], earlier.get("answers", [])):
-            row["answers"] = {**before["answers"], **row["answers"]}
-        update_report(run_dir, "heldout", section)
-        log("held-out exact match (GGUF): " + format_exact_match({q: r["exact_match"] for q, r in heldout.items()}))
 
+
+def _merge_heldout(run_dir: Path, section: dict) -> None:
+    """The GGUF variants' held-out scores beside the transformers models' (written by evaluate_hf)."""
+    earlier = read_report(run_dir).get("heldout", {})
+    section["exact_match"] = {**earlier.get("exact_match", {}), **section["exact_match"]}
+    for row, before in zip(section["answers"], earlier.get("answers", [])):
+        row["answers"] = {**before["answers"], **row["answers"]}
+    update_report(run_dir, "heldout", section)
+
+
+def evaluate_gguf(cfg: PipelineConfig, run_dir: Path, log=print) -> dict:
+    """Scorecard of every GGUF variant plus parity checks and sample answers; updates the report."""
+    r = _gguf_run(cfg, Path(run_dir))
+    parity = _parity_section(r, log)
+    gguf = _scorecard(r)
+    samples = _answers(r, log)
     update_report(run_dir, "gguf", gguf)
     update_report(run_dir, "parity", parity)
     report = update_report(run_dir, "samples", samples)
-    plot_scorecard(gguf, run_dir / "scorecard.png")
+    plot_scorecard(gguf, r.layout.scorecard_plot)
+    ecfg, gpu = cfg.eval, f", {r.gpu_layers} GPU layers" if r.gpu_layers else ""
     log(
-        "GGUF scorecard (test split, assistant tokens; speed: greedy, "
-        f"{threads} threads{f', {gpu_layers} GPU layers' if gpu_layers else ''}, median of {ecfg.speed_runs}):\n"
-        + scorecard_table(gguf)
+        f"GGUF scorecard (test split, assistant tokens; speed: greedy, {r.threads} threads{gpu}, median of "
+        f"{ecfg.speed_runs}):\n" + scorecard_table(gguf)
     )
     return report
 

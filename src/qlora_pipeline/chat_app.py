@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from qlora_pipeline.chat import LlamaChat, SamplingParams, check_gguf_file
 from qlora_pipeline.chat_format import END_OF_TURN
@@ -345,16 +346,23 @@ class OpenAIBackend:
     def stream(self, messages: list[dict], params: SamplingParams, model: str, stats: dict) -> Iterator[str]:
         import time
 
+        started = time.perf_counter()
+        first_chunk, chunks, dropped = self._open_fitting(messages, params, model)
+        stats["dropped_turns"] = dropped
+        yield from self._relay(first_chunk, chunks, params, started, stats)
+
+    def _open_fitting(self, messages: list[dict], params: SamplingParams, model: str) -> tuple[Any, Any, int]:
+        """Open the answer's stream, dropping the oldest pair of turns while the server says the
+        conversation does not fit; (first chunk, the stream, messages dropped)."""
         head = messages[:1] if messages and messages[0]["role"] == "system" else []
         turns = messages[len(head) :]
         dropped = 0
         while True:
-            started = time.perf_counter()
             try:
                 chunks = self._open(model, head + turns, params, stream=True)
                 first_chunk = next(chunks, None)
                 if first_chunk is not None:
-                    break
+                    return first_chunk, chunks, dropped
                 # llama-cpp-python's server reports an over-long prompt only inside the stream,
                 # which then ends empty; a one-token request without streaming gets it as a 400.
                 self._refused_or_none(model, head + turns)
@@ -367,15 +375,19 @@ class OpenAIBackend:
                 )
             turns = turns[2:]
             dropped += 2
-        first = None
-        count = 0
-        emitted = False
-        finish = None
+
+    @staticmethod
+    def _relay(first_chunk, chunks, params: SamplingParams, started: float, stats: dict) -> Iterator[str]:
+        """Yield the stream's text (the first word's SentencePiece space removed, as LlamaChat
+        does), then record its timings in ``stats``."""
+        import time
+
+        first, count, emitted, finish = None, 0, False, None
         try:
             for chunk in _chain(first_chunk, chunks):
                 finish = (chunk.choices[0].finish_reason if chunk.choices else None) or finish
                 text = chunk.choices[0].delta.content or "" if chunk.choices else ""
-                if text and not emitted:  # the first word's SentencePiece space, as in LlamaChat
+                if text and not emitted:
                     text = text[1:] if text.startswith(" ") else text
                     emitted = bool(text)
                 if text:
@@ -389,7 +401,6 @@ class OpenAIBackend:
         stats["cut_by_context"] = finish == "length" and count < params.max_tokens
         stats.update(
             {
-                "dropped_turns": dropped,
                 "completion_chunks": count,
                 "seconds": ended - started,
                 "time_to_first_token": (first - started) if first else None,
@@ -610,25 +621,74 @@ def _number(value, name: str, kind: type):
 # ----------------------------------------------------------------------------- the page
 
 
+def _start_backend(backend, settings: AppSettings) -> tuple[list[str], str | None, str | None]:
+    """The model names, the default one (loaded now, so that the first answer is fast and a bad
+    file is reported at once), and the start-up error to show instead, if any."""
+    try:
+        names = backend.model_names()
+    except PipelineError as exc:
+        return [], None, str(exc)
+    default = settings.default_model if settings.default_model in names else (names[0] if names else None)
+    if default is not None:
+        try:
+            backend.preload(default)
+        except PipelineError as exc:
+            log.error("%s", exc)
+            return names, default, str(exc)
+    return names, default, None
+
+
+def _settings_panel(gr, settings: AppSettings, names: list[str], default: str | None) -> list:
+    """The model picker and sampling controls; the chat's additional inputs, in respond's order."""
+    system = gr.Textbox(DEFAULT_SYSTEM, label="System prompt", lines=2, elem_id="system-prompt")
+    # The app checks the name itself (check_request): Gradio's own check would echo a 10 MB name
+    # whole in its error.
+    model = gr.Dropdown(names, value=default, label="Model", elem_id="model-picker", allow_custom_value=True)
+    slider = lambda low, high, value, step, label, elem: gr.Slider(  # noqa: E731
+        low, high, value=value, step=step, label=label, elem_id=elem
+    )
+    half_ctx = max(16, settings.n_ctx // 2)
+    return [
+        system,
+        model,
+        slider(0.0, 2.0, DEFAULTS.temperature, 0.05, "Temperature", "temperature"),
+        slider(0.05, 1.0, DEFAULTS.top_p, 0.05, "Top-p", "top-p"),
+        slider(0, 200, DEFAULTS.top_k, 1, "Top-k (0 = off)", "top-k"),
+        slider(1.0, 2.0, DEFAULTS.repeat_penalty, 0.05, "Repetition penalty", "repeat-penalty"),
+        slider(16, half_ctx, min(DEFAULTS.max_tokens, settings.n_ctx // 2), 16, "Max new tokens", "max-tokens"),
+    ]
+
+
+def _chat_panel(gr, backend, settings: AppSettings, inputs: list, accordion, status) -> None:
+    gr.ChatInterface(
+        make_respond(backend, settings),
+        chatbot=gr.Chatbot(height=560, elem_id="chatbot", placeholder="Ask the fine-tuned model something."),
+        textbox=gr.Textbox(
+            placeholder="Type a message and press Enter",
+            elem_id="chat-input",
+            render=False,
+            show_label=False,
+            submit_btn=True,
+            stop_btn=True,
+        ),
+        additional_inputs=inputs,
+        additional_inputs_accordion=accordion,
+        additional_outputs=[status],
+        examples=[[e] for e in EXAMPLES],
+        cache_examples=False,
+        concurrency_limit=settings.concurrency,
+        api_name="chat",
+        fill_height=True,
+    )
+
+
 def build_app(settings: AppSettings, backend=None):
     """The Gradio Blocks app (not launched); returns (demo, backend)."""
     import gradio as gr
 
     backend = backend or make_backend(settings)
-    try:
-        names = backend.model_names()
-        startup_error = None
-    except PipelineError as exc:
-        names, startup_error = [], str(exc)
-    default = settings.default_model if settings.default_model in names else (names[0] if names else None)
+    names, default, startup_error = _start_backend(backend, settings)
     settings.default_model = default
-    if default is not None and startup_error is None:
-        try:  # load now so the first answer is fast, and a bad file is reported at once
-            backend.preload(default)
-        except PipelineError as exc:
-            startup_error = str(exc)
-            log.error("%s", exc)
-
     # Uploaded and generated files are removed after an hour (the chat takes no uploads; this
     # bounds what Gradio's own upload route can leave behind).
     with gr.Blocks(title=settings.title, fill_height=True, delete_cache=(600, 3600)) as demo:
@@ -638,61 +698,12 @@ def build_app(settings: AppSettings, backend=None):
         )
         with gr.Row(equal_height=False):
             with gr.Column(scale=1, min_width=300):
-                status = gr.Markdown(
-                    f"⚠️ {startup_error}" if startup_error else f"`{default}` ready", elem_id="status-line"
-                )
+                status_text = f"⚠️ {startup_error}" if startup_error else f"`{default}` ready"
+                status = gr.Markdown(status_text, elem_id="status-line")
                 with gr.Accordion("Model and sampling", open=True) as accordion:
-                    system = gr.Textbox(DEFAULT_SYSTEM, label="System prompt", lines=2, elem_id="system-prompt")
-                    # The app checks the name itself (check_request): Gradio's own check would echo
-                    # a 10 MB name whole in its error.
-                    model = gr.Dropdown(
-                        names, value=default, label="Model", elem_id="model-picker", allow_custom_value=True
-                    )
-                    temperature = gr.Slider(
-                        0.0, 2.0, value=DEFAULTS.temperature, step=0.05, label="Temperature", elem_id="temperature"
-                    )
-                    top_p = gr.Slider(0.05, 1.0, value=DEFAULTS.top_p, step=0.05, label="Top-p", elem_id="top-p")
-                    top_k = gr.Slider(0, 200, value=DEFAULTS.top_k, step=1, label="Top-k (0 = off)", elem_id="top-k")
-                    repeat_penalty = gr.Slider(
-                        1.0,
-                        2.0,
-                        value=DEFAULTS.repeat_penalty,
-                        step=0.05,
-                        label="Repetition penalty",
-                        elem_id="repeat-penalty",
-                    )
-                    max_tokens = gr.Slider(
-                        16,
-                        max(16, settings.n_ctx // 2),
-                        value=min(DEFAULTS.max_tokens, settings.n_ctx // 2),
-                        step=16,
-                        label="Max new tokens",
-                        elem_id="max-tokens",
-                    )
-                    inputs = [system, model, temperature, top_p, top_k, repeat_penalty, max_tokens]
+                    inputs = _settings_panel(gr, settings, names, default)
             with gr.Column(scale=2):
-                gr.ChatInterface(
-                    make_respond(backend, settings),
-                    chatbot=gr.Chatbot(
-                        height=560, elem_id="chatbot", placeholder="Ask the fine-tuned model something."
-                    ),
-                    textbox=gr.Textbox(
-                        placeholder="Type a message and press Enter",
-                        elem_id="chat-input",
-                        render=False,
-                        show_label=False,
-                        submit_btn=True,
-                        stop_btn=True,
-                    ),
-                    additional_inputs=inputs,
-                    additional_inputs_accordion=accordion,
-                    additional_outputs=[status],
-                    examples=[[e] for e in EXAMPLES],
-                    cache_examples=False,
-                    concurrency_limit=settings.concurrency,
-                    api_name="chat",
-                    fill_height=True,
-                )
+                _chat_panel(gr, backend, settings, inputs, accordion, status)
     # ChatInterface's internal events (copying the chat into its state, retry, undo, ...) are
     # "undocumented": callable by name. Only /chat is the app's API.
     for fn in demo.fns.values():
@@ -706,6 +717,13 @@ def build_app(settings: AppSettings, backend=None):
 
 
 def add_app_arguments(parser: argparse.ArgumentParser) -> None:
+    """The app's options; each also read from an environment variable (a Space sets those)."""
+    _add_model_arguments(parser)
+    _add_server_arguments(parser)
+    _add_limit_arguments(parser)
+
+
+def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     env = os.environ.get
     parser.add_argument(
         "--model",
@@ -733,13 +751,6 @@ def add_app_arguments(parser: argparse.ArgumentParser) -> None:
         default=[],
         help="model name(s) on the server (default: the server's /v1/models)",
     )
-    parser.add_argument(
-        "--host",
-        default=None,
-        help="address to bind (default 127.0.0.1: this machine only; 0.0.0.0 serves the network; "
-        "env GRADIO_SERVER_NAME); any other than loopback prints a warning naming its source",
-    )
-    parser.add_argument("--port", type=int, default=int(env("GRADIO_SERVER_PORT", "7860")))
     parser.add_argument("--n-ctx", type=int, default=int(env("N_CTX", "2048")))
     parser.add_argument(
         "--threads",
@@ -754,6 +765,17 @@ def add_app_arguments(parser: argparse.ArgumentParser) -> None:
         default=int(env("N_GPU_LAYERS", "0")),
         help="layers to offload to a GPU (-1 = all; env N_GPU_LAYERS)",
     )
+
+
+def _add_server_arguments(parser: argparse.ArgumentParser) -> None:
+    env = os.environ.get
+    parser.add_argument(
+        "--host",
+        default=None,
+        help="address to bind (default 127.0.0.1: this machine only; 0.0.0.0 serves the network; "
+        "env GRADIO_SERVER_NAME); any other than loopback prints a warning naming its source",
+    )
+    parser.add_argument("--port", type=int, default=int(env("GRADIO_SERVER_PORT", "7860")))
     parser.add_argument(
         "--concurrency",
         type=int,
@@ -771,6 +793,10 @@ def add_app_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="open a public gradio.live link (off by default; refused without a login, see --auth-env)",
     )
+
+
+def _add_limit_arguments(parser: argparse.ArgumentParser) -> None:
+    env = os.environ.get
     limits = Limits()
     for name, doc in (
         ("history_messages", "messages of earlier turns"),

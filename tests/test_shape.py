@@ -1,0 +1,24 @@
+"""The code's shape: no function in the package over 80 lines (scripts/long_functions.py)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "scripts"))
+
+from long_functions import long_functions  # noqa: E402
+
+
+def test_no_function_in_the_package_is_over_80_lines():
+    assert long_functions([REPO / "src"], 80) == []
+
+
+def test_the_scan_finds_a_long_function(tmp_path, monkeypatch):
+    import long_functions as module
+
+    monkeypatch.setattr(module, "REPO", tmp_path)
+    body = "\n".join(f"    x{i} = {i}" for i in range(85))
+    (tmp_path / "long.py").write_text(f"def short():\n    pass\n\n\ndef long():\n{body}\n")
+    assert [(lines, name) for lines, _, name in long_functions([tmp_path], 80)] == [(86, "long")]

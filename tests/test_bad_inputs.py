@@ -305,7 +305,7 @@ CASES: dict[str, tuple[Callable[[Env], tuple[list[str], Path | None]], str]] = {
     ),
     "merge before training": (
         lambda env: (["merge", "--run-dir", str(env.tmp / "run")], env.tmp / "run" / "merged"),
-        "has no adapter; run `qlora-pipeline train",
+        "adapter_config.json is missing; run `qlora-pipeline train --run-dir",
     ),
     # -- GGUF files and chat settings
     "truncated GGUF": (lambda env: (chat(env.gguf(lambda b: b[: len(b) // 3])), None), "llama.cpp could not load"),

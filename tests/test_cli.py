@@ -28,7 +28,7 @@ def cli(*args, cwd=None, env=None):
     [
         (["run", "--preset", "nope"], "error: unknown preset 'nope'"),
         (["run", "train.lr=1"], "error: unknown config key 'train.lr'"),
-        (["merge", "--run-dir", "{tmp}/empty"], "has no adapter; run `qlora-pipeline train"),
+        (["merge", "--run-dir", "{tmp}/empty"], "adapter_config.json is missing; run `qlora-pipeline train"),
         (["prepare", "--run-dir", "{tmp}/r", "--data-files", "{tmp}/missing.jsonl"], "does not exist"),
         (["train", "--run-dir", "{tmp}/r2", "--resume"], "is missing; run `qlora-pipeline prepare"),
     ],

@@ -7,8 +7,9 @@ import json
 import pytest
 
 from qlora_pipeline.config import DataConfig
-from qlora_pipeline.data import build_conversations, prepare, read_split, split_conversations, tree_split
+from qlora_pipeline.data import build_conversations, read_split, split_conversations, tree_split
 from qlora_pipeline.errors import DataError
+from qlora_pipeline.prepare import prepare
 
 
 class Forest:

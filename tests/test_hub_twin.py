@@ -101,7 +101,7 @@ def test_prepare_through_the_hub_halves_validation_into_val_and_test(twin_hub, t
         f"""
 import json
 from qlora_pipeline.config import load_config
-from qlora_pipeline.data import prepare
+from qlora_pipeline.prepare import prepare
 stats = prepare(load_config("phi35-colab-t4").data, "{tmp_path}/run")
 print(json.dumps(stats))
 """,

@@ -78,11 +78,12 @@ def test_merge_before_train_is_a_clear_error(prepared_run, test_config, tmp_path
     from conftest import copy_run
 
     from qlora_pipeline.errors import StageOrderError
-    from qlora_pipeline.merge import merge
+    from qlora_pipeline.pipeline import run_stage
 
     run = copy_run(prepared_run, tmp_path / "run")
     with pytest.raises(StageOrderError, match="run `qlora-pipeline train"):
-        merge(test_config, run, log=lambda *a: None)
+        run_stage("merge", test_config, run, log=lambda *a: None)
+    assert not (run / "merged").exists()
 
 
 def test_adapter_for_another_base_is_a_clear_error(trained_run, tmp_path):

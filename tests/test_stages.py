@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import shutil
 
+import pytest
 from conftest import copy_run, make_config
 
-from qlora_pipeline.pipeline import STAGE_NAMES, run_pipeline
+from qlora_pipeline.pipeline import STAGE_NAMES, STAGES, run_pipeline
 
 
 def run_and_log(cfg, run, **kwargs) -> list[str]:
@@ -68,3 +70,21 @@ def test_changed_data_reruns_the_stages_that_read_it(trained_run, tmp_path, test
     lines = run_and_log(cfg, run, until="train")
     assert "[prepare] already done with this configuration; skipping" in lines  # same size and time: hash trusted
     assert "[train] its inputs changed (an earlier stage wrote different files); running it again" in lines
+
+
+@pytest.mark.parametrize("stage", [s for s in STAGES if s.after], ids=lambda s: s.name)
+def test_a_stage_refuses_to_start_before_the_stages_it_reads(stage, trained_run, test_config, tmp_path):
+    """Each stage checks its prerequisites (Stage.after) before it runs: the newest one removed,
+    the error names the file and the stage that makes it, and nothing of the stage is written."""
+    from qlora_pipeline.errors import StageOrderError
+    from qlora_pipeline.pipeline import STAGE_BY_NAME, run_stage
+
+    run = copy_run(trained_run, tmp_path / "run")
+    earlier = STAGE_BY_NAME[stage.after[-1]]
+    (run / earlier.required[0]).unlink()
+    shutil.rmtree(run / "stages")
+    for output in stage.outputs:
+        (run / output).unlink() if (run / output).is_file() else shutil.rmtree(run / output, ignore_errors=True)
+    with pytest.raises(StageOrderError, match=f"{earlier.required[0]} is missing; run `qlora-pipeline {earlier.name}"):
+        run_stage(stage.name, test_config, run, log=lambda *a: None)
+    assert not any((run / output).exists() for output in stage.outputs)

@@ -1,7 +1,5 @@
-"""The ``prepare`` stage: oasst1 message trees -> train/val/test conversations.
-
-    qlora-pipeline prepare --run-dir runs/demo             # bundled sample (tiny preset)
-    qlora-pipeline prepare --run-dir runs/x --data-files my_oasst.jsonl
+"""oasst1 rows -> conversations -> splits -> token ids: what the stages share about the data
+(the ``prepare`` stage itself is ``qlora_pipeline.prepare``).
 
 oasst1 stores messages, not conversations: every prompt has several ranked replies, each of
 which may have follow-ups. We walk each tree from its root along the best-ranked child
@@ -24,7 +22,6 @@ from typing import Any
 
 from qlora_pipeline.config import DataConfig
 from qlora_pipeline.errors import DataError
-from qlora_pipeline.paths import atomic_dir, write_json_atomic
 
 REQUIRED_FIELDS = {
     "message_id": str,
@@ -286,49 +283,6 @@ def split_conversations(source_splits: dict[str, list[dict]], cfg: DataConfig) -
     if cfg.max_conversations is not None:
         out = {name: convs[: cfg.max_conversations] for name, convs in out.items()}
     return out
-
-
-def prepare(cfg: DataConfig, run_dir: Path) -> dict:
-    """Write RUN/data/{train,val,test}.jsonl and RUN/data/stats.json; return the stats."""
-    source = load_rows(cfg)
-    total_rows = sum(len(rows) for rows in source.values())
-    if total_rows == 0:
-        raise DataError("the data source holds no messages; check data.source / --data-files")
-    drops: Counter = Counter()
-    per_source: dict[str, list[dict]] = {}
-    for name, rows in source.items():
-        result = build_conversations(rows, cfg.languages, cfg.system_prompt)
-        drops.update(result.drops)
-        per_source[name] = result.conversations
-    if not any(per_source.values()):
-        reason = max(drops, key=drops.get) if drops else "no trees"
-        langs = sorted({r["lang"] for rows in source.values() for r in rows if r["parent_id"] is None and r["lang"]})
-        hint = (
-            f"; the data's root languages are {', '.join(langs)}, data.languages is {list(cfg.languages)}"
-            if reason == "other_language_trees"
-            else ""
-        )
-        raise DataError(
-            f"no conversation is left after filtering: the {reason.replace('_', ' ')} filter "
-            f"removed the most ({drops[reason]}){hint}"
-        )
-    splits = split_conversations(per_source, cfg)
-    if not splits["train"]:
-        raise DataError("the train split is empty; lower data.val_fraction/test_fraction or add data")
-    stats = {
-        "source": cfg.source,
-        "rows": total_rows,
-        "conversations": {name: len(convs) for name, convs in splits.items()},
-        "turns": {name: sum(len(c["messages"]) for c in convs) for name, convs in splits.items()},
-        "dropped": dict(sorted(drops.items())),
-    }
-    with atomic_dir(Path(run_dir) / "data") as tmp:
-        for name, convs in splits.items():
-            with open(tmp / f"{name}.jsonl", "w", encoding="utf-8") as f:
-                for conv in convs:
-                    f.write(json.dumps(conv, ensure_ascii=False) + "\n")
-        write_json_atomic(tmp / "stats.json", stats)
-    return stats
 
 
 def read_split(run_dir: Path, split: str) -> list[dict]:

@@ -157,12 +157,6 @@ def evaluate_hf(cfg: PipelineConfig, run_dir: Path, log=print, with_merged: bool
     from qlora_pipeline.train import evaluate_loss
 
     run_dir = Path(run_dir)
-    needs = [("adapter/adapter_config.json", "train")] + ([("merged/config.json", "merge")] if with_merged else [])
-    for needed, stage in needs:
-        if not (run_dir / needed).is_file():
-            raise StageOrderError(
-                f"{run_dir / needed} is missing; run `qlora-pipeline {stage} --run-dir {run_dir}` first"
-            )
     base = resolve_base(cfg, log_fn=log)
     tokenizer = load_tokenizer(base, cfg.model.revision)
     encoder = ChatEncoder.from_hf(tokenizer)
@@ -744,3 +738,8 @@ def evaluate(cfg: PipelineConfig, run_dir: Path, log=print) -> dict:
     write_json_atomic(Path(run_dir) / REPORT_JSON, {})  # no section of an older run survives
     evaluate_hf(cfg, run_dir, log=log)
     return evaluate_gguf(cfg, run_dir, log=log)
+
+
+def run(cfg: PipelineConfig, run_dir: Path, *, log=print, resume: bool = False) -> dict:
+    """The stage interface (``pipeline.Stage``): evaluate has nothing to resume."""
+    return evaluate(cfg, run_dir, log=log)

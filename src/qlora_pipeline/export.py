@@ -21,7 +21,8 @@ import sys
 from pathlib import Path
 
 from qlora_pipeline.config import PipelineConfig
-from qlora_pipeline.errors import ConfigError, PipelineError, StageOrderError
+from qlora_pipeline.errors import ConfigError, PipelineError
+from qlora_pipeline.layout import RunLayout
 from qlora_pipeline.llamacpp import ensure_llama_cpp
 from qlora_pipeline.model import count_parameters
 from qlora_pipeline.paths import disk_full, looks_like_disk_full, require_free_space, write_json_atomic
@@ -243,10 +244,7 @@ def export(cfg: PipelineConfig, run_dir: Path, log=print) -> dict:
     """Write RUN/gguf/model-F16.gguf and one file per configured quantization type."""
     from tqdm.auto import tqdm
 
-    run_dir = Path(run_dir)
-    merged = run_dir / "merged"
-    if not (merged / "config.json").is_file():
-        raise StageOrderError(f"{merged} is missing; run `qlora-pipeline merge --run-dir {run_dir}` first")
+    run_dir, merged = Path(run_dir), RunLayout(run_dir).merged
     check_quant_types(cfg.export.quant_types)
     out_dir = run_dir / GGUF_DIR
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -284,3 +282,8 @@ def export(cfg: PipelineConfig, run_dir: Path, log=print) -> dict:
     sizes = ", ".join(f"{q} {manifest['files'][q]['bytes'] / 1e6:.1f} MB" for q in todo)
     log(f"GGUF files in {out_dir}: {sizes}")
     return manifest
+
+
+def run(cfg: PipelineConfig, run_dir: Path, *, log=print, resume: bool = False) -> dict:
+    """The stage interface (``pipeline.Stage``): export has nothing to resume."""
+    return export(cfg, run_dir, log=log)

@@ -15,7 +15,8 @@ import shutil
 from pathlib import Path
 
 from qlora_pipeline.config import PipelineConfig
-from qlora_pipeline.errors import ModelError, StageOrderError
+from qlora_pipeline.errors import ModelError
+from qlora_pipeline.layout import RunLayout
 from qlora_pipeline.paths import atomic_dir, write_json_atomic
 
 MERGED = "merged"
@@ -114,9 +115,7 @@ def merge(cfg: PipelineConfig, run_dir: Path, log=print) -> dict:
     from qlora_pipeline.model import load_base_full_precision, load_tokenizer, resolve_base
 
     run_dir = Path(run_dir)
-    adapter_dir = run_dir / "adapter"
-    if not (adapter_dir / "adapter_config.json").is_file():
-        raise StageOrderError(f"{adapter_dir} has no adapter; run `qlora-pipeline train --run-dir {run_dir}` first")
+    adapter_dir = RunLayout(run_dir).adapter
     check_adapter_files(adapter_dir)  # before a base of gigabytes is loaded
     base = resolve_base(cfg, log_fn=log)
     dtype = merge_dtype(cfg, base)
@@ -240,3 +239,8 @@ def _merge_streaming(cfg: PipelineConfig, run_dir: Path, base: str, dtype, token
     _report_check(check, dtype, len(check_examples), log, streaming=True, **info)
     write_json_atomic(run_dir / "merge_check.json", check)
     return check
+
+
+def run(cfg: PipelineConfig, run_dir: Path, *, log=print, resume: bool = False) -> dict:
+    """The stage interface (``pipeline.Stage``): merge has nothing to resume."""
+    return merge(cfg, run_dir, log=log)

@@ -13,50 +13,76 @@ which file). A stage that reproduces the same files leaves the stages after it s
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from qlora_pipeline.config import PipelineConfig, config_from_dict
-from qlora_pipeline.errors import PipelineError
+from qlora_pipeline.errors import PipelineError, StageOrderError
+from qlora_pipeline.layout import SPLITS
 from qlora_pipeline.paths import file_manifest, manifest_difference, write_json_atomic
 
 
 @dataclass(frozen=True)
 class Stage:
+    """One stage: its module (which exposes ``run(cfg, run_dir, *, log, resume=False)``), the
+    stages whose outputs it reads, and what decides whether it is done."""
+
     name: str
+    module: str  # qlora_pipeline.<module>, whose run() is the stage
+    after: tuple[str, ...]  # stages whose required files it reads: checked before it runs
     sections: tuple[str, ...]  # config sections whose change invalidates this stage
     outputs: tuple[str, ...]  # files and folders under RUN it writes (its manifest covers them)
     required: tuple[str, ...]  # files under RUN that must exist when it is done
 
+    def run(self, cfg: PipelineConfig, run_dir: Path, *, log=print, resume: bool = False):
+        # imported when run: the stage modules bring torch, transformers and llama.cpp with them
+        return importlib.import_module(f"qlora_pipeline.{self.module}").run(cfg, run_dir, log=log, resume=resume)
 
+
+_TRAINED = ("data", "tiny", "model", "lora", "train")
 STAGES = (
-    Stage(
-        "prepare", ("data",), ("data",), ("data/train.jsonl", "data/val.jsonl", "data/test.jsonl", "data/stats.json")
-    ),
+    Stage("prepare", "prepare", (), ("data",), ("data",), (*(f"data/{n}.jsonl" for n in SPLITS), "data/stats.json")),
     Stage(
         "train",
-        ("data", "tiny", "model", "lora", "train"),
+        "train",
+        ("prepare",),
+        _TRAINED,
         ("adapter", "train_log.jsonl", "loss.png"),
         ("adapter/adapter_config.json",),
     ),
     Stage(
         "merge",
-        ("data", "tiny", "model", "lora", "train", "merge"),
+        "merge",
+        ("train",),
+        (*_TRAINED, "merge"),
         ("merged", "merge_check.json"),
         ("merged/config.json", "merge_check.json"),
     ),
-    Stage("export", ("data", "tiny", "model", "lora", "train", "merge", "export"), ("gguf",), ("gguf/manifest.json",)),
+    Stage("export", "export", ("merge",), (*_TRAINED, "merge", "export"), ("gguf",), ("gguf/manifest.json",)),
     Stage(
         "evaluate",
-        ("data", "tiny", "model", "lora", "train", "merge", "export", "eval"),
+        "evaluate",
+        ("prepare", "train", "merge", "export"),
+        (*_TRAINED, "merge", "export", "eval"),
         ("report.json", "report.md", "scorecard.png"),
         ("report.json", "scorecard.png"),
     ),
 )
 STAGE_NAMES = tuple(s.name for s in STAGES)
+STAGE_BY_NAME = {s.name: s for s in STAGES}
+
+
+def check_prerequisites(stage: Stage, run_dir: Path) -> None:
+    """Refuse to start ``stage`` before the stages it reads have left their files."""
+    for earlier in stage.after:
+        for needed in STAGE_BY_NAME[earlier].required:
+            if not (Path(run_dir) / needed).is_file():
+                raise StageOrderError(
+                    f"{Path(run_dir) / needed} is missing; run `qlora-pipeline {earlier} --run-dir {run_dir}` first"
+                )
 
 
 def check_run_dir(run_dir: Path) -> Path:
@@ -147,29 +173,14 @@ def mark_done(cfg: PipelineConfig, run_dir: Path, stage: Stage, seconds: float) 
     )
 
 
-def stage_functions() -> dict[str, Callable]:
-    from qlora_pipeline.data import prepare
-    from qlora_pipeline.evaluate import evaluate
-    from qlora_pipeline.export import export
-    from qlora_pipeline.merge import merge
-    from qlora_pipeline.train import train
-
-    return {
-        "prepare": lambda cfg, run_dir, log, resume: prepare(cfg.data, run_dir),
-        "train": lambda cfg, run_dir, log, resume: train(cfg, run_dir, resume=resume, log=log),
-        "merge": lambda cfg, run_dir, log, resume: merge(cfg, run_dir, log=log),
-        "export": lambda cfg, run_dir, log, resume: export(cfg, run_dir, log=log),
-        "evaluate": lambda cfg, run_dir, log, resume: evaluate(cfg, run_dir, log=log),
-    }
-
-
 def run_stage(name: str, cfg: PipelineConfig, run_dir: Path, log=print, resume: bool = False):
-    stage = next(s for s in STAGES if s.name == name)
+    stage = STAGE_BY_NAME[name]
+    check_prerequisites(stage, run_dir)
     # This stage's outputs are about to change: it does not count as done until it finishes
     # again, even if this run is interrupted (the stages after it see their inputs change).
     _record_path(run_dir, stage).unlink(missing_ok=True)
     started = time.time()
-    result = stage_functions()[name](cfg, run_dir, log, resume)
+    result = stage.run(cfg, run_dir, log=log, resume=resume)
     if isinstance(result, dict) and result.get("interrupted"):
         return result
     mark_done(cfg, run_dir, stage, time.time() - started)

@@ -753,3 +753,8 @@ def train(
         )
         return {"interrupted": True, "step": s.state.step}
     return _save(s, rank_state_dir)
+
+
+def run(cfg: PipelineConfig, run_dir: Path, *, log=print, resume: bool = False) -> dict:
+    """The stage interface (``pipeline.Stage``): resume continues from the newest checkpoint."""
+    return train(cfg, run_dir, resume=resume, log=log)

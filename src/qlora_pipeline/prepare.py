@@ -1,0 +1,69 @@
+"""The ``prepare`` stage: oasst1 message trees -> RUN/data/{train,val,test}.jsonl and stats.json.
+
+    qlora-pipeline prepare --run-dir runs/demo             # bundled sample (tiny preset)
+    qlora-pipeline prepare --run-dir runs/x --data-files my_oasst.jsonl
+
+Reads the rows (``data.load_rows``), keeps one conversation per tree along its best-ranked
+replies (``data.build_conversations``), splits by tree (``data.split_conversations``) and writes
+the splits atomically, with counts of everything each filter dropped.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+from qlora_pipeline.config import DataConfig, PipelineConfig
+from qlora_pipeline.data import build_conversations, load_rows, split_conversations
+from qlora_pipeline.errors import DataError
+from qlora_pipeline.layout import RunLayout
+from qlora_pipeline.paths import atomic_dir, write_json_atomic
+
+
+def run(cfg: PipelineConfig, run_dir: Path, *, log=print, resume: bool = False) -> dict:
+    """The stage: prepare ``cfg.data`` into ``run_dir``; returns the stats."""
+    return prepare(cfg.data, run_dir)
+
+
+def prepare(cfg: DataConfig, run_dir: Path) -> dict:
+    """Write RUN/data/{train,val,test}.jsonl and RUN/data/stats.json; return the stats."""
+    source = load_rows(cfg)
+    total_rows = sum(len(rows) for rows in source.values())
+    if total_rows == 0:
+        raise DataError("the data source holds no messages; check data.source / --data-files")
+    drops: Counter = Counter()
+    per_source: dict[str, list[dict]] = {}
+    for name, rows in source.items():
+        result = build_conversations(rows, cfg.languages, cfg.system_prompt)
+        drops.update(result.drops)
+        per_source[name] = result.conversations
+    if not any(per_source.values()):
+        reason = max(drops, key=drops.get) if drops else "no trees"
+        langs = sorted({r["lang"] for rows in source.values() for r in rows if r["parent_id"] is None and r["lang"]})
+        hint = (
+            f"; the data's root languages are {', '.join(langs)}, data.languages is {list(cfg.languages)}"
+            if reason == "other_language_trees"
+            else ""
+        )
+        raise DataError(
+            f"no conversation is left after filtering: the {reason.replace('_', ' ')} filter "
+            f"removed the most ({drops[reason]}){hint}"
+        )
+    splits = split_conversations(per_source, cfg)
+    if not splits["train"]:
+        raise DataError("the train split is empty; lower data.val_fraction/test_fraction or add data")
+    stats = {
+        "source": cfg.source,
+        "rows": total_rows,
+        "conversations": {name: len(convs) for name, convs in splits.items()},
+        "turns": {name: sum(len(c["messages"]) for c in convs) for name, convs in splits.items()},
+        "dropped": dict(sorted(drops.items())),
+    }
+    with atomic_dir(RunLayout(run_dir).data) as tmp:
+        for name, convs in splits.items():
+            with open(tmp / f"{name}.jsonl", "w", encoding="utf-8") as f:
+                for conv in convs:
+                    f.write(json.dumps(conv, ensure_ascii=False) + "\n")
+        write_json_atomic(tmp / "stats.json", stats)
+    return stats

@@ -64,7 +64,7 @@ from qlora_pipeline.runtime import tune_allocator
 from qlora_pipeline.train import evaluate_loss
 cfg = load_config("tiny", {overrides!r})
 run = Path({run!r})
-base = resolve_base(cfg, log_fn=lambda *a: None)
+base = resolve_base(cfg, log=lambda *a: None)
 tokenizer = load_tokenizer(base)
 encoder = ChatEncoder.from_hf(tokenizer)
 train, _ = tokenize_conversations(encoder, read_split(run, "train"), cfg.data.max_seq_len, cfg.data.overlong)
@@ -98,7 +98,7 @@ from qlora_pipeline.config import load_config
 from qlora_pipeline.model import attach_lora, load_base_for_training, pick_device, resolve_base
 from qlora_pipeline.runtime import tune_allocator
 cfg = load_config("tiny", {overrides!r})
-base = resolve_base(cfg, log_fn=lambda *a: None)
+base = resolve_base(cfg, log=lambda *a: None)
 device = pick_device()
 model = load_base_for_training(cfg.model, base, device)
 mode = {mode!r}

@@ -79,7 +79,7 @@ def test_config():
 def tiny_base(test_config) -> Path:
     from qlora_pipeline.model import resolve_base
 
-    return Path(resolve_base(test_config, log_fn=lambda *a: None))
+    return Path(resolve_base(test_config, log=lambda *a: None))
 
 
 @pytest.fixture(scope="session")

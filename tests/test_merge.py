@@ -146,7 +146,7 @@ def test_streaming_merge_refuses_an_adapter_for_another_shape(trained_run, tmp_p
     from qlora_pipeline.merge_streaming import stream_merge
     from qlora_pipeline.model import resolve_base
 
-    other = resolve_base(make_config("tiny.hidden_size=512"), log_fn=lambda *a: None)
+    other = resolve_base(make_config("tiny.hidden_size=512"), log=lambda *a: None)
     with pytest.raises(ModelError, match="merge with the base it was trained on"):
         stream_merge(other, trained_run / "adapter", tmp_path / "merged", log=lambda *a: None)
 

@@ -84,7 +84,12 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--top-k", type=int, default=defaults.top_k)
     chat.add_argument("--repeat-penalty", type=float, default=defaults.repeat_penalty)
     chat.add_argument("--max-tokens", type=int, default=defaults.max_tokens)
-    chat.add_argument("--n-ctx", type=int, default=2048, help="context length (always explicit: see DESIGN.md)")
+    chat.add_argument(
+        "--n-ctx",
+        type=int,
+        default=2048,
+        help="context length in tokens (Phi-3.5 GGUFs default to 131,072, too much memory)",
+    )
     chat.add_argument("--n-gpu-layers", type=int, default=0, help="layers to offload when built with a GPU backend")
     chat.add_argument(
         "--threads",

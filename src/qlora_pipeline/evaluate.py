@@ -157,7 +157,7 @@ def evaluate_hf(cfg: PipelineConfig, run_dir: Path, log=print, with_merged: bool
     from qlora_pipeline.train import evaluate_loss
 
     run_dir = Path(run_dir)
-    base = resolve_base(cfg, log_fn=log)
+    base = resolve_base(cfg, log=log)
     tokenizer = load_tokenizer(base, cfg.model.revision)
     encoder = ChatEncoder.from_hf(tokenizer)
     questions = load_questions(cfg.eval.heldout_questions)
@@ -628,7 +628,7 @@ def _parity_section(r: _GGUFRun, log) -> dict:
     parity = measure_parity(r.cfg, r.layout.root, r.examples, log=log)
     with LlamaChat(r.layout.gguf(F16), n_ctx=r.cfg.eval.n_ctx, n_threads=r.threads) as f16_chat:
         prompts = [c["messages"][: max(1, len(c["messages"]) - 1)] for c in r.test_convs[:20]]
-        stock = stock_tokenizers(resolve_base(r.cfg, log_fn=log), r.cfg.model.revision)
+        stock = stock_tokenizers(resolve_base(r.cfg, log=log), r.cfg.model.revision)
         parity["chat_prompt_ids"] = chat_prompt_routes(stock, r.tokenizer, f16_chat, prompts)
     log("chat prompt ids vs llama.cpp's chat handler: " + format_routes(parity["chat_prompt_ids"]))
     return parity

@@ -117,7 +117,7 @@ def merge(cfg: PipelineConfig, run_dir: Path, log=print) -> dict:
     run_dir = Path(run_dir)
     adapter_dir = RunLayout(run_dir).adapter
     check_adapter_files(adapter_dir)  # before a base of gigabytes is loaded
-    base = resolve_base(cfg, log_fn=log)
+    base = resolve_base(cfg, log=log)
     dtype = merge_dtype(cfg, base)
     tokenizer = load_tokenizer(base, cfg.model.revision)
     encoder = ChatEncoder.from_hf(tokenizer)

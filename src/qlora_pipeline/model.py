@@ -63,12 +63,12 @@ def pick_device(compute_dtype: str = "auto", mixed_precision: str = "auto") -> D
     return device
 
 
-def resolve_base(cfg: PipelineConfig, log_fn=print) -> str:
+def resolve_base(cfg: PipelineConfig, log=print) -> str:
     """The local folder or Hub id of the base model; builds the tiny one when asked for."""
     if cfg.model.name_or_path == "tiny":
         from qlora_pipeline.tiny import ensure_tiny_base
 
-        return str(ensure_tiny_base(cfg.tiny, log=log_fn))
+        return str(ensure_tiny_base(cfg.tiny, log=log))
     path = Path(cfg.model.name_or_path).expanduser()
     if path.exists():
         if not (path / "config.json").is_file():

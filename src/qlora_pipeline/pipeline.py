@@ -195,7 +195,7 @@ def _train_resume(cfg: PipelineConfig, run_dir: Path, resume: bool, forced: bool
 
     if forced:
         return False
-    checkpoint = find_resumable(run_dir, training_fingerprint(cfg, run_dir), warn=log, required=False)
+    checkpoint = find_resumable(run_dir, training_fingerprint(cfg, run_dir), log=log, required=False)
     if resume and checkpoint is None:
         log("[train] no checkpoint of this configuration to resume from; training starts at step 0")
     if not resume and checkpoint is not None and not checkpoint_finished(checkpoint):
@@ -230,7 +230,7 @@ def resume_training(cfg: PipelineConfig, run_dir: Path, fresh: bool = False, log
     if fresh:
         log("[train] starting from step 0 (START_FRESH); older checkpoints are replaced")
         return False
-    checkpoint = find_resumable(run_dir, training_fingerprint(cfg, run_dir), warn=log, required=False)
+    checkpoint = find_resumable(run_dir, training_fingerprint(cfg, run_dir), log=log, required=False)
     if checkpoint is not None:
         log(f"[train] continuing from {checkpoint} (set START_FRESH = True to start over)")
     return checkpoint is not None

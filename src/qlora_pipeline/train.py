@@ -252,15 +252,15 @@ def checkpoint_is_complete(path: Path) -> bool:
     return True
 
 
-def latest_checkpoint(run_dir: Path, warn=print) -> Path | None:
+def latest_checkpoint(run_dir: Path, log=print) -> Path | None:
     for path in sorted((Path(run_dir) / CHECKPOINTS).glob("step-*"), reverse=True):
         if checkpoint_is_complete(path):
             return path
-        warn(f"warning: skipping incomplete or corrupt checkpoint {path}")
+        log(f"warning: skipping incomplete or corrupt checkpoint {path}")
     return None
 
 
-def find_resumable(run_dir: Path, fingerprint: str, warn=print, required: bool = True) -> Path | None:
+def find_resumable(run_dir: Path, fingerprint: str, log=print, required: bool = True) -> Path | None:
     """The newest complete checkpoint, made with this configuration and data; when there is
     none, a clear error (or None when not ``required``)."""
     run_dir = Path(run_dir)
@@ -268,7 +268,7 @@ def find_resumable(run_dir: Path, fingerprint: str, warn=print, required: bool =
     # what a killed checkpoint write left (".step-N.*.tmp", never complete) goes first
     for name in {leftover.name.split(".")[1] for leftover in folder.glob(".step-*")}:
         recover_interrupted(folder / name)
-    checkpoint = latest_checkpoint(run_dir, warn=warn)
+    checkpoint = latest_checkpoint(run_dir, log=log)
     if checkpoint is None and not required:
         return None
     if checkpoint is None:
@@ -532,8 +532,8 @@ def _setup(cfg: PipelineConfig, run_dir: Path, resume: bool, log) -> _Session:
     # cheap checks first: a missing split or checkpoint should not wait for a model to load
     splits = {name: read_split(run_dir, name) for name in ("train", "val")}
     fingerprint = training_fingerprint(cfg, run_dir)
-    checkpoint = find_resumable(run_dir, fingerprint, warn=say) if resume else None
-    base = resolve_base(cfg, log_fn=say)
+    checkpoint = find_resumable(run_dir, fingerprint, log=say) if resume else None
+    base = resolve_base(cfg, log=say)
     tokenizer = load_tokenizer(base, cfg.model.revision)
     train_examples, train_counts, val_examples = _setup_data(cfg, ChatEncoder.from_hf(tokenizer), splits)
     model, lora_report = _setup_model(cfg, base, device, say)

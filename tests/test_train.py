@@ -300,3 +300,19 @@ def test_data_parallel_ranks_split_the_micro_batches(prepared_run, tmp_path, tes
     summary = json.loads((run / "adapter" / "training_summary.json").read_text())
     assert summary["tokens_seen"] == 2 * per_rank[0]
     assert abs(per_rank[0] - per_rank[1]) < max(per_rank)  # two halves, not one rank taking all
+
+
+# The test preset's first steps, pinned (as torchtune's recipe tests pin theirs): a silent change
+# in the data, the chat template, the label mask, packing, the optimizer or the schedule moves
+# them. Recorded on the CPU from this code; fp32 throughout, so the tolerance is tight.
+PINNED_LOSSES = [10.37501, 9.86017, 9.45094, 9.18694, 9.20521, 9.15238]
+PINNED_TOKENS = [224, 460, 705, 957, 1195, 1439]
+PINNED_VAL_LOSSES = {0: 10.42961, 3: 9.34295, 6: 9.18259}
+
+
+def test_the_first_training_losses_are_the_pinned_ones(trained_run):
+    rows = [json.loads(line) for line in (trained_run / "train_log.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "loss" in r]
+    assert [r["tokens"] for r in steps] == PINNED_TOKENS
+    assert [r["loss"] for r in steps] == pytest.approx(PINNED_LOSSES, rel=2e-4)
+    assert {r["step"]: r["val_loss"] for r in rows if "val_loss" in r} == pytest.approx(PINNED_VAL_LOSSES, rel=2e-4)

@@ -250,6 +250,20 @@ def _labelled_positions(ex: dict):
     return positions, labels[positions + 1]
 
 
+def kl_divergence_sum(ref_logp, logp) -> float:
+    """Sum over positions of KL(P_ref || P) = sum_v p_ref(v) (log p_ref(v) - log p(v)), from
+    log-probabilities of shape (positions, vocab): llama.cpp's own KL statistic (perplexity
+    --kl-divergence), which the scorecard reports per token."""
+    import numpy as np
+
+    return float((np.exp(ref_logp) * (ref_logp - logp)).sum())
+
+
+def top1_agreements(ref_logp, logp) -> int:
+    """Positions where both distributions put their highest probability on the same token."""
+    return int((ref_logp.argmax(-1) == logp.argmax(-1)).sum())
+
+
 def gguf_gpu_layers(requested: int) -> int:
     """GGUF layers to put on the GPU: the requested count where llama.cpp was built with GPU
     support and a GPU is present (Colab with the CUDA wheel), else 0."""
@@ -278,9 +292,8 @@ def gguf_quality(
         nll -= float(logp[np.arange(len(targets)), targets].sum())
         count += len(targets)
         if reference is not None:
-            ref = reference[i]
-            kl_sum += float((np.exp(ref) * (ref - logp)).sum())
-            agree += int((ref.argmax(-1) == logp.argmax(-1)).sum())
+            kl_sum += kl_divergence_sum(reference[i], logp)
+            agree += top1_agreements(reference[i], logp)
         else:
             logprobs_out.append(logp)
     chat.close()

@@ -39,10 +39,10 @@ CLAIMS = {
     ],
     "LoRA target check (every target in every layer)": ["qlora_pipeline.model.x_check_lora_targets__*"],
     "packing (packed conversations cannot see each other)": [
-        "qlora_pipeline.train.x_pack_examples__*",
-        "qlora_pipeline.train.x_batch_plan__*",
-        "qlora_pipeline.train.x_collate_packed__*",
-        "qlora_pipeline.train.x_token_losses__*",
+        "qlora_pipeline.batches.x_pack_examples__*",
+        "qlora_pipeline.batches.x_batch_plan__*",
+        "qlora_pipeline.batches.x_collate_packed__*",
+        "qlora_pipeline.batches.x_token_losses__*",
     ],
     "data-parallel split (ranks share the micro-batches)": [
         "qlora_pipeline.train.x_step_plan__*",

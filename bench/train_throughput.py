@@ -61,7 +61,7 @@ from qlora_pipeline.config import load_config
 from qlora_pipeline.data import read_split, tokenize_conversations
 from qlora_pipeline.model import attach_lora, load_base_for_training, load_tokenizer, pick_device, resolve_base
 from qlora_pipeline.runtime import tune_allocator
-from qlora_pipeline.train import evaluate_loss
+from qlora_pipeline.batches import evaluate_loss
 cfg = load_config("tiny", {overrides!r})
 run = Path({run!r})
 base = resolve_base(cfg, log=lambda *a: None)

@@ -168,7 +168,8 @@ position ids restart at 0 where a conversation starts, which tells the attention
 ends (nothing attends across the boundary), and the first token of each conversation is never a
 target, so no loss crosses it either."""),
     code("""from qlora_pipeline.notebook import packed_batch_table
-from qlora_pipeline.train import collate_packed, step_plan
+from qlora_pipeline.batches import collate_packed
+from qlora_pipeline.train import step_plan
 
 total_steps, plan = step_plan(examples, cfg.train)  # every micro-batch of the run, in order (seeded)
 input_ids, labels, position_ids = collate_packed(examples, plan[0])
@@ -192,7 +193,7 @@ print(type(optimizer).__name__, f"lr {scheduler.get_last_lr()[0]:.2e} (warm-up s
         """import time
 import torch
 import torch.nn.functional as F
-from qlora_pipeline.train import label_count
+from qlora_pipeline.batches import label_count
 
 micro_batches = plan[: cfg.train.gradient_accumulation_steps]  # the first optimizer step
 n_targets = sum(label_count(examples, indices) for indices in micro_batches)  # every target weighs the same

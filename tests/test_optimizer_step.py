@@ -71,7 +71,7 @@ def test_the_notebooks_written_out_step_equals_the_packages_step(
         "params": params_a,
         "optimizer": optimizer_a,
         "scheduler": scheduler_a,
-        "collate_packed": __import__("qlora_pipeline.train", fromlist=["collate_packed"]).collate_packed,
+        "collate_packed": __import__("qlora_pipeline.batches", fromlist=["collate_packed"]).collate_packed,
     }
     torch.manual_seed(1)  # LoRA dropout draws the same masks in both
     exec(compile(_cell("S29_finetuning_llm.ipynb", "optimizer-step"), "optimizer-step cell", "exec"), namespace)

@@ -15,7 +15,8 @@ from safetensors.torch import load_file
 
 from qlora_pipeline.errors import ModelError, PipelineError
 from qlora_pipeline.pipeline import save_run_config
-from qlora_pipeline.train import pack_examples, train
+from qlora_pipeline.batches import pack_examples
+from qlora_pipeline.train import train
 
 
 def _adapter_tensors(run_dir: Path) -> dict:
@@ -248,7 +249,7 @@ def test_packed_conversations_do_not_see_each_other(trained_run, test_config, ti
     from qlora_pipeline.chat_format import ChatEncoder
     from qlora_pipeline.data import read_split, tokenize_conversations
     from qlora_pipeline.model import load_base_full_precision
-    from qlora_pipeline.train import evaluate_loss
+    from qlora_pipeline.batches import evaluate_loss
 
     examples, _ = tokenize_conversations(
         ChatEncoder.from_hf(tiny_tokenizer),

@@ -154,7 +154,7 @@ def evaluate_hf(cfg: PipelineConfig, run_dir: Path, log=print, with_merged: bool
     from qlora_pipeline.heldout import format_exact_match, hf_answerer, load_questions, score
     from qlora_pipeline.merge import load_adapter, merge_dtype
     from qlora_pipeline.model import eval_placement, free_memory, load_base_full_precision, load_tokenizer, resolve_base
-    from qlora_pipeline.train import evaluate_loss
+    from qlora_pipeline.batches import evaluate_loss
 
     run_dir = Path(run_dir)
     base = resolve_base(cfg, log=log)

@@ -69,6 +69,8 @@ def test_report_has_the_scorecard_schema(trained_run):
     for row in report["gguf"].values():
         assert {"path", "bytes", "bits_per_weight", "ppl", "kld_vs_f16", "top1_vs_f16", "tokens_per_s"} <= row.keys()
     # Fewer bits, more divergence from F16: Q8_0 is closer to it than Q4_K_M, by KL and by top-1.
+    for name, row in report["gguf"].items():  # relative to the run folder: the folder can move
+        assert row["path"] == f"gguf/model-{name}.gguf" and (trained_run / row["path"]).is_file()
     q8, q4 = report["gguf"]["Q8_0"], report["gguf"]["Q4_K_M"]
     assert 0 < q8["kld_vs_f16"] < q4["kld_vs_f16"] and q8["top1_vs_f16"] >= q4["top1_vs_f16"]
     assert 15 < report["gguf"]["F16"]["bits_per_weight"] < 17

@@ -23,7 +23,8 @@ import torch
 from conftest import REPO, TEST_OVERRIDES
 from safetensors.torch import load_file
 
-from qlora_pipeline.train import CHECKPOINTS, checkpoint_is_complete
+from qlora_pipeline.layout import RunLayout
+from qlora_pipeline.train import checkpoint_is_complete
 
 OVERRIDES = TEST_OVERRIDES + [
     "train.max_steps=8",
@@ -66,7 +67,7 @@ def finish(run: Path) -> None:
 
 
 def check_checkpoints_complete_or_invisible(run: Path) -> None:
-    for path in (run / CHECKPOINTS).glob("step-*"):
+    for path in RunLayout(run).checkpoints.glob("step-*"):
         assert checkpoint_is_complete(path), f"{path} is visible but incomplete"
 
 
@@ -89,7 +90,7 @@ def assert_same_outcome(run: Path, reference: tuple) -> None:
         assert torch.equal(tensors[name], ref_tensors[name]), name
     assert log == ref_log
     assert summary == ref_summary
-    assert not [p.name for p in (run / CHECKPOINTS).iterdir() if p.name.startswith(".")], "leftover temp folders"
+    assert not [p.name for p in RunLayout(run).checkpoints.iterdir() if p.name.startswith(".")], "leftover temp folders"
 
 
 @pytest.fixture(scope="module")

@@ -13,9 +13,9 @@ import torch
 from conftest import REPO, copy_run, make_config
 from safetensors.torch import load_file
 
+from qlora_pipeline.batches import pack_examples
 from qlora_pipeline.errors import ModelError, PipelineError
 from qlora_pipeline.pipeline import save_run_config
-from qlora_pipeline.batches import pack_examples
 from qlora_pipeline.train import train
 
 
@@ -246,10 +246,10 @@ def test_a_target_missing_from_one_layer_is_refused(test_config, tiny_base):
 def test_packed_conversations_do_not_see_each_other(trained_run, test_config, tiny_tokenizer):
     """The loss of conversations packed into one row equals their loss one per row (the position
     ids keep attention inside each conversation; a cache or a plain causal mask would not)."""
+    from qlora_pipeline.batches import evaluate_loss
     from qlora_pipeline.chat_format import ChatEncoder
     from qlora_pipeline.data import read_split, tokenize_conversations
     from qlora_pipeline.model import load_base_full_precision
-    from qlora_pipeline.batches import evaluate_loss
 
     examples, _ = tokenize_conversations(
         ChatEncoder.from_hf(tiny_tokenizer),

@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 from qlora_pipeline.errors import PipelineError
+from qlora_pipeline.layout import RunLayout
 
 
 def _common(parser: argparse.ArgumentParser, default_run_dir: str | None) -> None:
@@ -261,7 +262,7 @@ def print_summary(run_dir: Path, timings: dict, seconds: float) -> None:
             f"held-out questions ({heldout['questions']}), exact match: " + format_exact_match(heldout["exact_match"])
         )
     print(f"outputs in {run_dir}: adapter/, merged/, gguf/, report.md, loss.png, scorecard.png")
-    q4 = run_dir / "gguf" / "model-Q4_K_M.gguf"
+    q4 = RunLayout(run_dir).gguf("Q4_K_M")
     if q4.is_file():
         print(f"chat with it: qlora-pipeline chat --model {q4}")
 

@@ -22,6 +22,7 @@ from typing import Any
 
 from qlora_pipeline.config import DataConfig
 from qlora_pipeline.errors import DataError
+from qlora_pipeline.layout import RunLayout
 
 REQUIRED_FIELDS = {
     "message_id": str,
@@ -286,7 +287,7 @@ def split_conversations(source_splits: dict[str, list[dict]], cfg: DataConfig) -
 
 
 def read_split(run_dir: Path, split: str) -> list[dict]:
-    path = Path(run_dir) / "data" / f"{split}.jsonl"
+    path = RunLayout(run_dir).split(split)
     if not path.is_file():
         raise DataError(f"{path} is missing; run `qlora-pipeline prepare --run-dir {run_dir}` first")
     with open(path, encoding="utf-8") as f:

@@ -24,12 +24,9 @@ from qlora_pipeline.layout import RunLayout
 from qlora_pipeline.paths import save_figure_atomic, write_json_atomic, write_text_atomic
 from qlora_pipeline.runtime import usable_cpus
 
-REPORT_JSON = "report.json"
-REPORT_MD = "report.md"
-
 
 def read_report(run_dir: Path) -> dict:
-    path = Path(run_dir) / REPORT_JSON
+    path = RunLayout(run_dir).report_json
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
@@ -37,8 +34,9 @@ def update_report(run_dir: Path, section: str, values: dict) -> dict:
     """Replace one section of report.json (atomically) and re-render report.md."""
     report = read_report(run_dir)
     report[section] = values
-    write_json_atomic(Path(run_dir) / REPORT_JSON, report)
-    write_text_atomic(Path(run_dir) / REPORT_MD, render_markdown(report))
+    layout = RunLayout(run_dir)
+    write_json_atomic(layout.report_json, report)
+    write_text_atomic(layout.report_md, render_markdown(report))
     return report
 
 
@@ -150,11 +148,11 @@ def hf_splits(cfg: PipelineConfig, run_dir: Path, encoder) -> dict[str, list[dic
 def evaluate_hf(cfg: PipelineConfig, run_dir: Path, log=print, with_merged: bool = True) -> dict:
     """Validation loss and test perplexity of base, base + adapter and (unless told not to) merged
     model, on the GPU when there is one, one model in memory at a time."""
+    from qlora_pipeline.batches import evaluate_loss
     from qlora_pipeline.chat_format import ChatEncoder
     from qlora_pipeline.heldout import format_exact_match, hf_answerer, load_questions, score
     from qlora_pipeline.merge import load_adapter, merge_dtype
     from qlora_pipeline.model import eval_placement, free_memory, load_base_full_precision, load_tokenizer, resolve_base
-    from qlora_pipeline.batches import evaluate_loss
 
     run_dir = Path(run_dir)
     base = resolve_base(cfg, log=log)
@@ -185,11 +183,11 @@ def evaluate_hf(cfg: PipelineConfig, run_dir: Path, log=print, with_merged: bool
     results: dict = {}
     model = load_base_full_precision(base, cfg.model, dtype=dtype, device=device)
     results.update(measure(model, "base"))
-    results.update(measure(load_adapter(model, run_dir / "adapter"), "adapter"))
+    results.update(measure(load_adapter(model, RunLayout(run_dir).adapter), "adapter"))
     del model
     free_memory()  # the base + adapter goes before the merged model comes: one model at a time
     if with_merged:
-        merged = load_base_full_precision(str(run_dir / "merged"), cfg.model, dtype=dtype, device=device)
+        merged = load_base_full_precision(str(RunLayout(run_dir).merged), cfg.model, dtype=dtype, device=device)
         results.update(measure(merged, "merged"))
         del merged
         free_memory()
@@ -480,7 +478,7 @@ def _hf_reference(run_dir: Path, cfg: PipelineConfig, sequences: list[list[int]]
     from qlora_pipeline.model import free_memory, load_base_full_precision
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    merged = load_base_full_precision(str(Path(run_dir) / "merged"), cfg.model, device=device)
+    merged = load_base_full_precision(str(RunLayout(run_dir).merged), cfg.model, device=device)
     with layerwise_fp32(merged, round_to_fp16):
         logits = model_logits(merged, [{"input_ids": ids} for ids in sequences], device=device)
     del merged
@@ -493,7 +491,7 @@ def measure_parity(cfg: PipelineConfig, run_dir: Path, examples: list[dict], log
     conversations at the serving context and on one sequence longer than the original context
     at a context above it. The reference is fp32 even when the merged model is saved in 16 bits."""
     from qlora_pipeline.chat import LlamaChat, original_context_length
-    from qlora_pipeline.export import F16, GGUF_DIR, convert_to_gguf, default_model_name, gguf_path
+    from qlora_pipeline.export import F16, convert_to_gguf, default_model_name, gguf_path
 
     ecfg = cfg.eval
     run_dir = Path(run_dir)
@@ -508,12 +506,14 @@ def measure_parity(cfg: PipelineConfig, run_dir: Path, examples: list[dict], log
             )
         cases["long"] = ([long_parity_ids(examples, ecfg.long_parity_tokens)], 2 * original)
     files = {"F16": (gguf_path(run_dir, F16), True)}
-    f32_path = run_dir / GGUF_DIR / ".parity-F32.gguf"
+    f32_path = RunLayout(run_dir).gguf_dir / ".parity-F32.gguf"
     if ecfg.f32_parity:
         from transformers import AutoTokenizer
 
-        eot = AutoTokenizer.from_pretrained(str(run_dir / "merged")).convert_tokens_to_ids(END_OF_TURN)
-        convert_to_gguf(run_dir / "merged", f32_path, cfg.export.model_name or default_model_name(cfg), eot, "f32")
+        eot = AutoTokenizer.from_pretrained(str(RunLayout(run_dir).merged)).convert_tokens_to_ids(END_OF_TURN)
+        convert_to_gguf(
+            RunLayout(run_dir).merged, f32_path, cfg.export.model_name or default_model_name(cfg), eot, "f32"
+        )
         files["F32"] = (f32_path, False)
     parity: dict = {"bounds": {"relative": PARITY_BOUNDS, "min_top1": PARITY_MIN_TOP1}}
     try:
@@ -748,7 +748,7 @@ def evaluate_gguf(cfg: PipelineConfig, run_dir: Path, log=print) -> dict:
 
 def evaluate(cfg: PipelineConfig, run_dir: Path, log=print) -> dict:
     """The whole evaluate stage: transformers models first, then every GGUF variant."""
-    write_json_atomic(Path(run_dir) / REPORT_JSON, {})  # no section of an older run survives
+    write_json_atomic(RunLayout(run_dir).report_json, {})  # no section of an older run survives
     evaluate_hf(cfg, run_dir, log=log)
     return evaluate_gguf(cfg, run_dir, log=log)
 

@@ -20,6 +20,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from qlora_pipeline.chat_format import END_OF_TURN
 from qlora_pipeline.config import PipelineConfig
 from qlora_pipeline.errors import ConfigError, PipelineError
 from qlora_pipeline.layout import RunLayout
@@ -28,13 +29,11 @@ from qlora_pipeline.model import count_parameters
 from qlora_pipeline.paths import disk_full, looks_like_disk_full, require_free_space, write_json_atomic
 from qlora_pipeline.runtime import usable_cpus
 
-GGUF_DIR = "gguf"
 F16 = "F16"
-END_OF_TURN = "<|end|>"
 
 
 def gguf_path(run_dir: Path, quant: str) -> Path:
-    return Path(run_dir) / GGUF_DIR / f"model-{quant}.gguf"
+    return RunLayout(run_dir).gguf(quant)
 
 
 def quant_types() -> dict[str, int]:
@@ -157,7 +156,7 @@ def export_calls(cfg: PipelineConfig, run_dir: Path) -> list[str]:
     from transformers import AutoTokenizer
 
     run_dir = Path(run_dir)
-    merged, f16 = run_dir / "merged", gguf_path(run_dir, F16)
+    merged, f16 = RunLayout(run_dir).merged, gguf_path(run_dir, F16)
     eot = AutoTokenizer.from_pretrained(str(merged)).convert_tokens_to_ids(END_OF_TURN)
     tmp, tmp2 = (f16.with_name(f".{f16.name}.{step}.tmp") for step in ("convert", "meta"))
     convert, metadata = converter_commands(merged, tmp, tmp2, cfg.export.model_name or default_model_name(cfg), eot)
@@ -246,11 +245,11 @@ def export(cfg: PipelineConfig, run_dir: Path, log=print) -> dict:
 
     run_dir, merged = Path(run_dir), RunLayout(run_dir).merged
     check_quant_types(cfg.export.quant_types)
-    out_dir = run_dir / GGUF_DIR
+    out_dir = RunLayout(run_dir).gguf_dir
     out_dir.mkdir(parents=True, exist_ok=True)
     for leftover in out_dir.glob(".*.tmp"):  # a killed export's partial file (up to the model's size)
         leftover.unlink()
-    manifest_path = out_dir / "manifest.json"
+    manifest_path = RunLayout(run_dir).gguf_manifest
     manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
     source = merged_identity(merged)
     name = cfg.export.model_name or default_model_name(cfg)

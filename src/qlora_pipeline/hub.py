@@ -9,6 +9,7 @@ import os
 from pathlib import Path
 
 from qlora_pipeline.errors import PipelineError
+from qlora_pipeline.layout import RunLayout
 
 
 def push_folder(folder: Path, repo_id: str, private: bool = True, repo_type: str = "model") -> str:
@@ -60,7 +61,7 @@ def push_run_part(run_dir: Path, part: str, repo_id: str | None, enabled: bool) 
         from huggingface_hub import HfApi
 
         HfApi(token=os.environ["HF_TOKEN"]).upload_file(
-            path_or_fileobj=str(run_dir / "config.json"),
+            path_or_fileobj=str(RunLayout(run_dir).config),
             path_in_repo=RUN_CONFIG_IN_REPO,
             repo_id=repo_id,
             commit_message="The qlora-pipeline run configuration these files belong to",
@@ -107,9 +108,9 @@ def pull_run_part(run_dir: Path, part: str, repo_id: str | None, cache_dir: str 
                 dest.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(file, dest)  # real files: the cache's symlinks would dangle on Drive
     run_config = snapshot / RUN_CONFIG_IN_REPO
-    if run_config.is_file() and not (run_dir / "config.json").is_file():
+    if run_config.is_file() and not RunLayout(run_dir).config.is_file():
         from qlora_pipeline.paths import write_text_atomic
 
-        write_text_atomic(run_dir / "config.json", run_config.read_text(encoding="utf-8"))
+        write_text_atomic(RunLayout(run_dir).config, run_config.read_text(encoding="utf-8"))
     log(f"pulled the {part} from https://huggingface.co/{repo_id} into {run_dir / part}")
     return True

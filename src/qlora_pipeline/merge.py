@@ -19,8 +19,6 @@ from qlora_pipeline.errors import ModelError
 from qlora_pipeline.layout import RunLayout
 from qlora_pipeline.paths import atomic_dir, write_json_atomic
 
-MERGED = "merged"
-
 
 def merge_dtype(cfg: PipelineConfig, base: str):
     """The dtype to merge in: the configured one, else the base's own (fp32 for tiny, bf16 for Phi-3.5)."""
@@ -138,12 +136,12 @@ def merge(cfg: PipelineConfig, run_dir: Path, log=print) -> dict:
     del reference
     _report_check(check, dtype, len(check_examples), log, device=device)
 
-    with atomic_dir(run_dir / MERGED) as tmp:
+    with atomic_dir(RunLayout(run_dir).merged) as tmp:
         merged.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         if not copy_sentencepiece_model(base, tmp, cfg.model.revision):
             raise ModelError(f"the base {base!r} has no tokenizer.model; llama.cpp's Phi-3 converter needs it")
-    write_json_atomic(run_dir / "merge_check.json", check)
+    write_json_atomic(RunLayout(run_dir).merge_check, check)
     return check
 
 
@@ -223,13 +221,14 @@ def _merge_streaming(cfg: PipelineConfig, run_dir: Path, base: str, dtype, token
     from qlora_pipeline.model import free_memory, load_base_full_precision
 
     base_dir = local_base_dir(base, cfg.model.revision)
-    with atomic_dir(run_dir / MERGED) as tmp:
-        info = stream_merge(base_dir, run_dir / "adapter", tmp, dtype=dtype, log=log)
+    with atomic_dir(RunLayout(run_dir).merged) as tmp:
+        info = stream_merge(base_dir, RunLayout(run_dir).adapter, tmp, dtype=dtype, log=log)
         tokenizer.save_pretrained(tmp)
         if not copy_sentencepiece_model(str(base_dir), tmp, cfg.model.revision):
             raise ModelError(f"the base {base!r} has no tokenizer.model; llama.cpp's Phi-3 converter needs it")
         reference = model_logits(
-            load_adapter(load_base_full_precision(base, cfg.model, dtype=dtype), run_dir / "adapter"), check_examples
+            load_adapter(load_base_full_precision(base, cfg.model, dtype=dtype), RunLayout(run_dir).adapter),
+            check_examples,
         )
         free_memory()  # base + adapter is gone before the merged model loads: one model in RAM at a time
         merged = load_base_full_precision(str(tmp), cfg.model, dtype=dtype)
@@ -237,7 +236,7 @@ def _merge_streaming(cfg: PipelineConfig, run_dir: Path, base: str, dtype, token
         del merged, reference
         free_memory()
     _report_check(check, dtype, len(check_examples), log, streaming=True, **info)
-    write_json_atomic(run_dir / "merge_check.json", check)
+    write_json_atomic(RunLayout(run_dir).merge_check, check)
     return check
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from qlora_pipeline.config import PipelineConfig, config_from_dict
 from qlora_pipeline.errors import PipelineError, StageOrderError
-from qlora_pipeline.layout import SPLITS
+from qlora_pipeline.layout import SPLITS, RunLayout
 from qlora_pipeline.paths import file_manifest, manifest_difference, write_json_atomic
 
 
@@ -102,18 +102,18 @@ def check_run_dir(run_dir: Path) -> Path:
 
 
 def save_run_config(cfg: PipelineConfig, run_dir: Path) -> None:
-    write_json_atomic(Path(run_dir) / "config.json", cfg.to_dict())
+    write_json_atomic(RunLayout(run_dir).config, cfg.to_dict())
 
 
 def read_run_config(run_dir: Path) -> PipelineConfig | None:
-    path = Path(run_dir) / "config.json"
+    path = RunLayout(run_dir).config
     if not path.is_file():
         return None
     return config_from_dict(json.loads(path.read_text()))
 
 
 def _record_path(run_dir: Path, stage: Stage) -> Path:
-    return Path(run_dir) / "stages" / f"{stage.name}.json"
+    return RunLayout(run_dir).stage_record(stage.name)
 
 
 def _read_record(run_dir: Path, stage: Stage) -> dict | None:
@@ -217,7 +217,7 @@ def continue_run(run_dir: Path, parts: dict[str, str | None], log=print) -> Pipe
     cfg = read_run_config(run_dir)
     if cfg is None:
         raise PipelineError(f"{run_dir} has no config.json: run S29_finetuning_llm.ipynb with this RUN_DIR first")
-    if not all((Path(run_dir) / "data" / f"{split}.jsonl").is_file() for split in ("train", "val", "test")):
+    if not all(RunLayout(run_dir).split(name).is_file() for name in SPLITS):
         run_stage("prepare", cfg, run_dir, log=log)
     return cfg
 

@@ -40,10 +40,6 @@ from qlora_pipeline.paths import (
     write_json_atomic,
 )
 
-CHECKPOINTS = "checkpoints"
-ADAPTER = "adapter"
-
-
 # ---------------------------------------------------------------------------- state
 
 
@@ -77,7 +73,7 @@ def _trainable_state(model) -> dict:
 def checkpoint_size_estimate(run_dir: Path, model, with_best: bool) -> int:
     """Bytes the next checkpoint needs: the newest one's size, or (first time) the trainable
     weights times four (weights, AdamW's two moments, the best weights) plus 1 MB."""
-    existing = sorted((Path(run_dir) / CHECKPOINTS).glob("step-*"))
+    existing = sorted(RunLayout(run_dir).checkpoints.glob("step-*"))
     if existing:
         return folder_bytes(existing[-1])
     weights = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
@@ -106,7 +102,7 @@ def save_checkpoint(
     import torch
     from safetensors.torch import save_file
 
-    final = Path(run_dir) / CHECKPOINTS / f"step-{state.step:06d}"
+    final = RunLayout(run_dir).checkpoints / f"step-{state.step:06d}"
     needed = checkpoint_size_estimate(run_dir, model, best_weights is not None)
     require_free_space(final, needed)
     with atomic_dir(final, size_hint=needed) as tmp:
@@ -141,7 +137,7 @@ def save_checkpoint(
             file.name: {"bytes": file.stat().st_size, "sha256": file_sha256(file)} for file in sorted(tmp.iterdir())
         }
         write_json_atomic(tmp / "manifest.json", manifest)
-    checkpoints = sorted((Path(run_dir) / CHECKPOINTS).glob("step-*"))
+    checkpoints = sorted(RunLayout(run_dir).checkpoints.glob("step-*"))
     for old in checkpoints[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -163,7 +159,7 @@ def checkpoint_is_complete(path: Path) -> bool:
 
 
 def latest_checkpoint(run_dir: Path, log=print) -> Path | None:
-    for path in sorted((Path(run_dir) / CHECKPOINTS).glob("step-*"), reverse=True):
+    for path in sorted(RunLayout(run_dir).checkpoints.glob("step-*"), reverse=True):
         if checkpoint_is_complete(path):
             return path
         log(f"warning: skipping incomplete or corrupt checkpoint {path}")
@@ -174,7 +170,7 @@ def find_resumable(run_dir: Path, fingerprint: str, log=print, required: bool = 
     """The newest complete checkpoint, made with this configuration and data; when there is
     none, a clear error (or None when not ``required``)."""
     run_dir = Path(run_dir)
-    folder = run_dir / CHECKPOINTS
+    folder = RunLayout(run_dir).checkpoints
     # what a killed checkpoint write left (".step-N.*.tmp", never complete) goes first
     for name in {leftover.name.split(".")[1] for leftover in folder.glob(".step-*")}:
         recover_interrupted(folder / name)
@@ -209,7 +205,7 @@ def training_fingerprint(cfg: PipelineConfig, run_dir: Path) -> str:
 
     digest = hashlib.sha256(cfg.section_hash("data", "tiny", "model", "lora", "train").encode())
     for split in ("train", "val"):
-        digest.update(file_sha256(Path(run_dir) / "data" / f"{split}.jsonl").encode())
+        digest.update(file_sha256(RunLayout(run_dir).split(split)).encode())
     return digest.hexdigest()[:16]
 
 

@@ -1,0 +1,45 @@
+"""RunLayout names a run folder's paths once; the paths a run records are relative to it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from qlora_pipeline.layout import RunLayout
+
+
+def test_paths_recorded_relative_resolve_after_the_folder_moves(tmp_path):
+    before, after = RunLayout(tmp_path / "a"), RunLayout(tmp_path / "moved")
+    recorded = before.relative(before.gguf("Q4_K_M"))
+    assert recorded == "gguf/model-Q4_K_M.gguf"
+    assert after.resolve(recorded) == tmp_path / "moved" / "gguf" / "model-Q4_K_M.gguf"
+    assert after.resolve("/abs/model.gguf") == Path("/abs/model.gguf")  # older runs recorded absolute paths
+
+
+def test_a_path_outside_the_run_is_not_recorded_as_relative(tmp_path):
+    with pytest.raises(ValueError):
+        RunLayout(tmp_path / "run").relative(tmp_path / "elsewhere.gguf")
+
+
+def test_the_layout_matches_what_the_stages_declare():
+    from qlora_pipeline.pipeline import STAGES
+
+    layout = RunLayout(Path("R"))
+    named = {
+        layout.relative(p)
+        for p in (
+            layout.adapter,
+            layout.merged,
+            layout.gguf_dir,
+            layout.data,
+            layout.train_log,
+            layout.loss_plot,
+            layout.merge_check,
+            layout.report_json,
+            layout.report_md,
+            layout.scorecard_plot,
+        )
+    }
+    declared = {output for stage in STAGES for output in stage.outputs}
+    assert declared == named

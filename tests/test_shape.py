@@ -22,3 +22,14 @@ def test_the_scan_finds_a_long_function(tmp_path, monkeypatch):
     body = "\n".join(f"    x{i} = {i}" for i in range(85))
     (tmp_path / "long.py").write_text(f"def short():\n    pass\n\n\ndef long():\n{body}\n")
     assert [(lines, name) for lines, _, name in long_functions([tmp_path], 80)] == [(86, "long")]
+
+
+def test_the_readme_tree_names_every_module_and_only_existing_ones():
+    import re
+
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    tree = readme.split("## Where the code lives", 1)[1].split("```")[1]
+    named = set(re.findall(r"\b([a-z0-9_]+)\.py\b", tree))
+    modules = {p.stem for p in (REPO / "src" / "qlora_pipeline").glob("*.py") if p.stem != "__init__"}
+    assert modules - named == set(), "modules missing from the README tree"
+    assert named - modules == set(), "the README tree names modules that do not exist"

@@ -101,20 +101,12 @@ def weight_bytes_per_token(path: Path) -> int:
 
 def step_generate(quant: str) -> dict:
     code = f"""
-import json, statistics, time
+import json
 from llama_cpp import Llama
+from qlora_pipeline.speed import decode_speed
 llm = Llama(model_path={str(gguf(quant))!r}, n_ctx=512, n_threads=2, n_threads_batch=2, verbose=False)
 prompt = llm.tokenize(b"The history of the city begins", add_bos=True)
-rates = []
-for run in range(3):
-    llm.reset()
-    llm.eval(prompt)
-    t = time.perf_counter(); n = 0
-    for _ in range(16):
-        token = llm.sample(temp=0.0)
-        llm.eval([token]); n += 1
-    rates.append(n / (time.perf_counter() - t))
-print(json.dumps({{"tokens_per_s": statistics.median(rates), "runs": rates}}))
+print(json.dumps(decode_speed(llm, prompt, 16, 2)))
 """
     run = python_step(code)
     result = run.pop("result")

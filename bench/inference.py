@@ -4,8 +4,9 @@
 
 Both sides run the same merged model (``RUN/merged`` and ``RUN/gguf``), greedy, a 64-token
 prompt and 64 new tokens, at 1 and 2 threads; medians of ``--runs`` runs after one warm-up.
-Prompt processing: the prompt's forward pass (tokens/s). Generation: new tokens after the prompt
-(tokens/s; transformers' ``generate`` with the KV cache, its prefill time subtracted).
+Prompt processing: the prompt's forward pass (tokens/s). Generation: for llama.cpp, the scorecard's
+own measurement (``qlora_pipeline.speed.decode_speed``: tokens after the first over the time
+between first and last); for transformers, ``generate`` with the KV cache, its prefill subtracted.
 Writes bench/results/inference.json and inference.md.
 """
 
@@ -32,31 +33,18 @@ def prompt_ids() -> list[int]:
 
 
 def llama_speed(path: Path, threads: int, runs: int) -> dict:
+    """The scorecard's own measurement (``speed.decode_speed``) at ``threads``."""
     from llama_cpp import Llama
 
+    from qlora_pipeline.speed import decode_speed
+
     llm = Llama(model_path=str(path), n_ctx=512, n_threads=threads, n_threads_batch=threads, verbose=False)
-    ids = prompt_ids()
-    pp, gen = [], []
-    for run in range(runs + 1):
-        llm.reset()
-        t = time.perf_counter()
-        llm.eval(ids)
-        prefill = time.perf_counter() - t
-        # The generation loop users get (``Llama.generate``, as create_completion uses), on a fresh
-        # context, timed as a whole; the prefill measured above is subtracted, as for transformers.
-        llm.reset()
-        t = time.perf_counter()
-        for count, _ in enumerate(llm.generate(ids, top_k=1, temp=0.0, reset=True), start=1):
-            if count == NEW:
-                break
-        decode = time.perf_counter() - t - prefill
-        if run:
-            pp.append(PROMPT / prefill)
-            gen.append(NEW / decode)
+    speed = decode_speed(llm, prompt_ids(), NEW, runs)
     llm.close()
     return {
-        "prompt_tokens_per_s": statistics.median(pp),
-        "gen_tokens_per_s": statistics.median(gen),
+        "prompt_tokens_per_s": speed["prompt_tokens_per_s"],
+        "gen_tokens_per_s": speed["tokens_per_s"],
+        "time_to_first_token_s": speed["time_to_first_token_s"],
         "file_bytes": path.stat().st_size,
     }
 

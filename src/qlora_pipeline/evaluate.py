@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -307,24 +306,12 @@ def gguf_quality(
 def generation_speed(
     model_path: Path, prompt_ids: list[int], new_tokens: int, runs: int, n_ctx: int, threads: int, n_gpu_layers: int = 0
 ) -> dict:
-    """Median greedy generation speed (tokens/s after the first token) and time to first token."""
-    import statistics
-
+    """The scorecard's speed columns: ``speed.decode_speed`` on the file, as the chat opens it."""
     from qlora_pipeline.chat import LlamaChat
+    from qlora_pipeline.speed import decode_speed
 
-    chat = LlamaChat(model_path, n_ctx=n_ctx, n_threads=threads, n_gpu_layers=n_gpu_layers)
-    speeds, first_token = [], []
-    for _ in range(runs + 1):  # the first run warms caches and is not counted
-        started = time.perf_counter()
-        stamps = []
-        for _token in chat.llm.generate(prompt_ids, temp=0.0, top_k=1, reset=True):
-            stamps.append(time.perf_counter())
-            if len(stamps) >= new_tokens:
-                break  # generate() does not stop at end-of-turn, so every run makes the same count
-        speeds.append((len(stamps) - 1) / (stamps[-1] - stamps[0]))
-        first_token.append(stamps[0] - started)
-    chat.close()
-    return {"tokens_per_s": statistics.median(speeds[1:]), "time_to_first_token_s": statistics.median(first_token[1:])}
+    with LlamaChat(model_path, n_ctx=n_ctx, n_threads=threads, n_gpu_layers=n_gpu_layers) as chat:
+        return decode_speed(chat.llm, prompt_ids, new_tokens, runs)
 
 
 def parity_rows(parity: dict) -> list[tuple[str, dict]]:

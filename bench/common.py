@@ -19,6 +19,7 @@ from pathlib import Path
 
 import psutil
 
+from qlora_pipeline.memory import MemorySampler
 from qlora_pipeline.paths import write_json_atomic, write_text_atomic
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -61,17 +62,13 @@ def measured_run(cmd: list[str], env: dict | None = None) -> dict:
     work in the process it starts.
     """
     import tempfile
-    import threading
 
     started = time.perf_counter()
     with tempfile.TemporaryFile() as err_file:
         proc = subprocess.Popen(cmd, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE, stderr=err_file)
-        peak_anon = [0]
-        done = threading.Event()
-        threading.Thread(target=_sample_anonymous, args=(proc.pid, peak_anon, done), daemon=True).start()
-        out = proc.stdout.read()
-        _, status, usage = os.wait4(proc.pid, 0)
-        done.set()
+        with MemorySampler(interval=0.05, pid=proc.pid) as memory:
+            out = proc.stdout.read()
+            _, status, usage = os.wait4(proc.pid, 0)
         err_file.seek(0)
         err = err_file.read()
     proc.returncode = os.waitstatus_to_exitcode(status)
@@ -81,32 +78,9 @@ def measured_run(cmd: list[str], env: dict | None = None) -> dict:
     return {
         "seconds": seconds,
         "peak_rss_bytes": usage.ru_maxrss * 1024,
-        "peak_anon_bytes": peak_anon[0],
+        "peak_anon_bytes": memory.peak_anonymous,
         "stdout": out.decode(),
     }
-
-
-def _sample_anonymous(pid: int, peak: list, done) -> None:
-    """Peak anonymous memory of a process and its children, sampled every 50 ms.
-
-    RSS also counts pages of files a process maps (safetensors and GGUF loaders map their
-    input): those are page cache the kernel can drop, not memory the process holds, so the
-    anonymous part (RSS minus file-backed/shared pages) is reported beside peak RSS.
-    """
-    try:
-        root = psutil.Process(pid)
-    except psutil.Error:
-        return
-    while not done.is_set():
-        try:
-            total = 0
-            for p in [root] + root.children(recursive=True):
-                info = p.memory_info()
-                total += info.rss - info.shared
-            peak[0] = max(peak[0], total)
-        except psutil.Error:
-            pass
-        time.sleep(0.05)
 
 
 CHILDREN_RSS = (

@@ -19,11 +19,11 @@ import argparse
 import json
 import shutil
 import sys
-import threading
 import time
 from pathlib import Path
 
 from qlora_pipeline.errors import PipelineError
+from qlora_pipeline.memory import MemorySampler
 from qlora_pipeline.paths import write_json_atomic
 
 S29 = ("S29_finetuning_llm.ipynb", "S29_phi3_inference.ipynb", "S29_phi3_QuantizeLLMs_checkpoint.ipynb")
@@ -35,63 +35,6 @@ RUN_FILES = (
     "gguf/model-F16.gguf",
     "report.json",
 )
-
-
-class MemorySampler:
-    """Peak and timeline of the summed RSS of this process's children (the notebook kernel and
-    whatever it starts), sampled every ``interval`` seconds in a background thread."""
-
-    def __init__(self, interval: float = 0.5):
-        self.interval = interval
-        self.samples: list[tuple[float, int, int]] = []  # (seconds, RSS, anonymous)
-        self.started = time.time()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    @staticmethod
-    def _anonymous(pid: int) -> int:
-        """RssAnon: the resident memory that no file backs (a model's tensors, not its mapped files)."""
-        try:
-            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                if line.startswith("RssAnon:"):
-                    return int(line.split()[1]) * 1024
-        except OSError:
-            pass
-        return 0
-
-    def _measure(self) -> tuple[int, int]:
-        import psutil
-
-        rss = anon = 0
-        for child in psutil.Process().children(recursive=True):
-            try:
-                rss += child.memory_info().rss
-                anon += self._anonymous(child.pid)
-            except psutil.Error:  # a child that just ended
-                pass
-        return rss, anon
-
-    def _run(self) -> None:
-        self.started = time.time()
-        while not self._stop.is_set():
-            self.samples.append((time.time() - self.started, *self._measure()))
-            self._stop.wait(self.interval)
-
-    def __enter__(self) -> MemorySampler:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    @property
-    def peak(self) -> int:
-        return max((rss for _, rss, _ in self.samples), default=0)
-
-    @property
-    def peak_anonymous(self) -> int:
-        return max((anon for _, _, anon in self.samples), default=0)
 
 
 def drive_run_dir(out: Path) -> Path:

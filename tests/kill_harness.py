@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+import qlora_pipeline.batches as batches_module
 import qlora_pipeline.train as train_module
 from qlora_pipeline.cli import main
 
@@ -54,6 +55,7 @@ def counted_write_json_atomic(path, data):
         count("checkpoint")
 
 
-train_module.token_losses = counted_token_losses
+train_module.token_losses = counted_token_losses  # the training step's
+batches_module.token_losses = counted_token_losses  # evaluation's (batches.evaluate_loss)
 train_module.write_json_atomic = counted_write_json_atomic
 sys.exit(main(argv))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from qlora_pipeline.errors import DiskFullError
@@ -51,3 +53,17 @@ def test_a_full_disk_keeps_the_previous_file(tmpfs):
         write_text_atomic(path, "x" * 2_000_000)
     assert path.read_text() == "previous"
     assert [p.name for p in disk.iterdir()] == ["report.json"]
+
+
+def test_manifest_holds_by_size_and_content_and_rehashes_on_request(tmp_path):
+    from qlora_pipeline.paths import manifest_holds
+
+    (tmp_path / "a.bin").write_bytes(b"x" * 100)
+    recorded = file_manifest(tmp_path, ["a.bin"])
+    assert manifest_holds(tmp_path, recorded)
+    stat = (tmp_path / "a.bin").stat()
+    (tmp_path / "a.bin").write_bytes(b"y" * 100)  # same size; the old time put back: a stat cannot tell
+    os.utime(tmp_path / "a.bin", ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert manifest_holds(tmp_path, recorded) and not manifest_holds(tmp_path, recorded, rehash=True)
+    (tmp_path / "a.bin").unlink()
+    assert not manifest_holds(tmp_path, recorded)

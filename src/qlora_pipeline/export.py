@@ -26,7 +26,14 @@ from qlora_pipeline.errors import ConfigError, PipelineError
 from qlora_pipeline.layout import RunLayout
 from qlora_pipeline.llamacpp import ensure_llama_cpp
 from qlora_pipeline.model import count_parameters
-from qlora_pipeline.paths import disk_full, looks_like_disk_full, require_free_space, write_json_atomic
+from qlora_pipeline.paths import (
+    disk_full,
+    file_manifest,
+    looks_like_disk_full,
+    manifest_holds,
+    require_free_space,
+    write_json_atomic,
+)
 from qlora_pipeline.runtime import usable_cpus
 
 F16 = "F16"
@@ -264,7 +271,7 @@ def export(cfg: PipelineConfig, run_dir: Path, log=print) -> dict:
     for quant in bar:
         path = gguf_path(run_dir, quant)
         record = manifest["files"].get(quant)
-        if record and path.is_file() and path.stat().st_size == record["bytes"]:
+        if record and manifest_holds(path.parent, {record["file"]: record}):
             bar.write(f"{path.name}: already exported")
             continue
         bar.set_postfix(file=path.name)
@@ -272,7 +279,8 @@ def export(cfg: PipelineConfig, run_dir: Path, log=print) -> dict:
             convert_to_gguf(merged, path, name, eot)
         else:
             quantize_gguf(gguf_path(run_dir, F16), path, quant, cfg.export.threads or usable_cpus())
-        manifest["files"][quant] = {"file": path.name, "bytes": path.stat().st_size}  # relative: runs can move
+        # relative: runs can move; size, time and hash: a changed file is exported again
+        manifest["files"][quant] = {"file": path.name, **file_manifest(path.parent, [path.name])[path.name]}
         write_json_atomic(manifest_path, manifest)
     for stale in set(manifest["files"]) - set(todo):
         gguf_path(run_dir, stale).unlink(missing_ok=True)

@@ -171,7 +171,7 @@ def file_manifest(root: Path, names: tuple[str, ...] | list[str], previous: dict
                 continue
             stat = file.stat()
             old = previous.get(rel)
-            if old and old["bytes"] == stat.st_size and old["mtime_ns"] == stat.st_mtime_ns:
+            if old and old["bytes"] == stat.st_size and old.get("mtime_ns") == stat.st_mtime_ns:
                 out[rel] = old
             else:
                 out[rel] = {"bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": file_sha256(file)}
@@ -185,6 +185,14 @@ def manifest_difference(recorded: dict, current: dict) -> str | None:
         if a is None or b is None or a["bytes"] != b["bytes"] or a["sha256"] != b["sha256"]:
             return rel
     return None
+
+
+def manifest_holds(root: Path, recorded: dict, rehash: bool = False) -> bool:
+    """Whether every file ``recorded`` (a ``file_manifest``) is under ``root`` as recorded: size
+    and sha256. The one completeness check of checkpoints, GGUF files and stage records. A file
+    whose size and modification time still match keeps its recorded hash unless ``rehash``."""
+    current = file_manifest(root, list(recorded), previous=None if rehash else recorded)
+    return manifest_difference(recorded, current) is None
 
 
 # ---------------------------------------------------------------------------- disk space

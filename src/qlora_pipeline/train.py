@@ -32,8 +32,10 @@ from qlora_pipeline.errors import PipelineError
 from qlora_pipeline.layout import RunLayout
 from qlora_pipeline.paths import (
     atomic_dir,
+    file_manifest,
     file_sha256,
     folder_bytes,
+    manifest_holds,
     recover_interrupted,
     require_free_space,
     save_figure_atomic,
@@ -133,9 +135,7 @@ def save_checkpoint(
                 "finished": finished,
             },
         )
-        manifest = {
-            file.name: {"bytes": file.stat().st_size, "sha256": file_sha256(file)} for file in sorted(tmp.iterdir())
-        }
+        manifest = file_manifest(tmp, sorted(file.name for file in tmp.iterdir()))
         write_json_atomic(tmp / "manifest.json", manifest)
     checkpoints = sorted(RunLayout(run_dir).checkpoints.glob("step-*"))
     for old in checkpoints[:-keep]:
@@ -151,11 +151,7 @@ def checkpoint_is_complete(path: Path) -> bool:
         manifest = json.loads(manifest_file.read_text())
     except json.JSONDecodeError:
         return False
-    for name, meta in manifest.items():
-        file = path / name
-        if not file.is_file() or file.stat().st_size != meta["bytes"] or file_sha256(file) != meta["sha256"]:
-            return False
-    return True
+    return isinstance(manifest, dict) and manifest_holds(path, manifest, rehash=True)
 
 
 def latest_checkpoint(run_dir: Path, log=print) -> Path | None:

@@ -239,27 +239,14 @@ def memory_table(n_params: int) -> list[dict]:
 
 
 def hf_answers(model, tokenizer, prompts: list[str], max_new_tokens: int = 48, system: str | None = None) -> list[str]:
-    """Greedy answers of a transformers model through the chat template (stops at <|end|>)."""
-    import torch
-
+    """Greedy answers of a transformers model through the chat template (stops at <|end|>):
+    the held-out scoring's own answerer."""
     from qlora_pipeline.chat_format import ChatEncoder
+    from qlora_pipeline.heldout import hf_answerer
 
-    encoder = ChatEncoder.from_hf(tokenizer)
-    answers = []
-    for prompt in prompts:
-        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-        ids = torch.tensor([encoder.encode_prompt(messages)], device=model.device)
-        with torch.no_grad():
-            out = model.generate(
-                input_ids=ids,
-                attention_mask=torch.ones_like(ids),
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                eos_token_id=[encoder.end_of_turn_id, tokenizer.eos_token_id],
-                pad_token_id=tokenizer.pad_token_id,
-            )
-        answers.append(tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip())
-    return answers
+    answer = hf_answerer(model, ChatEncoder.from_hf(tokenizer), tokenizer, max_new_tokens)
+    head = [{"role": "system", "content": system}] if system else []
+    return [answer([*head, {"role": "user", "content": prompt}]).strip() for prompt in prompts]
 
 
 def gguf_answers(run_dir: Path, quants: list[str], messages: list[dict], params, n_ctx: int = 2048) -> dict:

@@ -10,8 +10,8 @@
 # make course-repo REPO=OWNER/NAME - the course's GitHub repository in COURSE_REPO, the notebooks'
 #                  set-up cells, the README's Colab badges and the Space README
 # make bench  - benchmarks on the tiny model (a few minutes): bench/results/*.json, *.md, speed_vs_size.png
-# make mutation - mutmut over the functions behind the correctness claims (slow, about an hour):
-#                 bench/results/mutation.{json,md} with the survivors
+# make mutation - mutmut over the functions behind the correctness claims (slow: hours on 2 cores;
+#                 resumable): bench/results/mutation.{json,md} with the survivors
 # make bench-full - the full-size Phi-3.5-mini shape (random weights; ~25 GB disk, up to about an hour)
 PYTHON ?= python3
 VENV   := .venv

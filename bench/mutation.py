@@ -30,28 +30,30 @@ from qlora_pipeline.paths import write_json_atomic, write_text_atomic  # noqa: E
 REPO = Path(__file__).resolve().parents[1]
 MUTMUT = Path(sys.executable).with_name("mutmut")
 
-# claim -> mutmut name patterns (module.x_function, or module.xǁClassǁmethod).
+# claim -> mutmut name patterns: qlora_pipeline.<module>.x_<function>__mutmut_N, or
+# ...xǁ<Class>ǁ<method>__mutmut_N; any module, so that a function that moves keeps its claim.
 CLAIMS = {
-    "chat format (one template, labels on the answers only)": ["qlora_pipeline.chat_format.xǁChatEncoderǁ*"],
+    "chat format (one template, labels on the answers only)": ["qlora_pipeline.*.xǁChatEncoderǁ*"],
     "data split (by tree, the same in every process)": [
-        "qlora_pipeline.data.x_tree_split__*",
-        "qlora_pipeline.data.x_split_conversations__*",
+        "qlora_pipeline.*.x_tree_split__*",
+        "qlora_pipeline.*.x_split_conversations__*",
     ],
-    "LoRA target check (every target in every layer)": ["qlora_pipeline.model.x_check_lora_targets__*"],
+    "LoRA target check (every target in every layer)": ["qlora_pipeline.*.x_check_lora_targets__*"],
     "packing (packed conversations cannot see each other)": [
-        "qlora_pipeline.batches.x_pack_examples__*",
-        "qlora_pipeline.batches.x_batch_plan__*",
-        "qlora_pipeline.batches.x_collate_packed__*",
-        "qlora_pipeline.batches.x_token_losses__*",
+        "qlora_pipeline.*.x_pack_examples__*",
+        "qlora_pipeline.*.x_batch_plan__*",
+        "qlora_pipeline.*.x_collate_packed__*",
+        "qlora_pipeline.*.x_token_losses__*",
     ],
     "data-parallel split (ranks share the micro-batches)": [
-        "qlora_pipeline.train.x_step_plan__*",
-        "qlora_pipeline.train.x_optimizer_step__*",
+        "qlora_pipeline.*.x_step_plan__*",
+        "qlora_pipeline.*.x_optimizer_step__*",
+        "qlora_pipeline.*.x__train_step__*",
     ],
     "chat prompt building (the encoder's ids reach llama.cpp)": [
-        "qlora_pipeline.chat.x__llama_encoder__*",
-        "qlora_pipeline.chat.xǁLlamaChatǁprompt_ids__*",
-        "qlora_pipeline.chat.xǁLlamaChatǁstream__*",
+        "qlora_pipeline.*.x__llama_encoder__*",
+        "qlora_pipeline.*.xǁLlamaChatǁprompt_ids__*",
+        "qlora_pipeline.*.xǁLlamaChatǁstream__*",
     ],
 }
 

@@ -80,6 +80,24 @@ def test_history_is_trimmed_oldest_first_keeping_the_system_prompt(hello_chat):
     assert ids[0] == 32006  # <|system|> first
 
 
+def test_trimming_drops_the_fewest_pairs_that_make_it_fit(hello_chat):
+    """At the exact budget nothing is dropped; one token less drops exactly the oldest pair; and
+    whatever is dropped, one pair fewer would not have fitted."""
+    system = {"role": "system", "content": "Be brief."}
+    turns = [{"role": r, "content": f"{r} turn {i} " * 3} for i in range(6) for r in ("user", "assistant")]
+    messages = [system, *turns, {"role": "user", "content": "And now?"}]
+    full = len(hello_chat.encoder.encode_prompt(messages))
+    exact = hello_chat.n_ctx - full  # max_new_tokens that leaves exactly the prompt's length
+    assert hello_chat.prompt_ids(messages, exact) == (hello_chat.encoder.encode_prompt(messages), 0)
+    ids, dropped = hello_chat.prompt_ids(messages, exact + 1)
+    assert dropped == 2 and ids == hello_chat.encoder.encode_prompt([system, *turns[2:], messages[-1]])
+    for budget_cut in (40, 80, 120):
+        ids, dropped = hello_chat.prompt_ids(messages, exact + budget_cut)
+        assert len(ids) <= full - budget_cut and dropped % 2 == 0
+        fewer = hello_chat.encoder.encode_prompt([system, *turns[dropped - 2 :], messages[-1]])
+        assert len(fewer) > full - budget_cut, budget_cut
+
+
 def test_a_message_too_long_for_the_context_is_a_clear_error(hello_chat):
     with pytest.raises(ConfigError, match="too long for the context"):
         hello_chat.prompt_ids([{"role": "user", "content": "word " * 400}], max_new_tokens=40)

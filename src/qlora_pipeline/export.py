@@ -279,8 +279,10 @@ def export(cfg: PipelineConfig, run_dir: Path, log=print) -> dict:
             convert_to_gguf(merged, path, name, eot)
         else:
             quantize_gguf(gguf_path(run_dir, F16), path, quant, cfg.export.threads or usable_cpus())
-        # relative: runs can move; size, time and hash: a changed file is exported again
-        manifest["files"][quant] = {"file": path.name, **file_manifest(path.parent, [path.name])[path.name]}
+        # relative (runs can move); size and hash, not the time: a re-export that writes the same
+        # bytes leaves the manifest, and so the stages after export, unchanged
+        entry = file_manifest(path.parent, [path.name])[path.name]
+        manifest["files"][quant] = {"file": path.name, "bytes": entry["bytes"], "sha256": entry["sha256"]}
         write_json_atomic(manifest_path, manifest)
     for stale in set(manifest["files"]) - set(todo):
         gguf_path(run_dir, stale).unlink(missing_ok=True)

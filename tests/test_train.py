@@ -114,27 +114,24 @@ def test_resume_without_a_checkpoint_is_a_clear_error(prepared_run, tmp_path, te
         train(test_config, run, resume=True, log=lambda *a, **k: None)
 
 
+def train_two_ranks(run, ranks_dir) -> None:
+    """Train ``run`` with torchrun on two CPU processes (tests/ddp_train.py); each rank's final
+    LoRA weights go to ``ranks_dir``."""
+    from qlora_pipeline.app_check import free_port
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "tests")}
+    port = str(free_port())  # a fixed port collides with a run still closing
+    script = REPO / "tests" / "ddp_train.py"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port]
+    result = subprocess.run([*cmd, str(script), str(run), str(ranks_dir)], env=env, capture_output=True, text=True,
+                            timeout=600)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
 def test_two_process_data_parallel_run_ends_with_identical_weights(prepared_run, tmp_path, test_config):
     run = copy_run(prepared_run, tmp_path / "ddp")
     save_run_config(make_config("train.max_steps=4"), run)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "tests")}
-    from qlora_pipeline.app_check import free_port
-
-    port = str(free_port())  # a fixed port collides with a run still closing
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        port,
-        str(REPO / "tests" / "ddp_train.py"),
-        str(run),
-        str(tmp_path / "ranks"),
-    ]
-    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
+    train_two_ranks(run, tmp_path / "ranks")
     rank0 = load_file(str(tmp_path / "ranks" / "rank-0.safetensors"))
     rank1 = load_file(str(tmp_path / "ranks" / "rank-1.safetensors"))
     assert rank0.keys() == rank1.keys() and rank0
@@ -274,23 +271,7 @@ def test_data_parallel_ranks_split_the_micro_batches(prepared_run, tmp_path, tes
     cfg = make_config("train.max_steps=2", "train.gradient_accumulation_steps=2", "train.eval_every=2")
     run = copy_run(prepared_run, tmp_path / "ddp")
     save_run_config(cfg, run)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "tests")}
-    from qlora_pipeline.app_check import free_port
-
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        str(free_port()),
-        str(REPO / "tests" / "ddp_train.py"),
-        str(run),
-        str(tmp_path / "ranks"),
-    ]
-    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
+    train_two_ranks(run, tmp_path / "ranks")
     examples, _ = tokenize_conversations(
         ChatEncoder.from_hf(tiny_tokenizer), read_split(run, "train"), cfg.data.max_seq_len, cfg.data.overlong
     )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -61,6 +62,21 @@ def test_user_text_with_special_tokens_is_tokenized_as_text(hello_chat, tiny_tok
     assert ids[0] == 32010 and ids[-2:] == [32007, 32001]
     assert not {32007, 32001, 32010} & set(body)
     assert ids == ChatEncoder.from_hf(tiny_tokenizer).encode_prompt(messages)  # same ids as training
+
+
+def test_stream_statistics_describe_the_answer_it_gave(hello_chat):
+    """What the app's status line shows: prompt size, pieces, time to first token, tokens/s."""
+    messages = [{"role": "user", "content": "Say hello number 7"}]
+    stats: dict = {}
+    started = time.perf_counter()
+    pieces = list(hello_chat.stream(messages, GREEDY, stats))
+    elapsed = time.perf_counter() - started
+    assert "".join(pieces) == "Hello there."
+    assert stats["prompt_tokens"] == len(hello_chat.encoder.encode_prompt(messages))
+    assert stats["dropped_turns"] == 0 and stats["completion_chunks"] >= len(pieces) >= 2
+    assert 0 < stats["time_to_first_token"] < stats["seconds"] <= elapsed
+    generating = stats["seconds"] - stats["time_to_first_token"]
+    assert stats["tokens_per_s"] == pytest.approx((stats["completion_chunks"] - 1) / generating, rel=0.05)
 
 
 def test_history_is_trimmed_oldest_first_keeping_the_system_prompt(hello_chat):

@@ -28,9 +28,7 @@ from qlora_pipeline.llamacpp import ensure_llama_cpp
 from qlora_pipeline.model import count_parameters
 from qlora_pipeline.paths import (
     disk_full,
-    file_manifest,
     looks_like_disk_full,
-    manifest_holds,
     require_free_space,
     write_json_atomic,
 )
@@ -271,7 +269,7 @@ def export(cfg: PipelineConfig, run_dir: Path, log=print) -> dict:
     for quant in bar:
         path = gguf_path(run_dir, quant)
         record = manifest["files"].get(quant)
-        if record and manifest_holds(path.parent, {record["file"]: record}):
+        if record and path.is_file() and path.stat().st_size == record["bytes"]:
             bar.write(f"{path.name}: already exported")
             continue
         bar.set_postfix(file=path.name)
@@ -279,10 +277,9 @@ def export(cfg: PipelineConfig, run_dir: Path, log=print) -> dict:
             convert_to_gguf(merged, path, name, eot)
         else:
             quantize_gguf(gguf_path(run_dir, F16), path, quant, cfg.export.threads or usable_cpus())
-        # relative (runs can move); size and hash, not the time: a re-export that writes the same
-        # bytes leaves the manifest, and so the stages after export, unchanged
-        entry = file_manifest(path.parent, [path.name])[path.name]
-        manifest["files"][quant] = {"file": path.name, "bytes": entry["bytes"], "sha256": entry["sha256"]}
+        # Relative (runs can move), and the size only: files are renamed into place whole, and the
+        # stage record hashes every output when export finishes (hashing here read each again).
+        manifest["files"][quant] = {"file": path.name, "bytes": path.stat().st_size}
         write_json_atomic(manifest_path, manifest)
     for stale in set(manifest["files"]) - set(todo):
         gguf_path(run_dir, stale).unlink(missing_ok=True)

@@ -795,16 +795,20 @@ def _add_server_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+# The Limits an operator sets (--max-<name>, env MAX_<NAME>), with what each counts.
+LIMIT_FLAGS = {
+    "history_messages": "messages of earlier turns",
+    "message_chars": "characters per message",
+    "system_chars": "characters of the system prompt",
+    "total_chars": "characters of a whole request",
+    "request_bytes": "bytes of one HTTP request body (413 before it is read)",
+}
+
+
 def _add_limit_arguments(parser: argparse.ArgumentParser) -> None:
     env = os.environ.get
     limits = Limits()
-    for name, doc in (
-        ("history_messages", "messages of earlier turns"),
-        ("message_chars", "characters per message"),
-        ("system_chars", "characters of the system prompt"),
-        ("total_chars", "characters of a whole request"),
-        ("request_bytes", "bytes of one HTTP request body (413 before it is read)"),
-    ):
+    for name, doc in LIMIT_FLAGS.items():
         flag, variable = name.replace("_", "-"), f"MAX_{name.upper()}"
         parser.add_argument(
             f"--max-{flag}",
@@ -813,9 +817,6 @@ def _add_limit_arguments(parser: argparse.ArgumentParser) -> None:
             help=f"most {doc} one request may carry, checked before tokenizing "
             f"(default {getattr(limits, name):,}; env {variable})",
         )
-
-
-LIMIT_FLAGS = ("history_messages", "message_chars", "system_chars", "total_chars", "request_bytes")
 
 
 def settings_from_args(args) -> AppSettings:
@@ -836,13 +837,7 @@ def settings_from_args(args) -> AppSettings:
         base_url=args.base_url,
         api_key=os.environ.get("OPENAI_API_KEY"),
         concurrency=args.concurrency,
-        limits=Limits(
-            history_messages=args.max_history_messages,
-            message_chars=args.max_message_chars,
-            system_chars=args.max_system_chars,
-            total_chars=args.max_total_chars,
-            request_bytes=args.max_request_bytes,
-        ),
+        limits=Limits(**{name: getattr(args, f"max_{name}") for name in LIMIT_FLAGS}),
     )
     if args.backend == "openai":
         settings.models = [ModelChoice(n) for n in args.api_model]

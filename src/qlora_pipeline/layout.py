@@ -50,10 +50,6 @@ class RunLayout:
     def split(self, name: str) -> Path:
         return self.data / f"{name}.jsonl"
 
-    @property
-    def data_stats(self) -> Path:
-        return self.data / "stats.json"
-
     # -- train
     @property
     def checkpoints(self) -> Path:
@@ -113,9 +109,3 @@ class RunLayout:
     def relative(self, path: Path) -> str:
         """``path`` as written into the run's own records: relative to the run folder."""
         return Path(path).resolve().relative_to(self.root.resolve()).as_posix()
-
-    def resolve(self, recorded: str) -> Path:
-        """A path read from the run's records: relative ones are the run folder's (absolute ones
-        come from runs made before paths were recorded relative)."""
-        path = Path(recorded)
-        return path if path.is_absolute() else self.root / path

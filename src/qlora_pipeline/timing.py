@@ -12,9 +12,8 @@ import json
 from pathlib import Path
 
 from qlora_pipeline.config import PipelineConfig
+from qlora_pipeline.layout import RunLayout
 from qlora_pipeline.paths import write_json_atomic
-
-ESTIMATE_FILE = "time_estimate.json"
 
 
 def _tokens(examples: list[dict]) -> int:
@@ -65,7 +64,7 @@ def estimate(counts: dict[str, int], train_tokens_per_s: float, forward_tokens_p
 
 
 def save_estimate(run_dir: Path, table: dict) -> None:
-    write_json_atomic(Path(run_dir) / ESTIMATE_FILE, table)
+    write_json_atomic(RunLayout(run_dir).time_estimate, table)
 
 
 def format_duration(seconds: float) -> str:
@@ -93,7 +92,7 @@ def format_estimate(table: dict, notebook: str | None = None) -> str:
 
 def print_estimate(run_dir: Path, notebook: str) -> None:
     """Notebooks 2 and 3: the estimate notebook 1 made, for this notebook's long steps."""
-    path = Path(run_dir) / ESTIMATE_FILE
+    path = RunLayout(run_dir).time_estimate
     if not path.is_file():
         print("no time estimate in RUN_DIR (notebook 1 makes it)")
         return

@@ -88,14 +88,19 @@ def test_string_settings_are_taken_as_typed_not_as_yaml():
 def test_an_installed_wheel_has_the_presets(tmp_path):
     """``pip wheel .`` then an install of that wheel elsewhere: ``--preset tiny`` (the default)
     and the other presets resolve from the installed copy, not from this checkout."""
+    import shutil
     import subprocess
     import sys
     import zipfile
 
     repo = Path(__file__).resolve().parents[1]
+    source = tmp_path / "source"  # built from a copy: the build leaves build/ and *.egg-info behind
+    shutil.copytree(repo / "src", source / "src", ignore=shutil.ignore_patterns("*.egg-info", "__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy2(repo / name, source / name)
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "--quiet"]
     subprocess.run(
-        [*pip, "wheel", str(repo), "--no-deps", "--no-build-isolation", "-w", str(tmp_path / "wheel")],
+        [*pip, "wheel", str(source), "--no-deps", "--no-build-isolation", "-w", str(tmp_path / "wheel")],
         check=True,
         cwd=tmp_path,
     )

@@ -58,7 +58,8 @@ CLAIMS = {
 }
 
 
-def run_mutmut(patterns: list[str]) -> float:
+def run_mutmut(patterns: list[str]) -> tuple[float, int]:
+    """Run mutmut over ``patterns``; (seconds, its exit status)."""
     env = {
         **os.environ,
         # the tests' subprocesses (the split in a fresh process, the data-parallel ranks) import
@@ -68,8 +69,8 @@ def run_mutmut(patterns: list[str]) -> float:
         "QLORA_TEST_RUN_CACHE": str(REPO / "mutants" / "run-cache"),
     }
     start = time.perf_counter()
-    subprocess.run([str(MUTMUT), "run", *patterns], cwd=REPO, env=env, check=False)
-    return time.perf_counter() - start
+    status = subprocess.run([str(MUTMUT), "run", *patterns], cwd=REPO, env=env, check=False).returncode
+    return time.perf_counter() - start, status
 
 
 def mutant_statuses() -> dict[str, str]:
@@ -143,9 +144,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--report-only", action="store_true", help="rewrite the report from mutmut's stored results")
     args = parser.parse_args(argv)
-    seconds = None
+    seconds, status = None, 0
     if not args.report_only:
-        seconds = run_mutmut([p for pats in CLAIMS.values() for p in pats])
+        seconds, status = run_mutmut([p for pats in CLAIMS.values() for p in pats])
     result = summarize(mutant_statuses(), seconds)
     write_report(result)
     t = result["totals"]
@@ -153,6 +154,9 @@ def main(argv: list[str] | None = None) -> int:
         f"mutation: {sum(t.values())} mutants, {t.get('killed', 0)} killed, {t.get('survived', 0)} survived, "
         f"{t.get('timeout', 0)} timed out -> {RESULTS / 'mutation.md'}"
     )
+    if status != 0:  # the report still holds what was checked; the run itself did not finish
+        print(f"error: mutmut exited with {status}; run `make mutation` again to resume", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -56,7 +56,8 @@ def machine_line(m: dict) -> str:
 
 
 def measured_run(cmd: list[str], env: dict | None = None) -> dict:
-    """Run ``cmd``; its wall time and the peak RSS of that process alone (``wait4``'s rusage).
+    """Run ``cmd`` in the repository root; its wall time and the peak RSS of that process alone
+    (``wait4``'s rusage).
 
     ru_maxrss covers the process itself (and not its children) — every measured step runs its
     work in the process it starts.
@@ -65,7 +66,9 @@ def measured_run(cmd: list[str], env: dict | None = None) -> dict:
 
     started = time.perf_counter()
     with tempfile.TemporaryFile() as err_file:
-        proc = subprocess.Popen(cmd, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE, stderr=err_file)
+        proc = subprocess.Popen(
+            cmd, cwd=REPO, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE, stderr=err_file
+        )
         with MemorySampler(interval=0.05, pid=proc.pid) as memory:
             out = proc.stdout.read()
             _, status, usage = os.wait4(proc.pid, 0)
@@ -74,7 +77,7 @@ def measured_run(cmd: list[str], env: dict | None = None) -> dict:
     proc.returncode = os.waitstatus_to_exitcode(status)
     seconds = time.perf_counter() - started
     if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd[:4])}... failed ({proc.returncode}): {err.decode()[-1500:]}")
+        raise RuntimeError(f"{' '.join(cmd[:5])}... failed ({proc.returncode}): {err.decode()[-1500:]}")
     return {
         "seconds": seconds,
         "peak_rss_bytes": usage.ru_maxrss * 1024,
@@ -83,26 +86,19 @@ def measured_run(cmd: list[str], env: dict | None = None) -> dict:
     }
 
 
-CHILDREN_RSS = (
-    "\nimport resource as _r, json as _j\n"
-    "print(_j.dumps({'children_peak_rss_bytes': _r.getrusage(_r.RUSAGE_CHILDREN).ru_maxrss * 1024}))"
-)
+def step_command(step: str, /, **arguments) -> list[str]:
+    """The command line that runs ``bench/steps.py``'s ``step`` in a fresh interpreter."""
+    return [sys.executable, "-m", "bench.steps", step, json.dumps(arguments)]
 
 
-def python_step(code: str, env: dict | None = None) -> dict:
-    """Run Python ``code`` in a fresh interpreter; the last stdout line, if JSON, is its result.
-
-    ``peak_rss_bytes`` is the largest of that interpreter and any process it ran (llama.cpp's
-    converter runs as a child of the export code).
-    """
-    run = measured_run([sys.executable, "-c", code + CHILDREN_RSS], env)
+def run_step(step: str, /, **arguments) -> dict:
+    """Run ``step`` of ``bench/steps.py`` in a fresh interpreter: its ``result``, wall
+    ``seconds``, ``peak_rss_bytes`` (the largest of that interpreter and any process it ran:
+    llama.cpp's converter runs as a child of the export code) and ``peak_anon_bytes``."""
+    run = measured_run(step_command(step, **arguments))
     lines = run.pop("stdout").strip().splitlines()
-    children = json.loads(lines.pop())["children_peak_rss_bytes"] if lines else 0
-    run["peak_rss_bytes"] = max(run["peak_rss_bytes"], children)
-    try:
-        run["result"] = json.loads(lines[-1]) if lines else None
-    except json.JSONDecodeError:
-        run["result"] = None
+    run["peak_rss_bytes"] = max(run["peak_rss_bytes"], json.loads(lines[-1])["children_peak_rss_bytes"])
+    run["result"] = json.loads(lines[-2])
     return run
 
 

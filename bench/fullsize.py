@@ -23,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import RESULTS, gb, machine, python_step, save  # noqa: E402
+from common import RESULTS, gb, machine, run_step, save  # noqa: E402
 
 from qlora_pipeline.paths import cache_root, write_json_atomic  # noqa: E402
 
@@ -33,7 +33,6 @@ GGUF = ROOT / "gguf"
 QUANTS = ("Q8_0", "Q5_K_M", "Q4_K_M")
 ANCHORS = {"Q4_K_M": 2.39e9, "Q5_K_M": 2.82e9}  # the real Phi-3.5-mini GGUFs
 STEPS_FILE = RESULTS / "fullsize_steps.json"
-HERE = Path(__file__).resolve().parent
 
 
 def gguf(quant: str) -> Path:
@@ -41,47 +40,25 @@ def gguf(quant: str) -> Path:
 
 
 def step_build() -> dict:
-    run = python_step(
-        f"import sys; sys.argv = ['x', {str(BASE)!r}]; sys.path.insert(0, {str(HERE)!r}); "
-        "import runpy; runpy.run_path(sys.path[0] + '/fullsize_model.py', run_name='__main__')"
-    )
-    return {**run, **(run.pop("result") or {})}
+    run = run_step("build_fullsize", out=str(BASE))
+    return {**run, **run.pop("result")}
 
 
 def step_convert() -> dict:
     GGUF.mkdir(parents=True, exist_ok=True)
-    run = python_step(
-        "from pathlib import Path; from qlora_pipeline.export import convert_to_gguf; "
-        f"convert_to_gguf(Path({str(BASE)!r}), Path({str(gguf('F16'))!r}), 'Phi-3.5 mini random (bench)', 32007)"
-    )
-    run.pop("result", None)
-    return {**run, "bytes": gguf("F16").stat().st_size}
+    name = "Phi-3.5 mini random (bench)"
+    run = run_step("convert", model=str(BASE), out=str(gguf("F16")), name=name, end_of_turn_id=32007)
+    return {**run, **run.pop("result")}
 
 
 def step_quantize(quant: str) -> dict:
-    run = python_step(
-        "from pathlib import Path; from qlora_pipeline.export import quantize_gguf; "
-        f"quantize_gguf(Path({str(gguf('F16'))!r}), Path({str(gguf(quant))!r}), {quant!r}, 2)"
-    )
-    run.pop("result", None)
-    return {**run, "bytes": gguf(quant).stat().st_size}
+    run = run_step("quantize", source=str(gguf("F16")), out=str(gguf(quant)), quant=quant, threads=2)
+    return {**run, **run.pop("result")}
 
 
 def step_bandwidth() -> dict:
-    """STREAM-style copy bandwidth with 2 threads (numpy releases the GIL while copying)."""
-    code = r"""
-import json, threading, time, numpy as np
-size = 2**30
-srcs = [np.ones(size // 8) for _ in range(2)]; dsts = [np.empty_like(s) for s in srcs]
-for s, d in zip(srcs, dsts): np.copyto(d, s)  # touch every page first
-best = 0.0
-for _ in range(5):
-    threads = [threading.Thread(target=np.copyto, args=(d, s)) for s, d in zip(srcs, dsts)]
-    t = time.perf_counter(); [th.start() for th in threads]; [th.join() for th in threads]
-    best = max(best, 2 * 2 * size / (time.perf_counter() - t))  # 2 threads x (read + write)
-print(json.dumps({"copy_bytes_per_s": best}))
-"""
-    run = python_step(code)
+    """STREAM-style copy bandwidth with 2 threads: the machine's memory bandwidth."""
+    run = run_step("copy_bandwidth", gib=1, threads=2)
     return {**run.pop("result"), "seconds": run["seconds"]}
 
 
@@ -100,24 +77,19 @@ def weight_bytes_per_token(path: Path) -> int:
 
 
 def step_generate(quant: str) -> dict:
-    code = f"""
-import json
-from llama_cpp import Llama
-from qlora_pipeline.speed import decode_speed
-llm = Llama(model_path={str(gguf(quant))!r}, n_ctx=512, n_threads=2, n_threads_batch=2, verbose=False)
-prompt = llm.tokenize(b"The history of the city begins", add_bos=True)
-print(json.dumps(decode_speed(llm, prompt, 16, 2)))
-"""
-    run = python_step(code)
-    result = run.pop("result")
-    return {**result, "peak_rss_bytes": run["peak_rss_bytes"], "bytes_per_token": weight_bytes_per_token(gguf(quant))}
+    run = run_step("decode_speed", model=str(gguf(quant)), threads=2, tokens=16, runs=2)
+    return {
+        **run.pop("result"),
+        "peak_rss_bytes": run["peak_rss_bytes"],
+        "bytes_per_token": weight_bytes_per_token(gguf(quant)),
+    }
 
 
 def load_steps() -> dict:
     return json.loads(STEPS_FILE.read_text()) if STEPS_FILE.is_file() else {}
 
 
-def run_step(steps: dict, name: str, fn, done: bool, redo: set) -> None:
+def record_step(steps: dict, name: str, fn, done: bool, redo: set) -> None:
     if name in steps and done and name.split(":")[0] not in redo:
         print(f"{name}: kept from the earlier run")
         return
@@ -198,25 +170,25 @@ def main() -> int:
     steps = load_steps()
     ROOT.mkdir(parents=True, exist_ok=True)
     if "build" in wanted:
-        run_step(steps, "build", step_build, (BASE / "config.json").is_file(), redo)
+        record_step(steps, "build", step_build, (BASE / "config.json").is_file(), redo)
     if "convert" in wanted:
-        run_step(steps, "convert", step_convert, gguf("F16").is_file(), redo)
+        record_step(steps, "convert", step_convert, gguf("F16").is_file(), redo)
     if "quantize" in wanted:
         for quant in QUANTS:
-            run_step(steps, f"quantize:{quant}", lambda q=quant: step_quantize(q), gguf(quant).is_file(), redo)
+            record_step(steps, f"quantize:{quant}", lambda q=quant: step_quantize(q), gguf(quant).is_file(), redo)
     if "bandwidth" in wanted:
-        run_step(steps, "bandwidth", step_bandwidth, False, redo | {"bandwidth"})
+        record_step(steps, "bandwidth", step_bandwidth, False, redo | {"bandwidth"})
     if "generate" in wanted:
         for quant in ("Q4_K_M", "Q5_K_M"):
-            run_step(steps, f"generate:{quant}", lambda q=quant: step_generate(q), False, redo | {"generate"})
+            record_step(steps, f"generate:{quant}", lambda q=quant: step_generate(q), False, redo | {"generate"})
     if "merge" in wanted:
         from fullsize_merge import step_merge
 
-        run_step(steps, "merge", step_merge, False, redo | {"merge"})
+        record_step(steps, "merge", step_merge, False, redo | {"merge"})
     if "qlora" in wanted:
         from fullsize_qlora import step_qlora
 
-        run_step(steps, "qlora", step_qlora, False, redo | {"qlora"})
+        record_step(steps, "qlora", step_qlora, False, redo | {"qlora"})
     report(steps)
     return 0
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import gb, python_step  # noqa: E402
+from common import gb, run_step  # noqa: E402
 from fullsize import BASE, ROOT  # noqa: E402
 
 ADAPTER = ROOT / "adapter-r16"
@@ -58,48 +58,16 @@ def make_adapter(r: int = 16, alpha: int = 32, layers: int = 32) -> None:
     )
 
 
-STREAM = f"""
-from pathlib import Path
-from qlora_pipeline.merge_streaming import stream_merge
-stream_merge(Path({str(BASE)!r}), Path({str(ADAPTER)!r}), Path({str(ROOT / "merged-stream")!r}))
-"""
-
-PEFT = f"""
-import torch
-from peft import PeftModel
-from transformers import AutoModelForCausalLM
-model = AutoModelForCausalLM.from_pretrained({str(BASE)!r}, dtype=torch.bfloat16)
-model = PeftModel.from_pretrained(model, {str(ADAPTER)!r}).merge_and_unload()
-model.save_pretrained({str(ROOT / "merged-peft")!r})
-"""
-
-COMPARE = f"""
-import json, torch
-from safetensors import safe_open
-worst, n = 0.0, 0
-with safe_open({str(ROOT / "merged-stream" / "model-00001-of-00004.safetensors")!r}, "pt") as a:
-    import glob
-    peft_files = glob.glob({str(ROOT / "merged-peft")!r} + "/*.safetensors")
-    for name in a.keys():
-        if "layers.0." not in name and "layers.1." not in name:
-            continue
-        for f in peft_files:
-            with safe_open(f, "pt") as b:
-                if name in b.keys():
-                    x, y = a.get_tensor(name).float(), b.get_tensor(name).float()
-                    worst = max(worst, ((x - y).abs() / y.abs().clamp_min(1e-3)).max().item()); n += 1
-print(json.dumps({{"tensors_compared": n, "max_relative_diff": worst}}))
-"""
-
-
 def step_merge() -> dict:
     make_adapter()
     largest_shard = max(f.stat().st_size for f in BASE.glob("*.safetensors"))
-    stream = python_step(STREAM)
-    peft = python_step(PEFT)
-    compare = python_step(COMPARE)["result"]
-    for folder in ("merged-stream", "merged-peft"):
-        shutil.rmtree(ROOT / folder, ignore_errors=True)
+    streamed, merged = ROOT / "merged-stream", ROOT / "merged-peft"
+    stream = run_step("merge_streaming", base=str(BASE), adapter=str(ADAPTER), out=str(streamed))
+    peft = run_step("merge_peft", base=str(BASE), adapter=str(ADAPTER), out=str(merged))
+    first_shard = streamed / "model-00001-of-00004.safetensors"
+    compare = run_step("compare_merges", streamed_shard=str(first_shard), peft_dir=str(merged))["result"]
+    for folder in (streamed, merged):
+        shutil.rmtree(folder, ignore_errors=True)
     goal = 2.0e9 + largest_shard
     return {
         "streaming": {k: stream[k] for k in ("seconds", "peak_rss_bytes", "peak_anon_bytes")},

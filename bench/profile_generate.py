@@ -20,19 +20,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import machine, python_step, save  # noqa: E402
+from common import REPO, machine, run_step, save, step_command  # noqa: E402
 from fullsize import gguf  # noqa: E402
-
-GENERATE = """
-import json, time
-from llama_cpp import Llama
-llm = Llama(model_path={path!r}, n_ctx=512, n_threads={threads}, n_threads_batch={threads}, verbose=False)
-llm.eval(llm.tokenize(b"The history of the city begins", add_bos=True))
-t = time.perf_counter()
-for _ in range({tokens}):
-    llm.eval([llm.sample(temp=0.0)])
-print(json.dumps({{"tokens_per_s": {tokens} / (time.perf_counter() - t)}}))
-"""
 
 
 def main() -> int:
@@ -44,13 +33,12 @@ def main() -> int:
     if not path.is_file():
         print(f"error: {path} does not exist; run `make bench-full` first", file=sys.stderr)
         return 2
-    speeds = {
-        t: python_step(GENERATE.format(path=str(path), threads=t, tokens=args.tokens))["result"]["tokens_per_s"]
-        for t in (1, 2)
-    }
+
+    def generation(threads: int) -> dict:
+        return {"model": str(path), "threads": threads, "tokens": args.tokens, "runs": 1}
+
+    speeds = {t: run_step("decode_speed", **generation(t))["result"]["tokens_per_s"] for t in (1, 2)}
     with tempfile.TemporaryDirectory() as tmp:
-        script = Path(tmp) / "generate.py"
-        script.write_text(GENERATE.format(path=str(path), threads=2, tokens=args.tokens))
         raw = Path(tmp) / "profile.txt"
         subprocess.run(
             [
@@ -65,9 +53,9 @@ def main() -> int:
                 "--output",
                 str(raw),
                 "--",
-                sys.executable,
-                str(script),
+                *step_command("decode_speed", **generation(2)),
             ],
+            cwd=REPO,
             check=True,
             capture_output=True,
         )

@@ -8,7 +8,7 @@ Same base (the tiny Phi-3.5, NF4), same LoRA (r 16, alpha 32, dropout 0.05, four
 pre-tokenized ``input_ids`` + ``labels`` dataset as is), AdamW, lr 1e-3, cosine with 5% warm-up,
 clipping 1.0, the same number of optimizer steps and about the same examples per step. Tokens
 are real (non-padding) tokens. The validation loss of every trained model is computed by the
-same function (``train.evaluate_loss``). Each trainer runs in its own fresh process.
+same function (``batches.evaluate_loss``). Each trainer runs in its own fresh process (``bench/steps.py``).
 Writes bench/results/train.json and train.md.
 """
 
@@ -22,102 +22,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import REPO, gb, machine, python_step, save  # noqa: E402
+from common import REPO, gb, machine, run_step, save  # noqa: E402
 
 WORK = REPO / "runs" / "bench-train"
-
-PREPARE = """
-from pathlib import Path
-from qlora_pipeline.config import load_config
-from qlora_pipeline.pipeline import run_pipeline
-run_pipeline(load_config("tiny", {overrides!r}), Path({run!r}), log=lambda *a: None, until="prepare")
-"""
-
-OURS = """
-import json, time
-from pathlib import Path
-from qlora_pipeline.config import load_config
-from qlora_pipeline.pipeline import run_stage, save_run_config
-cfg = load_config("tiny", {overrides!r})
-run = Path({run!r})
-save_run_config(cfg, run)
-t = time.perf_counter()
-run_stage("train", cfg, run)
-wall = time.perf_counter() - t
-rows = [json.loads(l) for l in (run / "train_log.jsonl").read_text().splitlines()]
-steps = [r for r in rows if "loss" in r]
-vals = [r for r in rows if "val_loss" in r]
-print(json.dumps({{"steps": steps[-1]["step"], "tokens": steps[-1]["tokens"], "tokens_per_s": steps[-1]["tokens_per_s"],
-                  "val_loss": vals[-1]["val_loss"], "wall_seconds": wall}}))
-"""
-
-TRL = """
-import json, time, torch
-from pathlib import Path
-from datasets import Dataset
-from trl import SFTConfig, SFTTrainer
-from qlora_pipeline.chat_format import ChatEncoder
-from qlora_pipeline.config import load_config
-from qlora_pipeline.data import read_split, tokenize_conversations
-from qlora_pipeline.model import attach_lora, load_base_for_training, load_tokenizer, pick_device, resolve_base
-from qlora_pipeline.runtime import tune_allocator
-from qlora_pipeline.batches import evaluate_loss
-cfg = load_config("tiny", {overrides!r})
-run = Path({run!r})
-base = resolve_base(cfg, log=lambda *a: None)
-tokenizer = load_tokenizer(base)
-encoder = ChatEncoder.from_hf(tokenizer)
-train, _ = tokenize_conversations(encoder, read_split(run, "train"), cfg.data.max_seq_len, cfg.data.overlong)
-val, _ = tokenize_conversations(encoder, read_split(run, "val"), cfg.data.max_seq_len, cfg.data.overlong)
-device = pick_device()
-model = load_base_for_training(cfg.model, base, device)
-model, _ = attach_lora(model, cfg.lora, cfg.model, seed=cfg.train.seed)
-tune_allocator()  # as our train stage does, after loading
-args = SFTConfig(output_dir=str(run / "trl"), per_device_train_batch_size={batch}, gradient_accumulation_steps=1,
-                 max_steps={steps}, learning_rate=cfg.train.learning_rate, lr_scheduler_type="cosine",  # a float < 1: a ratio
-                 warmup_steps=cfg.train.warmup_ratio, weight_decay=0.0, max_grad_norm=1.0, optim="adamw_torch",
-                 use_cpu=True, bf16=False, fp16=False, report_to=[], save_strategy="no", logging_steps=10,
-                 max_length=None if {padding_free} else cfg.data.max_seq_len, padding_free={padding_free},  # inputs are cut already seed=cfg.train.seed,
-                 dataloader_num_workers=0, gradient_checkpointing=False, disable_tqdm=True)
-dataset = Dataset.from_list([{{"input_ids": e["input_ids"], "labels": e["labels"]}} for e in train])
-trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
-t = time.perf_counter()
-metrics = trainer.train().metrics
-wall = time.perf_counter() - t
-tokens = max(r.get("num_tokens", 0) for r in trainer.state.log_history)
-model.eval()
-val_loss = evaluate_loss(model, val, cfg.train.batch_tokens, device.name)
-print(json.dumps({{"steps": trainer.state.global_step, "tokens": tokens, "tokens_per_s": tokens / metrics["train_runtime"],
-                  "val_loss": val_loss, "wall_seconds": wall, "train_runtime": metrics["train_runtime"]}}))
-"""
-
-MEMORY = """
-import json, resource, torch
-from qlora_pipeline.chat_format import ChatEncoder
-from qlora_pipeline.config import load_config
-from qlora_pipeline.model import attach_lora, load_base_for_training, pick_device, resolve_base
-from qlora_pipeline.runtime import tune_allocator
-cfg = load_config("tiny", {overrides!r})
-base = resolve_base(cfg, log=lambda *a: None)
-device = pick_device()
-model = load_base_for_training(cfg.model, base, device)
-mode = {mode!r}
-if mode == "full":
-    for p in model.parameters():
-        p.requires_grad_(True)
-else:
-    model, _ = attach_lora(model, cfg.lora, cfg.model, seed=0)
-model.train()
-tune_allocator()
-params = [p for p in model.parameters() if p.requires_grad]
-optimizer = torch.optim.AdamW(params, lr=1e-4)
-ids = torch.randint(3, 32000, (1, 512), generator=torch.Generator().manual_seed(0))
-for _ in range(2):
-    loss = model(input_ids=ids, labels=ids).loss
-    loss.backward(); optimizer.step(); optimizer.zero_grad(set_to_none=True)
-base_params = sum(p.numel() for n, p in model.named_parameters() if "lora_" not in n)
-print(json.dumps({{"trainable": sum(p.numel() for p in params), "base_params": base_params}}))
-"""
 
 
 def main() -> int:
@@ -133,19 +40,22 @@ def main() -> int:
     ]
     ours_run, trl_run = str(WORK / "ours"), str(WORK / "trl")
     for run in (ours_run, trl_run):
-        python_step(PREPARE.format(overrides=common, run=run))
+        run_step("prepare_run", run=run, overrides=common)
     print("ours: training", flush=True)
-    ours = python_step(OURS.format(overrides=common, run=ours_run))
+    ours = run_step("train_ours", run=ours_run, overrides=common)
     ours_result = ours["result"]
     # As many examples per TRL step as our packed batches hold on average (same tokens per step).
     batch = max(1, round(_mean_examples_per_step(Path(ours_run), ours_result)))
     results = {"ours": {**ours_result, "peak_rss_bytes": ours["peak_rss_bytes"]}}
     for name, padding_free in (("trl", False), ("trl_padding_free", True)):
         print(f"{name}: training (batch {batch} examples)", flush=True)
-        run = python_step(
-            TRL.format(
-                overrides=common, run=trl_run, batch=batch, steps=ours_result["steps"], padding_free=padding_free
-            )
+        run = run_step(
+            "train_trl",
+            run=trl_run,
+            overrides=common,
+            batch=batch,
+            steps=ours_result["steps"],
+            padding_free=padding_free,
         )
         results[name] = {**run["result"], "peak_rss_bytes": run["peak_rss_bytes"]}
     memory = {}
@@ -155,9 +65,9 @@ def main() -> int:
         ("full", ["model.quantize=none"]),
     ):
         print(f"memory: {mode}", flush=True)
-        run = python_step(MEMORY.format(overrides=overrides, mode=mode))
+        run = run_step("training_memory", overrides=overrides, mode=mode)
         memory[mode] = {**run["result"], "peak_rss_bytes": run["peak_rss_bytes"], "seconds": run["seconds"]}
-    baseline = python_step("import torch, transformers, peft, bitsandbytes, accelerate")["peak_rss_bytes"]
+    baseline = run_step("import_libraries")["peak_rss_bytes"]
 
     speedup = results["ours"]["tokens_per_s"] / results["trl"]["tokens_per_s"]
     rows = [

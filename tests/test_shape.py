@@ -33,3 +33,14 @@ def test_the_readme_tree_names_every_module_and_only_existing_ones():
     modules = {p.stem for p in (REPO / "src" / "qlora_pipeline").glob("*.py") if p.stem != "__init__"}
     assert modules - named == set(), "modules missing from the README tree"
     assert named - modules == set(), "the README tree names modules that do not exist"
+
+
+def test_no_benchmark_runs_a_program_held_in_a_string():
+    """Measured steps are functions in bench/steps.py (linted, importable), run as
+    ``python -m bench.steps NAME``; none is Python source handed to ``python -c``."""
+    for path in sorted((REPO / "bench").glob("*.py")):
+        text = path.read_text(encoding="utf-8")
+        assert '"-c"' not in text, f"{path.name} runs Python source held in a string"
+    steps = (REPO / "bench" / "steps.py").read_text(encoding="utf-8")
+    for name in ("decode_speed", "convert", "quantize", "qlora_step", "train_ours", "train_trl"):
+        assert f"\ndef {name}(" in steps

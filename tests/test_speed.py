@@ -15,16 +15,22 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 class StubLlama:
-    """Prompt evaluation takes 20 ms; each generated token 10 ms (the first after the prompt)."""
+    """Prompt evaluation takes 20 ms; each generated token 10 ms (the first after the prompt).
+    As llama-cpp-python's, ``generate`` skips a prompt the context holds already."""
+
+    def __init__(self):
+        self.holds_prompt = False
 
     def reset(self):
-        pass
+        self.holds_prompt = False
 
     def eval(self, ids):
         time.sleep(0.02)
+        self.holds_prompt = True
 
     def generate(self, ids, **kwargs):
-        time.sleep(0.02)
+        if not self.holds_prompt:
+            self.eval(ids)
         while True:
             yield 1
             time.sleep(0.01)
@@ -34,7 +40,7 @@ def test_decode_speed_counts_tokens_after_the_first_over_their_time():
     result = speed.decode_speed(StubLlama(), list(range(40)), new_tokens=11, runs=2)
     assert result["tokens_per_s"] == pytest.approx(100, rel=0.25)  # 10 tokens in 10 x 10 ms
     assert result["prompt_tokens_per_s"] == pytest.approx(40 / 0.02, rel=0.25)
-    assert result["time_to_first_token_s"] == pytest.approx(0.02, abs=0.01)
+    assert result["time_to_first_token_s"] == pytest.approx(0.02, abs=0.01)  # the prompt included
 
 
 def test_too_few_tokens_to_time_is_refused():
@@ -61,3 +67,18 @@ def test_the_scorecard_and_the_benchmark_measure_with_the_same_function(trained_
     bench = inference.llama_speed(q8, threads=1, runs=1)
     assert scorecard["tokens_per_s"] == bench["gen_tokens_per_s"] == 2.0
     assert [c[0] for c in calls] == ["Llama", "Llama"]
+
+
+def test_a_benchmark_step_measures_in_a_process_of_its_own(trained_run, monkeypatch):
+    """bench/fullsize.py and bench/profile_generate.py time ``python -m bench.steps decode_speed``:
+    the scorecard's figures, from a fresh interpreter whose peak RSS the benchmark reads."""
+    monkeypatch.syspath_prepend(str(REPO / "bench"))
+    import common
+
+    q8 = trained_run / "gguf" / "model-Q8_0.gguf"
+    run = common.run_step("decode_speed", model=str(q8), threads=1, tokens=4, runs=1)
+    assert set(run["result"]) == {"prompt_tokens_per_s", "tokens_per_s", "time_to_first_token_s"}
+    assert run["result"]["tokens_per_s"] > 0
+    assert run["peak_rss_bytes"] > q8.stat().st_size  # read from the process that loaded the model
+    with pytest.raises(RuntimeError, match="no step named 'nope'"):
+        common.run_step("nope")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 
 import pytest
 
@@ -43,6 +44,19 @@ def test_manifest_notices_changed_content_of_the_same_size(tmp_path):
     assert list(recorded) == ["gguf/a.gguf"]
     (tmp_path / "gguf" / "a.gguf").write_bytes(b"4321")
     assert manifest_difference(recorded, file_manifest(tmp_path, ["gguf"], previous=recorded)) == "gguf/a.gguf"
+
+
+def test_the_same_content_written_again_keeps_its_entry(tmp_path):
+    """A deterministic step run again (the quantizer) changes no manifest that records its file."""
+    (tmp_path / "a.gguf").write_bytes(b"1234")
+    recorded = file_manifest(tmp_path, ["a.gguf"])
+    time.sleep(0.01)
+    (tmp_path / "a.gguf").write_bytes(b"1234")
+    assert (tmp_path / "a.gguf").stat().st_mtime_ns != recorded["a.gguf"]["mtime_ns"]
+    assert file_manifest(tmp_path, ["a.gguf"], previous=recorded) == recorded
+    (tmp_path / "a.gguf").write_bytes(b"4321")
+    changed = file_manifest(tmp_path, ["a.gguf"], previous=recorded)["a.gguf"]
+    assert changed["sha256"] != recorded["a.gguf"]["sha256"]
 
 
 def test_a_full_disk_keeps_the_previous_file(tmpfs):

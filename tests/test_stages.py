@@ -46,6 +46,18 @@ def test_a_changed_output_reruns_its_stage_and_same_files_leave_the_rest_skipped
     assert skipped(lines) == ["prepare", "train", "merge", "evaluate"]
 
 
+def test_a_gguf_damaged_in_place_is_exported_again_not_kept(trained_run, tmp_path, test_config):
+    """The same size, other bytes: the GGUF manifest checks content (sha256), not only size."""
+    run = copy_run(trained_run, tmp_path / "run")
+    q8 = run / "gguf" / "model-Q8_0.gguf"
+    original = q8.read_bytes()
+    middle = len(original) // 2
+    q8.write_bytes(original[:middle] + bytes(64) + original[middle + 64 :])
+    lines = run_and_log(test_config, run)
+    assert q8.read_bytes() == original
+    assert skipped(lines) == ["prepare", "train", "merge", "evaluate"]
+
+
 def test_force_reruns_one_stage(trained_run, tmp_path, test_config):
     run = copy_run(trained_run, tmp_path / "run")
     lines = run_and_log(test_config, run, force=("prepare",))

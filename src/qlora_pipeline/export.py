@@ -6,8 +6,9 @@
 Conversion runs llama.cpp's ``convert_hf_to_gguf.py`` (taken from the llama-cpp-python sources of
 the installed version, see ``llamacpp``); quantization calls ``llama_cpp.llama_model_quantize``,
 the same code as the ``llama-quantize`` binary. Each file is written under a temporary name and
-renamed when complete; files already complete (their record in ``gguf/manifest.json`` matches
-the merged model) are skipped.
+renamed when complete; files already complete (``gguf/manifest.json`` names the merged model
+they came from, and ``paths.manifest_holds`` finds each file's size and sha256 as recorded) are
+skipped.
 """
 
 from __future__ import annotations
@@ -28,7 +29,9 @@ from qlora_pipeline.llamacpp import ensure_llama_cpp
 from qlora_pipeline.model import count_parameters
 from qlora_pipeline.paths import (
     disk_full,
+    file_manifest,
     looks_like_disk_full,
+    manifest_holds,
     require_free_space,
     write_json_atomic,
 )
@@ -269,7 +272,7 @@ def export(cfg: PipelineConfig, run_dir: Path, log=print) -> dict:
     for quant in bar:
         path = gguf_path(run_dir, quant)
         record = manifest["files"].get(quant)
-        if record and path.is_file() and path.stat().st_size == record["bytes"]:
+        if record and manifest_holds(out_dir, {path.name: record}):
             bar.write(f"{path.name}: already exported")
             continue
         bar.set_postfix(file=path.name)
@@ -277,9 +280,10 @@ def export(cfg: PipelineConfig, run_dir: Path, log=print) -> dict:
             convert_to_gguf(merged, path, name, eot)
         else:
             quantize_gguf(gguf_path(run_dir, F16), path, quant, cfg.export.threads or usable_cpus())
-        # Relative (runs can move), and the size only: files are renamed into place whole, and the
-        # stage record hashes every output when export finishes (hashing here read each again).
-        manifest["files"][quant] = {"file": path.name, "bytes": path.stat().st_size}
+        # The file name only (runs can move); a file written again with the same bytes keeps its
+        # entry (``file_manifest``), so the manifest, and what evaluate read, stays the same.
+        entry = file_manifest(out_dir, [path.name], previous={path.name: record} if record else None)[path.name]
+        manifest["files"][quant] = {**entry, "file": path.name}
         write_json_atomic(manifest_path, manifest)
     for stale in set(manifest["files"]) - set(todo):
         gguf_path(run_dir, stale).unlink(missing_ok=True)

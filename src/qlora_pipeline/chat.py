@@ -108,6 +108,50 @@ def long_context_warning(metadata: dict, n_ctx: int) -> str | None:
     )
 
 
+def timed_answer(pieces: Iterator[str], started: float, stats: dict) -> Iterator[str]:
+    """Yield the answer's text from ``pieces`` (one per generated token, as generated), then put
+    its timings in ``stats``: pieces, seconds since ``started``, time to first token, tokens/s.
+    The local model and the OpenAI-compatible backend both stream through it. Closing it (the
+    app's stop button) closes ``pieces``, which ends the generation behind them."""
+    first, count, emitted = None, 0, False
+    try:
+        for text in pieces:
+            count += 1
+            first = first or time.perf_counter()
+            if text and not emitted:
+                # SentencePiece marks a word start with a space; the answer's first word is not
+                # preceded by one (transformers' decoder strips it the same way).
+                text = text[1:] if text.startswith(" ") else text
+                emitted = bool(text)
+            if text:
+                yield text
+    finally:
+        close = getattr(pieces, "close", None)
+        if close is not None:
+            close()
+    ended = time.perf_counter()
+    stats.update(
+        {
+            "completion_chunks": count,
+            "seconds": ended - started,
+            "time_to_first_token": (first - started) if first else None,
+            "tokens_per_s": (count - 1) / (ended - first) if first and count > 1 and ended > first else None,
+        }
+    )
+
+
+def _completion_texts(chunks) -> Iterator[str]:
+    """The text of each chunk of llama-cpp-python's completion stream. Every chunk is one token;
+    one whose text llama.cpp holds back (a stop string's start, part of a UTF-8 character) is
+    still counted. Closed, it closes the stream: a stopped answer ends llama.cpp's generation
+    here, before ``LlamaChat.stream`` releases the lock for the next request."""
+    try:
+        for chunk in chunks:
+            yield chunk["choices"][0]["text"]
+    finally:
+        chunks.close()
+
+
 def _llama_encoder(llm) -> ChatEncoder:
     """A ChatEncoder over a llama.cpp model, rendering the GGUF's own chat template."""
     from jinja2.sandbox import ImmutableSandboxedEnvironment
@@ -236,8 +280,6 @@ class LlamaChat:
         ids, dropped = self.prompt_ids(messages, max_tokens)
         with self.lock:  # a llama context must never run two generations at once
             started = time.perf_counter()
-            first = None
-            count = 0
             chunks = self.llm.create_completion(
                 prompt=ids,
                 max_tokens=max_tokens,
@@ -248,36 +290,10 @@ class LlamaChat:
                 stream=True,
                 stop=[END_OF_TURN],
             )
-            emitted = False
-            try:
-                for chunk in chunks:
-                    text = chunk["choices"][0]["text"]
-                    count += 1
-                    if first is None:
-                        first = time.perf_counter()
-                    if text and not emitted:
-                        # SentencePiece marks a word start with a space; the answer's first word is
-                        # not preceded by one (transformers' decoder strips it the same way).
-                        text = text[1:] if text.startswith(" ") else text
-                        emitted = bool(text)
-                    if text:
-                        yield text
-            finally:
-                # A stopped answer (the app's stop button closes this generator) ends llama.cpp's
-                # generation here, before the lock is released for the next request.
-                chunks.close()
-            ended = time.perf_counter()
+            timings: dict = {}
+            yield from timed_answer(_completion_texts(chunks), started, timings)
         if stats is not None:
-            stats.update(
-                {
-                    "prompt_tokens": len(ids),
-                    "completion_chunks": count,
-                    "dropped_turns": dropped,
-                    "seconds": ended - started,
-                    "time_to_first_token": (first - started) if first else None,
-                    "tokens_per_s": (count - 1) / (ended - first) if first and count > 1 and ended > first else None,
-                }
-            )
+            stats.update({"prompt_tokens": len(ids), "dropped_turns": dropped, **timings})
 
     def answer(self, messages: list[dict], params: SamplingParams, stats: dict | None = None) -> str:
         return "".join(self.stream(messages, params, stats))

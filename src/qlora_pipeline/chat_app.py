@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from qlora_pipeline.chat import LlamaChat, SamplingParams, check_gguf_file
+from qlora_pipeline.chat import LlamaChat, SamplingParams, check_gguf_file, timed_answer
 from qlora_pipeline.chat_format import END_OF_TURN
 from qlora_pipeline.errors import ConfigError, ModelError, PipelineError
 
@@ -378,35 +378,25 @@ class OpenAIBackend:
 
     @staticmethod
     def _relay(first_chunk, chunks, params: SamplingParams, started: float, stats: dict) -> Iterator[str]:
-        """Yield the stream's text (the first word's SentencePiece space removed, as LlamaChat
-        does), then record its timings in ``stats``."""
-        import time
+        """Yield the stream's text through ``chat.timed_answer`` (as LlamaChat does), then say in
+        ``stats`` whether the server cut the answer to fit its context."""
+        finish = []
 
-        first, count, emitted, finish = None, 0, False, None
-        try:
-            for chunk in _chain(first_chunk, chunks):
-                finish = (chunk.choices[0].finish_reason if chunk.choices else None) or finish
-                text = chunk.choices[0].delta.content or "" if chunk.choices else ""
-                if text and not emitted:
-                    text = text[1:] if text.startswith(" ") else text
-                    emitted = bool(text)
-                if text:
-                    count += 1
-                    first = first or time.perf_counter()
-                    yield text
-        finally:
-            chunks.close()
-        ended = time.perf_counter()
+        def texts() -> Iterator[str]:
+            try:
+                for chunk in _chain(first_chunk, chunks):
+                    if not chunk.choices:
+                        continue
+                    finish.append(chunk.choices[0].finish_reason)
+                    if chunk.choices[0].delta.content:  # not the role-only first chunk
+                        yield chunk.choices[0].delta.content
+            finally:
+                chunks.close()
+
+        yield from timed_answer(texts(), started, stats)
         # A server fits the answer into what the prompt leaves of its context: say so when it did.
-        stats["cut_by_context"] = finish == "length" and count < params.max_tokens
-        stats.update(
-            {
-                "completion_chunks": count,
-                "seconds": ended - started,
-                "time_to_first_token": (first - started) if first else None,
-                "tokens_per_s": (count - 1) / (ended - first) if first and count > 1 and ended > first else None,
-            }
-        )
+        reason = next((r for r in reversed(finish) if r), None)
+        stats["cut_by_context"] = reason == "length" and stats["completion_chunks"] < params.max_tokens
 
     def _open(self, model: str, messages: list[dict], params: SamplingParams, stream: bool):
         import openai

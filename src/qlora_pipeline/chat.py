@@ -83,6 +83,18 @@ def check_gguf_file(path: Path) -> Path:
     return path
 
 
+def gguf_kind(path: Path) -> str:
+    """A GGUF's ``general.type``: "model", "imatrix" (an importance matrix) or "adapter" (a LoRA);
+    "model" when the key is absent (older files) or the header cannot be read (loading says why)."""
+    try:
+        from gguf import GGUFReader
+
+        field = GGUFReader(str(path)).fields.get("general.type")
+    except (ValueError, OSError, IndexError):
+        return "model"
+    return bytes(field.parts[field.data[0]]).decode() if field is not None else "model"
+
+
 def original_context_length(metadata: dict) -> int | None:
     """The context a LongRoPE (or YaRN) GGUF was trained at before scaling: llama.cpp's
     ``<arch>.rope.scaling.original_context_length`` (4,096 for Phi-3.5); None without scaling."""

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from qlora_pipeline.chat import LlamaChat, SamplingParams, check_gguf_file, timed_answer
+from qlora_pipeline.chat import LlamaChat, SamplingParams, check_gguf_file, gguf_kind, timed_answer
 from qlora_pipeline.chat_format import END_OF_TURN
 from qlora_pipeline.errors import ConfigError, ModelError, PipelineError
 
@@ -120,7 +120,11 @@ def _model_files(folder: Path) -> list[Path]:
     files = []
     for path in folder.glob("*.gguf"):
         if path.is_file():
-            files.append(path)
+            kind = gguf_kind(path)
+            if kind == "model":
+                files.append(path)
+            else:  # RUN/gguf also holds the importance matrix and the LoRA adapter
+                log.info("skipping %s: its general.type is %s, not a model", path.name, kind)
         elif path.is_symlink() and not path.exists():
             log.warning("skipping %s: it is a link to nothing", path.name)
     return files

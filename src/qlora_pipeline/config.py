@@ -292,12 +292,31 @@ class ExportConfig:
     """``general.name`` written into the GGUF; None derives it from the base (it must contain Phi-3)."""
     threads: int = 0
     """CPU threads for quantization; 0: the CPUs this process may use."""
+    imatrix_tokens: int = 50_000
+    """Tokens of training conversations the importance matrix of ``<TYPE>-imat`` variants is
+    collected over (the merged model runs over them once)."""
+    output_type: str | None = None
+    """Type of ``output.weight`` in every quantized file (llama.cpp's ``--output-tensor-type``),
+    e.g. Q8_0; None keeps llama.cpp's choice for the file type."""
+    token_embedding_type: str | None = None
+    """Type of ``token_embd.weight`` (``--token-embedding-type``); None: llama.cpp's choice."""
+    tensor_types: tuple[str, ...] = ()
+    """Per-tensor overrides ``PATTERN=TYPE`` (``--tensor-type``): PATTERN a regular expression
+    searched in GGUF tensor names, e.g. ``ffn_down=Q6_K`` or ``blk\\.0\\.=Q8_0``."""
 
     def __post_init__(self) -> None:
         _check(
             len(self.quant_types) > 0, "export.quant_types", self.quant_types, "list at least one type, e.g. [Q4_K_M]"
         )
         _check(self.threads >= 0, "export.threads", self.threads, "use 0 (the usable CPUs) or more")
+        _check(self.imatrix_tokens >= 1, "export.imatrix_tokens", self.imatrix_tokens, "use 1 or more")
+        for rule in self.tensor_types:
+            _check(
+                "=" in rule and all(rule.rpartition("=")[::2]),
+                "export.tensor_types",
+                rule,
+                "write each as PATTERN=TYPE, e.g. ffn_down=Q6_K",
+            )
 
 
 @dataclass(frozen=True)

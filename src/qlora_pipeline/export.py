@@ -19,6 +19,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 from qlora_pipeline.chat_format import END_OF_TURN
@@ -57,11 +58,83 @@ def quant_types() -> dict[str, int]:
     return types
 
 
+IMATRIX_SUFFIX = "-imat"
+# File types that llama.cpp refuses to quantize without an importance matrix: those with tensors
+# of the types src/llama-quant.cpp's tensor_requires_imatrix names (IQ1/IQ2 types, IQ3_XXS, and
+# Q2_K inside Q2_K_S); IQ3_XS mixes in IQ3_XXS tensors. tests/test_imatrix.py checks this list
+# against llama.cpp itself.
+NEEDS_IMATRIX = frozenset({"IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ2_M", "IQ3_XXS", "IQ3_XS", "Q2_K_S"})
+
+
+def split_variant(variant: str) -> tuple[str, bool]:
+    """``"Q4_K_M-imat"`` -> ``("Q4_K_M", True)``: the llama.cpp file type, and whether the run's
+    importance matrix weighs the quantization."""
+    if variant.endswith(IMATRIX_SUFFIX):
+        return variant[: -len(IMATRIX_SUFFIX)], True
+    return variant, False
+
+
 def check_quant_types(names: tuple[str, ...]) -> None:
     valid = quant_types()
-    unknown = [n for n in names if n not in valid]
+    unknown = [n for n in names if split_variant(n)[0] not in valid]
     if unknown:
-        raise ConfigError(f"unknown quantization type {', '.join(unknown)}; llama.cpp knows {', '.join(sorted(valid))}")
+        raise ConfigError(
+            f"unknown quantization type {', '.join(unknown)}; llama.cpp knows {', '.join(sorted(valid))} "
+            f"(add {IMATRIX_SUFFIX} to quantize with the run's importance matrix)"
+        )
+    for name in names:
+        quant, with_matrix = split_variant(name)
+        if quant in NEEDS_IMATRIX and not with_matrix:
+            raise ConfigError(
+                f"export.quant_types: {quant} needs an importance matrix; write {quant}{IMATRIX_SUFFIX} instead"
+            )
+        if with_matrix and quant in (F16, "F32", "BF16"):
+            raise ConfigError(f"export.quant_types: {name} is not quantized, so no importance matrix applies")
+
+
+def ggml_type(name: str, key: str) -> int:
+    """A tensor type's number (``Q6_K`` -> 14), from gguf-py's list of llama.cpp's types."""
+    from gguf import GGMLQuantizationType
+
+    try:
+        return GGMLQuantizationType[name.upper()].value
+    except KeyError:
+        known = ", ".join(t.name for t in GGMLQuantizationType)
+        raise ConfigError(f"{key}: unknown tensor type {name!r}; llama.cpp knows {known}") from None
+
+
+@dataclass(frozen=True)
+class TensorTypes:
+    """The export config's per-tensor type choices, as llama.cpp's quantize parameters take them."""
+
+    output: int | None = None
+    token_embedding: int | None = None
+    patterns: tuple[tuple[str, int], ...] = ()
+
+    @classmethod
+    def from_config(cls, ecfg) -> TensorTypes:
+        import re
+
+        patterns = []
+        for rule in ecfg.tensor_types:
+            pattern, _, name = rule.rpartition("=")
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ConfigError(f"export.tensor_types: {pattern!r} is not a regular expression ({exc})") from None
+            patterns.append((pattern, ggml_type(name, "export.tensor_types")))
+        return cls(
+            output=ggml_type(ecfg.output_type, "export.output_type") if ecfg.output_type else None,
+            token_embedding=(
+                ggml_type(ecfg.token_embedding_type, "export.token_embedding_type")
+                if ecfg.token_embedding_type
+                else None
+            ),
+            patterns=tuple(patterns),
+        )
+
+    def describe(self) -> dict:
+        return {"output": self.output, "token_embedding": self.token_embedding, "patterns": list(self.patterns)}
 
 
 # Nominal bits per weight of llama.cpp's common types (its quantize tool's table, rounded down):
@@ -170,10 +243,12 @@ def export_calls(cfg: PipelineConfig, run_dir: Path) -> list[str]:
     convert, metadata = converter_commands(merged, tmp, tmp2, cfg.export.model_name or default_model_name(cfg), eot)
     calls = [shlex.join(convert), shlex.join(metadata), f"os.replace({str(tmp2)!r}, {str(f16)!r})"]
     threads = cfg.export.threads or usable_cpus()
-    for quant in (q for q in cfg.export.quant_types if q != F16):
+    for variant in (q for q in cfg.export.quant_types if q != F16):
+        quant, with_matrix = split_variant(variant)
+        matrix = f", imatrix={RunLayout(run_dir).imatrix}" if with_matrix else ""
         calls.append(
-            f"llama_cpp.llama_model_quantize({str(f16)!r}, {str(gguf_path(run_dir, quant))!r}, "
-            f"params(ftype={quant_types()[quant]} ({quant}), nthread={threads}))"
+            f"llama_cpp.llama_model_quantize({str(f16)!r}, {str(gguf_path(run_dir, variant))!r}, "
+            f"params(ftype={quant_types()[quant]} ({quant}), nthread={threads}{matrix}))"
         )
     return calls
 
@@ -199,18 +274,57 @@ def convert_to_gguf(
             leftover.unlink(missing_ok=True)
 
 
-def quantize_gguf(src: Path, dst: Path, quant: str, threads: int) -> None:
-    """llama.cpp's quantizer (``llama_model_quantize``), written to a temporary name first."""
+def _quantize_params(quant: str, threads: int, imatrix: dict | None, types: TensorTypes | None):
+    """llama.cpp's quantize parameters, and the ctypes arrays they point into (kept alive by the
+    caller until the call returns): the importance matrix as ``llama-quantize --imatrix`` passes
+    it (the mean per column, ``load_imatrix``), the overrides as its ``--tensor-type``."""
+    import llama_cpp
+    import numpy as np
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = quant_types()[quant]
+    params.nthread = threads
+    keep: list = []
+    if imatrix:
+        entries = (llama_cpp.llama_model_imatrix_data * (len(imatrix) + 1))()  # zeroed: the terminator
+        for entry, (name, values) in zip(entries, sorted(imatrix.items())):
+            values = np.ascontiguousarray(values, dtype=np.float32)
+            keep.append(values)
+            entry.name, entry.size = name.encode(), values.size
+            entry.data = values.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+        params.imatrix = entries
+        keep.append(entries)
+    types = types or TensorTypes()
+    if types.output is not None:
+        params.output_tensor_type = types.output
+    if types.token_embedding is not None:
+        params.token_embedding_type = types.token_embedding
+    if types.patterns:
+        overrides = (llama_cpp.llama_model_tensor_override * (len(types.patterns) + 1))()
+        for override, (pattern, ggml) in zip(overrides, types.patterns):
+            override.pattern, override.type = pattern.encode(), ggml
+        params.tt_overrides = overrides
+        keep.append(overrides)
+    return params, keep
+
+
+def quantize_gguf(
+    src: Path,
+    dst: Path,
+    quant: str,
+    threads: int,
+    imatrix: dict | None = None,
+    types: TensorTypes | None = None,
+) -> None:
+    """llama.cpp's quantizer (``llama_model_quantize``), written to a temporary name first;
+    ``imatrix`` (GGUF weight name -> mean squared activation per column) weighs the rounding."""
     import llama_cpp
     from llama_cpp._utils import suppress_stdout_stderr
 
-    ftype = quant_types()[quant]
     # The F16 file holds 16 bits per weight plus its vocabulary: scale its size by the bits.
     needed = int(src.stat().st_size * BITS_PER_WEIGHT.get(quant, 4) / 16)
     require_free_space(dst, needed)
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = ftype
-    params.nthread = threads
+    params, _keep = _quantize_params(quant, threads, imatrix, types)
     tmp = dst.with_name(f".{dst.name}.tmp")
     try:
         with suppress_stdout_stderr(disable=False):  # llama.cpp logs a line per tensor
@@ -247,48 +361,87 @@ def read_gguf_metadata(path: Path) -> dict:
     return out
 
 
+IMATRIX = "imatrix"  # its entry in gguf/manifest.json
+
+
+def _read_manifest(run_dir: Path, source: str, name: str) -> dict:
+    """The GGUF manifest, or a new one when the merged model or the model name changed."""
+    path = RunLayout(run_dir).gguf_manifest
+    manifest = json.loads(path.read_text()) if path.is_file() else {}
+    if manifest.get("source") != source or manifest.get("model_name") != name:
+        manifest = {"source": source, "model_name": name, "files": {}}
+    return manifest
+
+
+def _is_current(manifest: dict, key: str, path: Path, settings: dict) -> bool:
+    """Whether ``path`` is complete as recorded (size and sha256) and was made with ``settings``."""
+    record = manifest["files"].get(key)
+    return bool(record) and record.get("settings", {}) == settings and manifest_holds(path.parent, {path.name: record})
+
+
+def _record(manifest: dict, run_dir: Path, key: str, path: Path, settings: dict) -> None:
+    """Enter a file just written into the manifest, and write the manifest."""
+    # The file name only (runs can move); a file written again with the same bytes keeps its
+    # entry (``file_manifest``), so the manifest, and what evaluate read, stays the same.
+    old = manifest["files"].get(key)
+    entry = file_manifest(path.parent, [path.name], previous={path.name: old} if old else None)[path.name]
+    manifest["files"][key] = {**entry, "file": path.name, "settings": settings}
+    write_json_atomic(RunLayout(run_dir).gguf_manifest, manifest)
+
+
+def _importance_matrix(cfg: PipelineConfig, run_dir: Path, manifest: dict, log) -> dict:
+    """The run's importance matrix (collected once into ``gguf/imatrix.gguf``): weight name ->
+    mean squared activation per column, as ``llama-quantize --imatrix`` hands it on."""
+    from qlora_pipeline import imatrix
+
+    path = RunLayout(run_dir).imatrix
+    settings = {"tokens": cfg.export.imatrix_tokens}
+    if not _is_current(manifest, IMATRIX, path, settings):
+        imatrix.write(imatrix.collect_for_run(cfg, run_dir, log=log), path)
+        _record(manifest, run_dir, IMATRIX, path, settings)
+    return imatrix.read(path).means()
+
+
 def export(cfg: PipelineConfig, run_dir: Path, log=print) -> dict:
-    """Write RUN/gguf/model-F16.gguf and one file per configured quantization type."""
+    """Write RUN/gguf/model-F16.gguf and one file per configured variant (``<TYPE>`` or
+    ``<TYPE>-imat``, the latter with the run's importance matrix)."""
     from tqdm.auto import tqdm
+    from transformers import AutoTokenizer
 
     run_dir, merged = Path(run_dir), RunLayout(run_dir).merged
     check_quant_types(cfg.export.quant_types)
+    types = TensorTypes.from_config(cfg.export)
     out_dir = RunLayout(run_dir).gguf_dir
     out_dir.mkdir(parents=True, exist_ok=True)
     for leftover in out_dir.glob(".*.tmp"):  # a killed export's partial file (up to the model's size)
         leftover.unlink()
-    manifest_path = RunLayout(run_dir).gguf_manifest
-    manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
-    source = merged_identity(merged)
     name = cfg.export.model_name or default_model_name(cfg)
-    if manifest.get("source") != source or manifest.get("model_name") != name:
-        manifest = {"source": source, "model_name": name, "files": {}}
-
-    from transformers import AutoTokenizer
-
-    eot = AutoTokenizer.from_pretrained(str(merged)).convert_tokens_to_ids(END_OF_TURN)
+    manifest = _read_manifest(run_dir, merged_identity(merged), name)
     todo = [F16] + [q for q in cfg.export.quant_types if q != F16]
+    matrix = None
     bar = tqdm(todo, desc="GGUF export", unit="file")
-    for quant in bar:
-        path = gguf_path(run_dir, quant)
-        record = manifest["files"].get(quant)
-        if record and manifest_holds(out_dir, {path.name: record}):
+    for variant in bar:
+        path, (quant, with_matrix) = gguf_path(run_dir, variant), split_variant(variant)
+        if with_matrix and matrix is None:
+            matrix = _importance_matrix(cfg, run_dir, manifest, log)
+        settings = {} if quant == F16 else {"tensor_types": types.describe(), "imatrix": with_matrix}
+        if with_matrix:
+            settings["imatrix_sha256"] = manifest["files"][IMATRIX]["sha256"]
+        if _is_current(manifest, variant, path, settings):
             bar.write(f"{path.name}: already exported")
             continue
         bar.set_postfix(file=path.name)
         if quant == F16:
+            eot = AutoTokenizer.from_pretrained(str(merged)).convert_tokens_to_ids(END_OF_TURN)
             convert_to_gguf(merged, path, name, eot)
         else:
-            quantize_gguf(gguf_path(run_dir, F16), path, quant, cfg.export.threads or usable_cpus())
-        # The file name only (runs can move); a file written again with the same bytes keeps its
-        # entry (``file_manifest``), so the manifest, and what evaluate read, stays the same.
-        entry = file_manifest(out_dir, [path.name], previous={path.name: record} if record else None)[path.name]
-        manifest["files"][quant] = {**entry, "file": path.name}
-        write_json_atomic(manifest_path, manifest)
-    for stale in set(manifest["files"]) - set(todo):
-        gguf_path(run_dir, stale).unlink(missing_ok=True)
-        manifest["files"].pop(stale)
-    write_json_atomic(manifest_path, manifest)
+            threads = cfg.export.threads or usable_cpus()
+            quantize_gguf(gguf_path(run_dir, F16), path, quant, threads, matrix if with_matrix else None, types)
+        _record(manifest, run_dir, variant, path, settings)
+    keep = set(todo) | ({IMATRIX} if matrix is not None else set())
+    for stale in set(manifest["files"]) - keep:
+        (out_dir / manifest["files"].pop(stale)["file"]).unlink(missing_ok=True)
+    write_json_atomic(RunLayout(run_dir).gguf_manifest, manifest)
     sizes = ", ".join(f"{q} {manifest['files'][q]['bytes'] / 1e6:.1f} MB" for q in todo)
     log(f"GGUF files in {out_dir}: {sizes}")
     return manifest

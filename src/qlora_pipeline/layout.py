@@ -82,12 +82,17 @@ class RunLayout:
         return self.root / "gguf"
 
     def gguf(self, variant: str) -> Path:
-        """The GGUF file of one variant (``F16``, ``Q4_K_M``, ...)."""
+        """The GGUF file of one variant (``F16``, ``Q4_K_M``, ``Q4_K_M-imat``, ...)."""
         return self.gguf_dir / f"model-{variant}.gguf"
 
     @property
     def gguf_manifest(self) -> Path:
         return self.gguf_dir / "manifest.json"
+
+    @property
+    def imatrix(self) -> Path:
+        """The importance matrix of the ``-imat`` variants (llama.cpp's GGUF imatrix format)."""
+        return self.gguf_dir / "imatrix.gguf"
 
     # -- evaluate
     @property

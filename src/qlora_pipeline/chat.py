@@ -83,6 +83,18 @@ def check_gguf_file(path: Path) -> Path:
     return path
 
 
+def check_lora_file(path: Path) -> Path:
+    """A LoRA adapter GGUF (``general.type`` adapter), or one line saying what it is instead."""
+    path = check_gguf_file(path)
+    kind = gguf_kind(path)
+    if kind != "adapter":
+        raise ConfigError(
+            f"--lora {path}: its general.type is {kind}, not adapter; give the LoRA GGUF that "
+            "`qlora-pipeline export` writes with export.lora=true (gguf/adapter-F16.gguf)"
+        )
+    return path
+
+
 def gguf_kind(path: Path) -> str:
     """A GGUF's ``general.type``: "model", "imatrix" (an importance matrix) or "adapter" (a LoRA);
     "model" when the key is absent (older files) or the header cannot be read (loading says why)."""
@@ -208,10 +220,12 @@ class LlamaChat:
         n_gpu_layers: int = 0,
         logits_all: bool = False,
         f32_kv_cache: bool = False,
+        lora_path: Path | None = None,
     ):
         from llama_cpp import Llama
 
         self.model_path = check_gguf_file(model_path)
+        self.lora_path = check_lora_file(lora_path) if lora_path else None
         if not n_threads:  # None or 0: the CPUs this process may use, not the host's core count
             n_threads = usable_cpus()
         if n_ctx < 64:
@@ -231,6 +245,7 @@ class LlamaChat:
                 logits_all=logits_all,
                 verbose=False,
                 **kv_types,
+                **({"lora_path": str(self.lora_path)} if self.lora_path else {}),
             )
         except (ValueError, RuntimeError) as exc:
             raise ModelError(
@@ -320,7 +335,9 @@ def chat_main(args) -> int:
         repeat_penalty=args.repeat_penalty,
         max_tokens=args.max_tokens,
     )
-    chat = LlamaChat(args.model, n_ctx=args.n_ctx, n_threads=args.threads, n_gpu_layers=args.n_gpu_layers)
+    chat = LlamaChat(
+        args.model, n_ctx=args.n_ctx, n_threads=args.threads, n_gpu_layers=args.n_gpu_layers, lora_path=args.lora
+    )
     history: list[dict] = [{"role": "system", "content": args.system}] if args.system else []
 
     def reply(user_text: str) -> None:

@@ -28,7 +28,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from qlora_pipeline.chat import LlamaChat, SamplingParams, check_gguf_file, gguf_kind, timed_answer
+from qlora_pipeline.chat import (
+    LlamaChat,
+    SamplingParams,
+    check_gguf_file,
+    check_lora_file,
+    gguf_kind,
+    timed_answer,
+)
 from qlora_pipeline.chat_format import END_OF_TURN
 from qlora_pipeline.errors import ConfigError, ModelError, PipelineError
 
@@ -78,6 +85,8 @@ class AppSettings:
     n_ctx: int = 2048
     n_threads: int | None = None
     n_gpu_layers: int = 0
+    lora: Path | None = None
+    """A LoRA GGUF applied to every local model (``--lora``)."""
     base_url: str | None = None
     api_key: str | None = None
     concurrency: int = 1
@@ -288,7 +297,13 @@ class LocalBackend:
     def _load(self, choice: ModelChoice, n_gpu_layers: int) -> LlamaChat:
         path = fetch_model(choice)
         log.info("loading %s (n_ctx %d, n_gpu_layers %d)", path.name, self.settings.n_ctx, n_gpu_layers)
-        return LlamaChat(path, n_ctx=self.settings.n_ctx, n_threads=self.settings.n_threads, n_gpu_layers=n_gpu_layers)
+        return LlamaChat(
+            path,
+            n_ctx=self.settings.n_ctx,
+            n_threads=self.settings.n_threads,
+            n_gpu_layers=n_gpu_layers,
+            lora_path=self.settings.lora,
+        )
 
     def model_names(self) -> list[str]:
         return list(self.by_name)
@@ -759,6 +774,12 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
         default=int(env("N_GPU_LAYERS", "0")),
         help="layers to offload to a GPU (-1 = all; env N_GPU_LAYERS)",
     )
+    parser.add_argument(
+        "--lora",
+        type=Path,
+        default=Path(env("LORA_GGUF")) if env("LORA_GGUF") else None,
+        help="a LoRA GGUF applied to the local model, e.g. gguf/adapter-F16.gguf on gguf/base-F16.gguf (env LORA_GGUF)",
+    )
 
 
 def _add_server_arguments(parser: argparse.ArgumentParser) -> None:
@@ -828,6 +849,7 @@ def settings_from_args(args) -> AppSettings:
         n_ctx=args.n_ctx,
         n_threads=args.threads,
         n_gpu_layers=args.n_gpu_layers,
+        lora=check_lora_file(args.lora) if args.lora else None,
         base_url=args.base_url,
         api_key=os.environ.get("OPENAI_API_KEY"),
         concurrency=args.concurrency,

@@ -93,6 +93,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     chat.add_argument("--n-gpu-layers", type=int, default=0, help="layers to offload when built with a GPU backend")
     chat.add_argument(
+        "--lora",
+        type=Path,
+        default=None,
+        help="a LoRA GGUF to apply to --model (export.lora=true writes gguf/adapter-F16.gguf for gguf/base-F16.gguf)",
+    )
+    chat.add_argument(
         "--threads",
         type=int,
         default=None,

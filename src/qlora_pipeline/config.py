@@ -300,6 +300,11 @@ class ExportConfig:
     e.g. Q8_0; None keeps llama.cpp's choice for the file type."""
     token_embedding_type: str | None = None
     """Type of ``token_embd.weight`` (``--token-embedding-type``); None: llama.cpp's choice."""
+    lora: bool = False
+    """Also write the LoRA as a GGUF adapter (``gguf/adapter-F16.gguf``, llama.cpp's
+    ``convert_lora_to_gguf.py``) and the base it applies to (``gguf/base-F16.gguf``)."""
+    modelfile_variant: str | None = None
+    """The GGUF that ``gguf/Modelfile`` (Ollama) names; None: Q4_K_M (or Q4_K_M-imat), else the last type."""
     tensor_types: tuple[str, ...] = ()
     """Per-tensor overrides ``PATTERN=TYPE`` (``--tensor-type``): PATTERN a regular expression
     searched in GGUF tensor names, e.g. ``ffn_down=Q6_K`` or ``blk\\.0\\.=Q8_0``."""
@@ -310,6 +315,12 @@ class ExportConfig:
         )
         _check(self.threads >= 0, "export.threads", self.threads, "use 0 (the usable CPUs) or more")
         _check(self.imatrix_tokens >= 1, "export.imatrix_tokens", self.imatrix_tokens, "use 1 or more")
+        _check(
+            self.modelfile_variant is None or self.modelfile_variant in ("F16", *self.quant_types),
+            "export.modelfile_variant",
+            self.modelfile_variant,
+            f"name F16 or one of export.quant_types ({', '.join(self.quant_types)})",
+        )
         for rule in self.tensor_types:
             _check(
                 "=" in rule and all(rule.rpartition("=")[::2]),

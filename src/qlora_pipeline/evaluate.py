@@ -39,6 +39,18 @@ def update_report(run_dir: Path, section: str, values: dict) -> dict:
     return report
 
 
+def _lora_markdown(lora: dict) -> list[str]:
+    return [
+        "## LoRA GGUF (base F16 + adapter-F16.gguf vs the merged F16 GGUF)",
+        "",
+        f"Adapter {lora['adapter_bytes'] / 1e6:.2f} MB ({100 * lora['adapter_bytes'] / lora['merged_bytes']:.1f}% "
+        f"of the merged F16); over {lora['tokens']} test tokens max |diff| {lora['max_abs_logit_diff']:.2e} = "
+        f"{lora['relative_diff']:.1e} of the largest logit, top-1 {100 * lora['top1']:.2f}%: "
+        f"{'within' if lora['passes'] else 'OUTSIDE'} the F16 bound.",
+        "",
+    ]
+
+
 def render_markdown(report: dict) -> str:
     lines = ["# Run report", ""]
     hf = report.get("hf")
@@ -71,6 +83,8 @@ def render_markdown(report: dict) -> str:
             "![scorecard](scorecard.png)",
             "",
         ]
+    if report.get("lora"):
+        lines += _lora_markdown(report["lora"])
     parity = report.get("parity")
     if parity:
         lines += [
@@ -408,14 +422,18 @@ PARITY_BOUNDS = {"F32": 1e-3, "F16": 3e-3}
 PARITY_MIN_TOP1 = 0.999
 
 
-def compare_gguf_logits(path: Path, sequences: list[list[int]], references: list, n_ctx: int, threads: int) -> dict:
-    """Logits of a GGUF (F32 KV cache) against reference logits for the same ids."""
+def compare_gguf_logits(
+    path: Path, sequences: list[list[int]], references: list, n_ctx: int, threads: int, lora: Path | None = None
+) -> dict:
+    """Logits of a GGUF (F32 KV cache; with the LoRA GGUF ``lora`` applied) against reference
+    logits for the same ids."""
     import numpy as np
 
     from qlora_pipeline.chat import LlamaChat
 
     max_abs, max_ref, agree, total, widest_flip = 0.0, 0.0, 0, 0, 0.0
-    with LlamaChat(path, n_ctx=n_ctx, n_threads=threads, logits_all=True, f32_kv_cache=True) as chat:
+    opened = LlamaChat(path, n_ctx=n_ctx, n_threads=threads, logits_all=True, f32_kv_cache=True, lora_path=lora)
+    with opened as chat:
         for ids, ref in zip(sequences, references):
             got = llama_logits(chat.llm, ids)
             ref = ref[0].numpy() if hasattr(ref, "numpy") else ref
@@ -545,12 +563,26 @@ def plot_scorecard(gguf: dict, out_png: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from qlora_pipeline.export import F16, split_variant
+
     fig, ax = plt.subplots(figsize=(7, 4.2))
-    for name, row in gguf.items():
-        x, y = row["bytes"] / 1e6, row["kld_vs_f16"]
-        ax.scatter([x], [y], s=60)
-        ax.annotate(f"{name}\nppl {row['ppl']:.3f}", (x, y), textcoords="offset points", xytext=(6, 4), fontsize=8)
-    ax.margins(x=0.12, y=0.2)  # room for the labels
+    # The size-KL frontier without and with the importance matrix: one line each, by size. F16
+    # is the reference (KL 0), so it is left off the logarithmic axis.
+    series = ((False, "llama.cpp's default weighting", "o", 5), (True, "importance matrix (-imat)", "s", -11))
+    for with_matrix, label, marker, label_offset in series:
+        rows = sorted(
+            (r["bytes"] / 1e6, r["kld_vs_f16"], n)
+            for n, r in gguf.items()
+            if n != F16 and split_variant(n)[1] == with_matrix and r["kld_vs_f16"] > 0
+        )
+        if not rows:
+            continue
+        ax.plot([x for x, _, _ in rows], [y for _, y, _ in rows], marker=marker, markersize=7, label=label)
+        for x, y, name in rows:
+            ax.annotate(name, (x, y), textcoords="offset points", xytext=(7, label_offset), fontsize=8)
+    ax.set_yscale("log")
+    ax.legend(fontsize=8)
+    ax.margins(x=0.15, y=0.2)  # room for the labels
     ax.set_xlabel("file size (MB)")
     ax.set_ylabel("mean KL divergence vs F16 (nats/token)")
     ax.set_title("What quantization cost on held-out conversations")
@@ -632,6 +664,30 @@ def _parity_section(r: _GGUFRun, log) -> dict:
         parity["chat_prompt_ids"] = chat_prompt_routes(stock, r.tokenizer, f16_chat, prompts)
     log("chat prompt ids vs llama.cpp's chat handler: " + format_routes(parity["chat_prompt_ids"]))
     return parity
+
+
+def lora_parity(r: _GGUFRun, log) -> dict:
+    """The LoRA GGUF applied to the base F16 GGUF against the merged F16 GGUF: the same logits
+    (F16 bound), and how much smaller the adapter is than a model."""
+    from qlora_pipeline.chat import LlamaChat
+    from qlora_pipeline.export import F16
+
+    merged = r.layout.gguf(F16)
+    sequences = [ex["input_ids"] for ex in _take_examples(r.examples, r.cfg.eval.parity_tokens)]
+    n_ctx = max(64, max(len(ids) for ids in sequences))
+    with LlamaChat(merged, n_ctx=n_ctx, n_threads=r.threads, logits_all=True, f32_kv_cache=True) as chat:
+        references = [llama_logits(chat.llm, ids) for ids in sequences]
+    result = compare_gguf_logits(r.layout.base_gguf, sequences, references, n_ctx, r.threads, lora=r.layout.lora_gguf)
+    result["passes"] = result["relative_diff"] <= PARITY_BOUNDS[F16] and result["top1"] >= PARITY_MIN_TOP1
+    result["adapter_bytes"] = r.layout.lora_gguf.stat().st_size
+    result["merged_bytes"] = merged.stat().st_size
+    log(
+        f"LoRA GGUF: base F16 + {r.layout.lora_gguf.name} ({result['adapter_bytes'] / 1e6:.2f} MB, "
+        f"{100 * result['adapter_bytes'] / result['merged_bytes']:.1f}% of the merged F16) vs the merged F16: "
+        f"max |diff| {result['max_abs_logit_diff']:.2e} = {result['relative_diff']:.1e} of the largest logit "
+        f"(bound {PARITY_BOUNDS[F16]:.0e}), top-1 {100 * result['top1']:.2f}%"
+    )
+    return result
 
 
 def _scorecard(r: _GGUFRun) -> dict:
@@ -723,6 +779,8 @@ def evaluate_gguf(cfg: PipelineConfig, run_dir: Path, log=print) -> dict:
     samples = _answers(r, log)
     update_report(run_dir, "gguf", gguf)
     update_report(run_dir, "parity", parity)
+    if cfg.export.lora:
+        update_report(run_dir, "lora", lora_parity(r, log))
     report = update_report(run_dir, "samples", samples)
     plot_scorecard(gguf, r.layout.scorecard_plot)
     ecfg, gpu = cfg.eval, f", {r.gpu_layers} GPU layers" if r.gpu_layers else ""

@@ -25,9 +25,12 @@ from pathlib import Path
 from qlora_pipeline.chat_format import END_OF_TURN
 from qlora_pipeline.config import PipelineConfig
 from qlora_pipeline.errors import ConfigError, PipelineError
+from qlora_pipeline.export_checks import check_before_export
 from qlora_pipeline.layout import RunLayout
 from qlora_pipeline.llamacpp import ensure_llama_cpp
 from qlora_pipeline.model import count_parameters
+from qlora_pipeline.modelfile import default_variant
+from qlora_pipeline.modelfile import write as write_modelfile
 from qlora_pipeline.paths import (
     disk_full,
     file_manifest,
@@ -402,6 +405,28 @@ def _importance_matrix(cfg: PipelineConfig, run_dir: Path, manifest: dict, log) 
     return imatrix.read(path).means()
 
 
+def _export_lora(cfg: PipelineConfig, run_dir: Path, manifest: dict, name: str, say) -> set[str]:
+    """The base as F16 and the adapter as a LoRA GGUF (``lora_gguf``); their manifest keys."""
+    from transformers import AutoTokenizer
+
+    from qlora_pipeline.lora_gguf import convert_lora
+    from qlora_pipeline.model import resolve_base
+
+    layout = RunLayout(run_dir)
+    base = Path(resolve_base(cfg, log=say))
+    for key, path in (("base-F16", layout.base_gguf), ("adapter-F16", layout.lora_gguf)):
+        if _is_current(manifest, key, path, {}):
+            say(f"{path.name}: already exported")
+            continue
+        if key == "base-F16":
+            eot = AutoTokenizer.from_pretrained(str(base)).convert_tokens_to_ids(END_OF_TURN)
+            convert_to_gguf(base, path, name, eot)
+        else:
+            convert_lora(layout.adapter, base, path)
+        _record(manifest, run_dir, key, path, {})
+    return {"base-F16", "adapter-F16"}
+
+
 def export(cfg: PipelineConfig, run_dir: Path, log=print) -> dict:
     """Write RUN/gguf/model-F16.gguf and one file per configured variant (``<TYPE>`` or
     ``<TYPE>-imat``, the latter with the run's importance matrix)."""
@@ -411,11 +436,12 @@ def export(cfg: PipelineConfig, run_dir: Path, log=print) -> dict:
     run_dir, merged = Path(run_dir), RunLayout(run_dir).merged
     check_quant_types(cfg.export.quant_types)
     types = TensorTypes.from_config(cfg.export)
+    name = cfg.export.model_name or default_model_name(cfg)
+    check_before_export(merged, name)  # before anything is written
     out_dir = RunLayout(run_dir).gguf_dir
     out_dir.mkdir(parents=True, exist_ok=True)
     for leftover in out_dir.glob(".*.tmp"):  # a killed export's partial file (up to the model's size)
         leftover.unlink()
-    name = cfg.export.model_name or default_model_name(cfg)
     manifest = _read_manifest(run_dir, merged_identity(merged), name)
     todo = [F16] + [q for q in cfg.export.quant_types if q != F16]
     matrix = None
@@ -439,10 +465,15 @@ def export(cfg: PipelineConfig, run_dir: Path, log=print) -> dict:
             quantize_gguf(gguf_path(run_dir, F16), path, quant, threads, matrix if with_matrix else None, types)
         _record(manifest, run_dir, variant, path, settings)
     keep = set(todo) | ({IMATRIX} if matrix is not None else set())
+    if cfg.export.lora:
+        keep |= _export_lora(cfg, run_dir, manifest, name, bar.write)
     for stale in set(manifest["files"]) - keep:
         (out_dir / manifest["files"].pop(stale)["file"]).unlink(missing_ok=True)
     write_json_atomic(RunLayout(run_dir).gguf_manifest, manifest)
-    sizes = ", ".join(f"{q} {manifest['files'][q]['bytes'] / 1e6:.1f} MB" for q in todo)
+    chosen = cfg.export.modelfile_variant or default_variant(tuple(todo[1:]) or (F16,))
+    write_modelfile(RunLayout(run_dir).modelfile, gguf_path(run_dir, chosen).name, cfg.eval.n_ctx)
+    shown = [key for key in (*todo, "base-F16", "adapter-F16") if key in keep]
+    sizes = ", ".join(f"{key} {manifest['files'][key]['bytes'] / 1e6:.1f} MB" for key in shown)
     log(f"GGUF files in {out_dir}: {sizes}")
     return manifest
 

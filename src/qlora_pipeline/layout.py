@@ -90,6 +90,21 @@ class RunLayout:
         return self.gguf_dir / "manifest.json"
 
     @property
+    def modelfile(self) -> Path:
+        """Ollama's Modelfile for the chosen variant."""
+        return self.gguf_dir / "Modelfile"
+
+    @property
+    def base_gguf(self) -> Path:
+        """The base model (not fine-tuned) as F16, which the LoRA GGUF applies to."""
+        return self.gguf_dir / "base-F16.gguf"
+
+    @property
+    def lora_gguf(self) -> Path:
+        """The LoRA adapter as a GGUF (``export.lora``)."""
+        return self.gguf_dir / "adapter-F16.gguf"
+
+    @property
     def imatrix(self) -> Path:
         """The importance matrix of the ``-imat`` variants (llama.cpp's GGUF imatrix format)."""
         return self.gguf_dir / "imatrix.gguf"

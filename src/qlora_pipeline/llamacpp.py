@@ -28,6 +28,7 @@ from qlora_pipeline.paths import cache_root
 CONVERTER = "convert_hf_to_gguf.py"
 NEEDED = (
     CONVERTER,
+    "convert_lora_to_gguf.py",
     "conversion/",
     "gguf-py/",
     "models/ggml-vocab-phi-3.gguf",

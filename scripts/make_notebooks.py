@@ -266,7 +266,8 @@ free_memory()
 pd.DataFrame({"prompt": prompts, "base": before, "fine-tuned": after})"""),
     md(
         "The adapter is saved in `RUN_DIR/adapter` (PEFT format, safetensors). Optionally push it (with the "
-        "run's configuration), so that notebook 2 can start from the Hub:"
+        "run's configuration and a model card: `qlora-pipeline push --what adapter`), so that notebook 2 can "
+        "start from the Hub:"
     ),
     code("""from qlora_pipeline.hub import push_run_part
 
@@ -335,7 +336,8 @@ Then the same prompt goes through each variant, and you chat with the one you ch
     params(
         "# the Hub repos notebooks 1 and 2 pushed to; used only when RUN_DIR lacks the adapter / merged model\n"
         "ADAPTER_REPO = None\nMERGED_REPO = None\n"
-        'TEMPERATURE = 0.7\nREPEAT_PENALTY = 1.1\nMAX_TOKENS = 64\nCHOSEN = "Q4_K_M"\nN_GPU_LAYERS = 0'
+        'TEMPERATURE = 0.7\nREPEAT_PENALTY = 1.1\nMAX_TOKENS = 64\nCHOSEN = "Q4_K_M"\nN_GPU_LAYERS = 0\n'
+        'PUSH_TO_HUB = False\n# HUB_REPO: the Space\'s MODEL_REPO, for example "your-name/phi35-oasst1-gguf"\nHUB_REPO = None'
     ),
     code(BOOTSTRAP),
     code("""import pandas as pd
@@ -388,7 +390,15 @@ for question in ["What is the capital of Italy?", "And what is the opposite of b
     history.append({"role": "assistant", "content": answer})
     print(f"you> {question}\\nassistant> {answer}")
 chat.close()"""),
-    md("""Chat in a terminal with `qlora-pipeline chat --model {RUN_DIR}/gguf/model-{CHOSEN}.gguf`."""),
+    md("""Chat in a terminal with `qlora-pipeline chat --model {RUN_DIR}/gguf/model-{CHOSEN}.gguf`.
+
+## Publish the GGUF files for the Space
+
+`qlora-pipeline push --what gguf`: every GGUF, the Ollama `Modelfile` and a model card with this
+run's training settings and scorecard, to the repo the Space reads (`MODEL_REPO`)."""),
+    code("""from qlora_pipeline.hub import push_run_part
+
+push_run_part(RUN_DIR, "gguf", HUB_REPO, PUSH_TO_HUB)"""),
 ]
 
 LORA_FROM_SCRATCH = [

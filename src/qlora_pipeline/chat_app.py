@@ -154,8 +154,8 @@ def hub_choices(repo: str, files: list[str]) -> tuple[list[ModelChoice], str]:
             ) from None
         if not names:
             raise ModelError(
-                f"the Hub repo {repo} has no .gguf file; push one (qlora-pipeline export, then "
-                "hub.push_folder) or name another repo"
+                f"the Hub repo {repo} has no .gguf file; push one (qlora-pipeline push --what gguf) "
+                "or name another repo"
             )
     choices = [ModelChoice(n, hub_repo=repo, hub_file=n) for n in names]
     q4 = [n for n in names if "Q4_K_M" in n]

@@ -44,6 +44,15 @@ def _common(parser: argparse.ArgumentParser, default_run_dir: str | None) -> Non
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.max_steps=20")
 
 
+def _add_push_parser(sub) -> None:
+    push = sub.add_parser("push", help="upload a run's adapter, merged model or GGUF files with a model card")
+    push.add_argument("--run-dir", type=Path, required=True, help="the run folder")
+    push.add_argument("--repo", required=True, metavar="USER/NAME", help="the Hub model repo (created if needed)")
+    push.add_argument("--what", required=True, choices=("adapter", "merged", "gguf"), help="which output")
+    push.add_argument("--public", action="store_true", help="create the repo public (default: private)")
+    push.add_argument("--debug", action="store_true", help="show tracebacks")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qlora-pipeline", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -114,6 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     space.add_argument("--out", type=Path, default=Path("runs/space"), help="the folder to write")
     space.add_argument("--push", default=None, metavar="USER/SPACE", help="upload it to this Space (needs HF_TOKEN)")
     space.add_argument("--debug", action="store_true", help="show tracebacks")
+    _add_push_parser(sub)
     twin = sub.add_parser(
         "hub-twin",
         help="write an offline Hugging Face cache holding the tiny twin as "
@@ -191,6 +201,11 @@ def _dispatch(args) -> int:
         from qlora_pipeline.space import space_main
 
         return space_main(args)
+    if args.command == "push":
+        from qlora_pipeline.publish import push
+
+        print(f"pushed {args.what} to {push(args.run_dir, args.repo, args.what, private=not args.public)}")
+        return 0
     if args.command == "hub-twin":
         from qlora_pipeline.hub_twin import hub_twin_main
 

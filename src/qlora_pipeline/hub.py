@@ -1,4 +1,4 @@
-"""Optional upload of an adapter or merged model to the Hugging Face Hub.
+"""Uploads to the Hugging Face Hub (a Space folder; the notebooks' run parts) and pulling them back.
 
 The token is read from the environment (HF_TOKEN) and never printed or written to a run folder.
 """
@@ -31,19 +31,6 @@ def push_folder(folder: Path, repo_id: str, private: bool = True, repo_type: str
     return f"https://huggingface.co/{'spaces/' if repo_type == 'space' else ''}{repo_id}"
 
 
-def push_if_asked(folder: Path, repo_id: str | None, enabled: bool) -> str | None:
-    """The notebooks' push cell: does nothing unless enabled, a repo is named and a token is present."""
-    if not enabled or not repo_id:
-        print("not pushing (set PUSH_TO_HUB = True and HUB_REPO in the parameters cell)")
-        return None
-    if not os.environ.get("HF_TOKEN"):
-        print("not pushing: HF_TOKEN is not set")
-        return None
-    url = push_folder(Path(folder), repo_id)
-    print(f"pushed {folder} to {url}")
-    return url
-
-
 # ---------------------------------------------------------------------------- run parts between notebooks
 # Each Colab notebook runs on its own VM. Besides a RUN_DIR on Google Drive, notebook 1 can push
 # the adapter and notebook 2 the merged model to the Hub, as the original course did, and the
@@ -51,21 +38,23 @@ def push_if_asked(folder: Path, repo_id: str | None, enabled: bool) -> str | Non
 # next notebook knows the base, the data and the template that the files belong to.
 RUN_CONFIG_IN_REPO = "qlora_run_config.json"
 PART_MARKERS = {"adapter": "adapter_config.json", "merged": "config.json"}
+MODEL_CARD = "README.md"  # the repo's card (qlora-pipeline push), not a file of the part
 
 
 def push_run_part(run_dir: Path, part: str, repo_id: str | None, enabled: bool) -> str | None:
-    """Notebook 1 (``adapter``) or 2 (``merged``): upload RUN_DIR/part and the run's config when asked."""
-    run_dir = Path(run_dir)
-    url = push_if_asked(run_dir / part, repo_id, enabled)
-    if url:
-        from huggingface_hub import HfApi
+    """The notebooks' push cell: ``qlora-pipeline push`` of the adapter (notebook 1), the merged
+    model (2) or the GGUF files (3, what the Space loads), with a model card and the run's config,
+    when asked."""
+    if not enabled or not repo_id:
+        print("not pushing (set PUSH_TO_HUB = True and HUB_REPO in the parameters cell)")
+        return None
+    if not os.environ.get("HF_TOKEN"):
+        print("not pushing: HF_TOKEN is not set")
+        return None
+    from qlora_pipeline.publish import push
 
-        HfApi(token=os.environ["HF_TOKEN"]).upload_file(
-            path_or_fileobj=str(RunLayout(run_dir).config),
-            path_in_repo=RUN_CONFIG_IN_REPO,
-            repo_id=repo_id,
-            commit_message="The qlora-pipeline run configuration these files belong to",
-        )
+    url = push(Path(run_dir), repo_id, part)
+    print(f"pushed {part} to {url}")
     return url
 
 
@@ -103,7 +92,7 @@ def pull_run_part(run_dir: Path, part: str, repo_id: str | None, cache_dir: str 
     run_dir.mkdir(parents=True, exist_ok=True)
     with atomic_dir(run_dir / part) as tmp:
         for file in snapshot.rglob("*"):
-            if file.is_file() and file.name != RUN_CONFIG_IN_REPO and ".cache" not in file.parts:
+            if file.is_file() and file.name not in (RUN_CONFIG_IN_REPO, MODEL_CARD) and ".cache" not in file.parts:
                 dest = tmp / file.relative_to(snapshot)
                 dest.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(file, dest)  # real files: the cache's symlinks would dangle on Drive

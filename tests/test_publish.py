@@ -1,0 +1,130 @@
+"""``qlora-pipeline push``: the model card (front matter parsed by huggingface_hub's ModelCard)
+and the upload, exercised by dependency injection: a stand-in for ``HfApi`` records the repo
+and the commit instead of sending them (no network here)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from qlora_pipeline import publish
+from qlora_pipeline.errors import ConfigError
+
+
+class RecordingApi:
+    """What ``push`` asks of ``HfApi``: one repo, one commit with every file and the card."""
+
+    def __init__(self):
+        self.repos, self.commits = [], []
+
+    def create_repo(self, repo_id, **kwargs):
+        self.repos.append((repo_id, kwargs))
+
+    def create_commit(self, repo_id, operations, **kwargs):
+        self.commits.append((repo_id, operations, kwargs))
+
+
+@pytest.fixture
+def hub_run(trained_run, tmp_path):
+    """The trained run as if its base were the real Phi-3.5 on the Hub (the card names it)."""
+    run = tmp_path / "run"
+    run.mkdir()
+    for part in ("adapter", "merged", "gguf"):
+        (run / part).symlink_to(trained_run / part)
+    config = json.loads((trained_run / "config.json").read_text())
+    config["model"]["name_or_path"] = "microsoft/Phi-3.5-mini-instruct"
+    (run / "config.json").write_text(json.dumps(config))
+    shutil.copyfile(trained_run / "report.json", run / "report.json")
+    return run
+
+
+@pytest.mark.parametrize(
+    "what, relation, library, expected_file",
+    [
+        ("adapter", "adapter", "peft", "adapter_model.safetensors"),
+        ("merged", "merge", "transformers", "config.json"),
+        ("gguf", "quantized", "gguf", "model-Q4_K_M.gguf"),
+    ],
+)
+def test_push_commits_the_files_with_a_card_that_model_card_parses(hub_run, what, relation, library, expected_file):
+    from huggingface_hub import ModelCard
+
+    api = RecordingApi()
+    url = publish.push(hub_run, "you/phi35-oasst1", what, api=api)
+    assert url == "https://huggingface.co/you/phi35-oasst1"
+    assert api.repos == [("you/phi35-oasst1", {"private": True, "exist_ok": True, "repo_type": "model"})]
+    ((_, operations, _),) = api.commits
+    paths = {op.path_in_repo: op for op in operations}
+    assert expected_file in paths and "README.md" in paths
+    assert "manifest.json" not in paths
+    assert [op.path_in_repo for op in operations].count("README.md") == 1  # peft's own card is not pushed too
+    card = ModelCard(paths["README.md"].path_or_fileobj.decode())
+    data = card.data.to_dict()
+    assert data["base_model"] == "microsoft/Phi-3.5-mini-instruct"
+    assert data["base_model_relation"] == relation
+    assert data["library_name"] == library
+    assert data["datasets"] == ["OpenAssistant/oasst1"] and data["license"] == "mit"
+    assert "## Training" in card.text and "learning rate" in card.text
+    assert "## Quantization scorecard" in card.text  # the run's own table
+    if what == "gguf":
+        assert "Modelfile" in paths and "ollama create" in card.text and "MODEL_REPO=you/phi35-oasst1" in card.text
+
+
+def test_the_card_of_a_tiny_run_names_no_hub_base(trained_run):
+    from huggingface_hub import ModelCard
+
+    files = publish.files_to_push(trained_run, "gguf")
+    card = ModelCard(publish.render_card(trained_run, "you/tiny", "gguf", files))
+    assert "base_model" not in card.data.to_dict()
+    assert "`tiny`" in card.text
+
+
+def test_the_card_gives_the_importance_matrix_figures(hub_run):
+    report = json.loads((hub_run / "report.json").read_text())
+    plain = report["gguf"]["Q4_K_M"]
+    report["gguf"]["Q4_K_M-imat"] = {**plain, "kld_vs_f16": plain["kld_vs_f16"] * 0.9}
+    (hub_run / "report.json").write_text(json.dumps(report))
+    card = publish.render_card(hub_run, "you/x", "gguf", publish.files_to_push(hub_run, "gguf"))
+    assert "- Q4_K_M: KL" in card and "(-10.0%)" in card
+
+
+def test_bad_requests_are_refused_before_any_upload(trained_run, tmp_path, monkeypatch):
+    api = RecordingApi()
+    with pytest.raises(ConfigError, match="--what 'weights' is invalid"):
+        publish.push(trained_run, "you/x", "weights", api=api)
+    (tmp_path / "adapter").mkdir()
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(Exception, match="has no adapter files to push"):
+        publish.push(tmp_path, "you/x", "adapter", api=api)
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    with pytest.raises(Exception, match="HF_TOKEN is not set"):
+        publish.push(trained_run, "you/x", "gguf")
+    assert api.repos == [] and api.commits == []
+
+
+def test_what_push_commits_is_what_the_next_notebook_pulls(trained_run, tmp_path):
+    """Notebook 1 pushes the adapter; notebook 2, on a fresh VM, pulls it back with the run's config."""
+    from qlora_pipeline.hub import pull_run_part
+    from qlora_pipeline.hub_twin import write_cached_repo
+    from qlora_pipeline.pipeline import read_run_config
+
+    api = RecordingApi()
+    publish.push(trained_run, "student/adapter", "adapter", api=api)
+    ((_, operations, _),) = api.commits
+    files = {}
+    for op in operations:
+        if isinstance(op.path_or_fileobj, bytes):
+            (tmp_path / op.path_in_repo).write_bytes(op.path_or_fileobj)
+            files[op.path_in_repo] = tmp_path / op.path_in_repo
+        else:
+            files[op.path_in_repo] = op.path_or_fileobj
+    write_cached_repo(tmp_path / "hub", "model", "student/adapter", {k: Path(v) for k, v in files.items()})
+    run = tmp_path / "fresh"
+    assert pull_run_part(run, "adapter", "student/adapter", cache_dir=str(tmp_path / "hub"), log=lambda *a: None)
+    assert read_run_config(run) == read_run_config(trained_run)
+    pulled = sorted(p.name for p in (run / "adapter").iterdir())
+    pushed = sorted(p.name for p in (trained_run / "adapter").iterdir() if p.is_file() and p.name != "README.md")
+    assert pulled == pushed  # peft's own README.md gives way to the generated card, which stays on the Hub

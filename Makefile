@@ -12,6 +12,7 @@
 # make bench  - benchmarks on the tiny model (a few minutes): bench/results/*.json, *.md, speed_vs_size.png
 # make mutation - mutmut over the functions behind the correctness claims (slow: hours on 2 cores;
 #                 resumable): bench/results/mutation.{json,md} with the survivors
+# make bench-imatrix - KL with and without the importance matrix at five types (bench/results/imatrix.md)
 # make bench-full - the full-size Phi-3.5-mini shape (random weights; ~25 GB disk, up to about an hour)
 PYTHON ?= python3
 VENV   := .venv
@@ -26,7 +27,7 @@ ifeq ($(shell uname -m),x86_64)
 LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON
 endif
 
-.PHONY: setup demo test notebooks app screenshot bench bench-full clean-demo rehearsal course-repo mutation
+.PHONY: setup demo test notebooks app screenshot bench bench-imatrix bench-full clean-demo rehearsal course-repo mutation
 TWIN_HUB ?= runs/twin-hub
 # Only what a CPU needs: fp32 compute (no fp16 autocast on a CPU), a few steps, capped evaluation.
 REHEARSAL_OVERRIDES := model.compute_dtype=float32 train.mixed_precision=no train.max_steps=4 \
@@ -81,6 +82,9 @@ bench: setup $(Q4)
 	$(PY) bench/inference.py --run $(RUN_DIR)
 	$(PY) bench/train_throughput.py
 	$(PY) bench/plot.py
+
+bench-imatrix: setup $(Q4)
+	$(PY) bench/imatrix.py --run $(RUN_DIR)
 
 bench-full: setup
 	$(PY) bench/fullsize.py

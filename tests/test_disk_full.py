@@ -68,7 +68,7 @@ def test_disk_full_during_gguf_export(trained_run, tmpfs, monkeypatch, checked):
     fill_leaving(disk, f16.stat().st_size)  # room for one F16 file, not the converter's two copies
     if not checked:
         monkeypatch.setattr("qlora_pipeline.export.require_free_space", lambda *a: None)
-    cfg = make_config("export.model_name=renamed")  # a new name: every GGUF must be written again
+    cfg = make_config("export.model_name=Phi-3 renamed")  # a new name: every GGUF must be written again
     with pytest.raises(DiskFullError) as info:
         export(cfg, run, log=lambda *a: None)
     message = str(info.value)

@@ -76,3 +76,25 @@ def test_the_app_applies_the_lora_and_lists_only_models(lora_run):
     assert "adapter-F16.gguf" not in names and "base-F16.gguf" in names
     with pytest.raises(ConfigError, match="not adapter"):
         check_lora_file(run / "gguf" / "model-F16.gguf")
+
+
+def test_the_app_answers_with_the_adapter_applied(lora_run):
+    """--lora through the app's own backend: the base with the adapter answers as the merged model."""
+    from qlora_pipeline.chat import SamplingParams
+    from qlora_pipeline.chat_app import AppSettings, LocalBackend, ModelChoice
+
+    run, _ = lora_run
+    greedy = SamplingParams(temperature=0.0, top_k=1, max_tokens=16)
+    question = [{"role": "user", "content": "What is the capital of France?"}]
+
+    def answer(model: str, lora=None) -> str:
+        choice = ModelChoice(model, path=run / "gguf" / model)
+        backend = LocalBackend(AppSettings(models=[choice], lora=lora, n_ctx=256, n_threads=2))
+        try:
+            return "".join(backend.stream(question, greedy, model, {}))
+        finally:
+            backend.close()
+
+    merged = answer("model-F16.gguf")
+    assert answer("base-F16.gguf", lora=run / "gguf" / "adapter-F16.gguf") == merged
+    assert answer("base-F16.gguf") != merged

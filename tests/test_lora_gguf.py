@@ -98,3 +98,12 @@ def test_the_app_answers_with_the_adapter_applied(lora_run):
     merged = answer("model-F16.gguf")
     assert answer("base-F16.gguf", lora=run / "gguf" / "adapter-F16.gguf") == merged
     assert answer("base-F16.gguf") != merged
+
+
+def test_a_gguf_whose_header_cannot_be_read_is_still_listed(tmp_path):
+    """Only a readable general.type other than "model" hides a file; a damaged one stays in the
+    list, so that choosing it gives the loader's clear error instead of a silently missing model."""
+    from qlora_pipeline.chat_app import _model_files
+
+    (tmp_path / "damaged.gguf").write_bytes(b"GGUF\x03\x00\x00\x00" + b"\xff" * 20)
+    assert [p.name for p in _model_files(tmp_path)] == ["damaged.gguf"]

@@ -102,7 +102,7 @@ def gguf_kind(path: Path) -> str:
         from gguf import GGUFReader
 
         field = GGUFReader(str(path)).fields.get("general.type")
-    except (ValueError, OSError, IndexError):
+    except Exception:  # any unreadable header: treat it as a model, and let loading it say what is wrong
         return "model"
     return bytes(field.parts[field.data[0]]).decode() if field is not None else "model"
 

@@ -63,6 +63,25 @@ def test_a_completed_export_is_skipped(trained_run, tmp_path):
     assert not leftover.exists()
 
 
+def test_files_of_another_merged_model_are_removed_not_left_for_the_app(trained_run, tmp_path):
+    """A new merge (another source in the manifest) makes every recorded GGUF stale: one that is no
+    longer configured goes too, instead of staying beside the new files."""
+    run = copy_run(trained_run, tmp_path / "run")
+    manifest = json.loads((run / "gguf" / "manifest.json").read_text())
+    stale = run / "gguf" / "model-Q6_K.gguf"
+    stale.write_bytes(b"GGUF of the previous merge")
+    manifest["files"]["Q6_K"] = {"file": stale.name, "bytes": stale.stat().st_size, "sha256": "0" * 64}
+    manifest["files"]["odd"] = {"file": "../config.json", "bytes": 1, "sha256": "0" * 64}  # never outside gguf/
+    manifest["source"] = "a previous merge"
+    (run / "gguf" / "manifest.json").write_text(json.dumps(manifest))
+    export(make_config(), run, log=lambda *a: None)
+    assert not stale.exists()
+    assert (run / "config.json").is_file()
+    assert sorted(p.name for p in (run / "gguf").glob("*.gguf")) == sorted(
+        p.name for p in (trained_run / "gguf").glob("*.gguf")
+    )
+
+
 def test_report_has_the_scorecard_schema(trained_run):
     report = json.loads((trained_run / "report.json").read_text())
     assert set(report["gguf"]) == {"F16", "Q8_0", "Q4_K_M"}

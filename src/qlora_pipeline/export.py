@@ -368,10 +368,14 @@ IMATRIX = "imatrix"  # its entry in gguf/manifest.json
 
 
 def _read_manifest(run_dir: Path, source: str, name: str) -> dict:
-    """The GGUF manifest, or a new one when the merged model or the model name changed."""
-    path = RunLayout(run_dir).gguf_manifest
-    manifest = json.loads(path.read_text()) if path.is_file() else {}
+    """The GGUF manifest, or a new one when the merged model or the model name changed; then the
+    files the old one listed are removed: they hold another model, and the app would offer them."""
+    layout = RunLayout(run_dir)
+    manifest = json.loads(layout.gguf_manifest.read_text()) if layout.gguf_manifest.is_file() else {}
     if manifest.get("source") != source or manifest.get("model_name") != name:
+        for record in manifest.get("files", {}).values():
+            if isinstance(record, dict) and Path(str(record.get("file", ""))).name == record.get("file"):
+                (layout.gguf_dir / record["file"]).unlink(missing_ok=True)  # a bare name: inside gguf/ only
         manifest = {"source": source, "model_name": name, "files": {}}
     return manifest
 

@@ -65,7 +65,7 @@ def test_a_completed_export_is_skipped(trained_run, tmp_path):
 
 def test_files_of_another_merged_model_are_removed_not_left_for_the_app(trained_run, tmp_path):
     """A new merge (another source in the manifest) makes every recorded GGUF stale: one that is no
-    longer configured goes too, instead of staying beside the new files."""
+    longer configured goes too once the export finishes, instead of staying beside the new files."""
     run = copy_run(trained_run, tmp_path / "run")
     manifest = json.loads((run / "gguf" / "manifest.json").read_text())
     stale = run / "gguf" / "model-Q6_K.gguf"

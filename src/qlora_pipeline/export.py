@@ -367,17 +367,18 @@ def read_gguf_metadata(path: Path) -> dict:
 IMATRIX = "imatrix"  # its entry in gguf/manifest.json
 
 
-def _read_manifest(run_dir: Path, source: str, name: str) -> dict:
-    """The GGUF manifest, or a new one when the merged model or the model name changed; then the
-    files the old one listed are removed: they hold another model, and the app would offer them."""
+def _read_manifest(run_dir: Path, source: str, name: str) -> tuple[dict, set[str]]:
+    """The GGUF manifest, or a new one when the merged model or the model name changed; and then
+    the file names the old one listed (they hold another model: removed once the export finishes,
+    so that a failed export still leaves the previous complete files)."""
     layout = RunLayout(run_dir)
     manifest = json.loads(layout.gguf_manifest.read_text()) if layout.gguf_manifest.is_file() else {}
-    if manifest.get("source") != source or manifest.get("model_name") != name:
-        for record in manifest.get("files", {}).values():
-            if isinstance(record, dict) and Path(str(record.get("file", ""))).name == record.get("file"):
-                (layout.gguf_dir / record["file"]).unlink(missing_ok=True)  # a bare name: inside gguf/ only
-        manifest = {"source": source, "model_name": name, "files": {}}
-    return manifest
+    if manifest.get("source") == source and manifest.get("model_name") == name:
+        return manifest, set()
+    records = [r for r in manifest.get("files", {}).values() if isinstance(r, dict)]
+    # Bare names only: a manifest never sends a deletion outside gguf/.
+    previous = {str(r.get("file")) for r in records if Path(str(r.get("file"))).name == r.get("file")}
+    return {"source": source, "model_name": name, "files": {}}, previous
 
 
 def _is_current(manifest: dict, key: str, path: Path, settings: dict) -> bool:
@@ -446,7 +447,7 @@ def export(cfg: PipelineConfig, run_dir: Path, log=print) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     for leftover in out_dir.glob(".*.tmp"):  # a killed export's partial file (up to the model's size)
         leftover.unlink()
-    manifest = _read_manifest(run_dir, merged_identity(merged), name)
+    manifest, previous = _read_manifest(run_dir, merged_identity(merged), name)
     todo = [F16] + [q for q in cfg.export.quant_types if q != F16]
     matrix = None
     bar = tqdm(todo, desc="GGUF export", unit="file")
@@ -473,6 +474,8 @@ def export(cfg: PipelineConfig, run_dir: Path, log=print) -> dict:
         keep |= _export_lora(cfg, run_dir, manifest, name, bar.write)
     for stale in set(manifest["files"]) - keep:
         (out_dir / manifest["files"].pop(stale)["file"]).unlink(missing_ok=True)
+    for orphan in previous - {record["file"] for record in manifest["files"].values()}:
+        (out_dir / orphan).unlink(missing_ok=True)  # written for another merged model
     write_json_atomic(RunLayout(run_dir).gguf_manifest, manifest)
     chosen = cfg.export.modelfile_variant or default_variant(tuple(todo[1:]) or (F16,))
     write_modelfile(RunLayout(run_dir).modelfile, gguf_path(run_dir, chosen).name, cfg.eval.n_ctx)

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from qlora_pipeline.chat_format import END_OF_TURN, ChatEncoder
-from qlora_pipeline.errors import ConfigError, ModelError
+from qlora_pipeline.errors import ConfigError, ModelError, PipelineError
 from qlora_pipeline.runtime import usable_cpus
 
 GGUF_MAGIC = b"GGUF"
@@ -95,16 +95,31 @@ def check_lora_file(path: Path) -> Path:
     return path
 
 
+def read_gguf_metadata(path: Path) -> dict:
+    """The scalar and string key/values of a GGUF (token lists left out)."""
+    from gguf import GGUFReader
+    from gguf.constants import GGUFValueType
+
+    try:
+        reader = GGUFReader(str(path))
+    except (ValueError, OSError) as exc:
+        raise PipelineError(f"{path} is not a readable GGUF file ({str(exc)[:120]}); re-run the export stage") from None
+    out = {}
+    for key, field in reader.fields.items():
+        if not field.types or field.types[0] == GGUFValueType.ARRAY:
+            continue
+        value = field.parts[field.data[0]]
+        out[key] = bytes(value).decode("utf-8") if field.types[0] == GGUFValueType.STRING else value.tolist()[0]
+    return out
+
+
 def gguf_kind(path: Path) -> str:
     """A GGUF's ``general.type``: "model", "imatrix" (an importance matrix) or "adapter" (a LoRA);
     "model" when the key is absent (older files) or the header cannot be read (loading says why)."""
     try:
-        from gguf import GGUFReader
-
-        field = GGUFReader(str(path)).fields.get("general.type")
+        return read_gguf_metadata(path).get("general.type", "model")
     except Exception:  # any unreadable header: treat it as a model, and let loading it say what is wrong
         return "model"
-    return bytes(field.parts[field.data[0]]).decode() if field is not None else "model"
 
 
 def original_context_length(metadata: dict) -> int | None:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from qlora_pipeline.chat_format import END_OF_TURN, ChatEncoder
+from qlora_pipeline.chat_format import ChatEncoder
 from qlora_pipeline.config import PipelineConfig
 from qlora_pipeline.errors import ConfigError, StageOrderError
 from qlora_pipeline.layout import RunLayout
@@ -496,7 +496,7 @@ def measure_parity(cfg: PipelineConfig, run_dir: Path, examples: list[dict], log
     conversations at the serving context and on one sequence longer than the original context
     at a context above it. The reference is fp32 even when the merged model is saved in 16 bits."""
     from qlora_pipeline.chat import LlamaChat, original_context_length
-    from qlora_pipeline.export import F16, convert_to_gguf, default_model_name, gguf_path
+    from qlora_pipeline.export import F16, convert_to_gguf, default_model_name, end_of_turn_id, gguf_path
 
     ecfg = cfg.eval
     run_dir = Path(run_dir)
@@ -513,12 +513,9 @@ def measure_parity(cfg: PipelineConfig, run_dir: Path, examples: list[dict], log
     files = {"F16": (gguf_path(run_dir, F16), True)}
     f32_path = RunLayout(run_dir).gguf_dir / ".parity-F32.gguf"
     if ecfg.f32_parity:
-        from transformers import AutoTokenizer
-
-        eot = AutoTokenizer.from_pretrained(str(RunLayout(run_dir).merged)).convert_tokens_to_ids(END_OF_TURN)
-        convert_to_gguf(
-            RunLayout(run_dir).merged, f32_path, cfg.export.model_name or default_model_name(cfg), eot, "f32"
-        )
+        merged = RunLayout(run_dir).merged
+        name = cfg.export.model_name or default_model_name(cfg)
+        convert_to_gguf(merged, f32_path, name, end_of_turn_id(merged), "f32")
         files["F32"] = (f32_path, False)
     parity: dict = {"bounds": {"relative": PARITY_BOUNDS, "min_top1": PARITY_MIN_TOP1}}
     try:

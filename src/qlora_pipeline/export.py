@@ -233,15 +233,20 @@ def converter_commands(
     return convert, metadata
 
 
+def end_of_turn_id(model_dir: Path) -> int:
+    """The id of ``<|end|>`` in the tokenizer of ``model_dir`` (what the conversion marks as end of turn)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(model_dir)).convert_tokens_to_ids(END_OF_TURN)
+
+
 def export_calls(cfg: PipelineConfig, run_dir: Path) -> list[str]:
     """What the export stage runs, written out (the notebooks print it before running the stage)."""
     import shlex
 
-    from transformers import AutoTokenizer
-
     run_dir = Path(run_dir)
     merged, f16 = RunLayout(run_dir).merged, gguf_path(run_dir, F16)
-    eot = AutoTokenizer.from_pretrained(str(merged)).convert_tokens_to_ids(END_OF_TURN)
+    eot = end_of_turn_id(merged)
     tmp, tmp2 = (f16.with_name(f".{f16.name}.{step}.tmp") for step in ("convert", "meta"))
     convert, metadata = converter_commands(merged, tmp, tmp2, cfg.export.model_name or default_model_name(cfg), eot)
     calls = [shlex.join(convert), shlex.join(metadata), f"os.replace({str(tmp2)!r}, {str(f16)!r})"]
@@ -346,24 +351,6 @@ def quantize_gguf(
         tmp.unlink(missing_ok=True)
 
 
-def read_gguf_metadata(path: Path) -> dict:
-    """The scalar and string key/values of a GGUF (token lists left out)."""
-    from gguf import GGUFReader
-    from gguf.constants import GGUFValueType
-
-    try:
-        reader = GGUFReader(str(path))
-    except (ValueError, OSError) as exc:
-        raise PipelineError(f"{path} is not a readable GGUF file ({str(exc)[:120]}); re-run the export stage") from None
-    out = {}
-    for key, field in reader.fields.items():
-        if not field.types or field.types[0] == GGUFValueType.ARRAY:
-            continue
-        value = field.parts[field.data[0]]
-        out[key] = bytes(value).decode("utf-8") if field.types[0] == GGUFValueType.STRING else value.tolist()[0]
-    return out
-
-
 IMATRIX = "imatrix"  # its entry in gguf/manifest.json
 
 
@@ -412,8 +399,6 @@ def _importance_matrix(cfg: PipelineConfig, run_dir: Path, manifest: dict, log) 
 
 def _export_lora(cfg: PipelineConfig, run_dir: Path, manifest: dict, name: str, say) -> set[str]:
     """The base as F16 and the adapter as a LoRA GGUF (``lora_gguf``); their manifest keys."""
-    from transformers import AutoTokenizer
-
     from qlora_pipeline.lora_gguf import convert_lora
     from qlora_pipeline.model import resolve_base
 
@@ -424,8 +409,7 @@ def _export_lora(cfg: PipelineConfig, run_dir: Path, manifest: dict, name: str, 
             say(f"{path.name}: already exported")
             continue
         if key == "base-F16":
-            eot = AutoTokenizer.from_pretrained(str(base)).convert_tokens_to_ids(END_OF_TURN)
-            convert_to_gguf(base, path, name, eot)
+            convert_to_gguf(base, path, name, end_of_turn_id(base))
         else:
             convert_lora(layout.adapter, base, path)
         _record(manifest, run_dir, key, path, {})
@@ -436,13 +420,12 @@ def export(cfg: PipelineConfig, run_dir: Path, log=print) -> dict:
     """Write RUN/gguf/model-F16.gguf and one file per configured variant (``<TYPE>`` or
     ``<TYPE>-imat``, the latter with the run's importance matrix)."""
     from tqdm.auto import tqdm
-    from transformers import AutoTokenizer
 
     run_dir, merged = Path(run_dir), RunLayout(run_dir).merged
     check_quant_types(cfg.export.quant_types)
     types = TensorTypes.from_config(cfg.export)
     name = cfg.export.model_name or default_model_name(cfg)
-    check_before_export(merged, name)  # before anything is written
+    eot = check_before_export(merged, name)  # before anything is written
     out_dir = RunLayout(run_dir).gguf_dir
     out_dir.mkdir(parents=True, exist_ok=True)
     for leftover in out_dir.glob(".*.tmp"):  # a killed export's partial file (up to the model's size)
@@ -463,7 +446,6 @@ def export(cfg: PipelineConfig, run_dir: Path, log=print) -> dict:
             continue
         bar.set_postfix(file=path.name)
         if quant == F16:
-            eot = AutoTokenizer.from_pretrained(str(merged)).convert_tokens_to_ids(END_OF_TURN)
             convert_to_gguf(merged, path, name, eot)
         else:
             threads = cfg.export.threads or usable_cpus()

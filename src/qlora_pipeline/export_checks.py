@@ -94,8 +94,9 @@ def check_rope(merged: Path, config: dict) -> None:
         )
 
 
-def check_before_export(merged: Path, model_name: str) -> None:
-    """Refuse, with one line, a merged model that would convert into a GGUF that misbehaves."""
+def check_before_export(merged: Path, model_name: str) -> int:
+    """Refuse, with one line, a merged model that would convert into a GGUF that misbehaves;
+    return the id of ``<|end|>`` (checked present), which the conversion marks as end of turn."""
     from transformers import AutoTokenizer
 
     config = json.loads((merged / "config.json").read_text(encoding="utf-8"))
@@ -104,3 +105,4 @@ def check_before_export(merged: Path, model_name: str) -> None:
     check_vocabulary(merged, config, tokenizer)
     check_chat_template(merged, tokenizer)
     check_rope(merged, config)
+    return tokenizer.convert_tokens_to_ids(END_OF_TURN)

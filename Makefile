@@ -7,6 +7,9 @@
 # make rehearsal - the phi35-colab-t4 preset through the real hub code path, offline, on CPU:
 #                  the twin hub (runs/twin-hub, cached) as HF_HOME, prepare through evaluate; then the
 #                  three S29 notebooks as on Colab (own working dir and kernel each, a shared "Drive")
+# make journey - the student's whole path as one story: a stand-in Colab (Drive, the secret HF_TOKEN) and
+#                  a stand-in Hub; notebooks 1 -> 2 -> 3 on their own VMs (3 again with Drive off), then
+#                  the pushed Space installed in a fresh venv from its requirements.txt and asked a question
 # make course-repo REPO=OWNER/NAME - the course's GitHub repository in COURSE_REPO, the notebooks'
 #                  set-up cells, the README's Colab badges and the Space README
 # make bench  - benchmarks on the tiny model (a few minutes): bench/results/*.json, *.md, speed_vs_size.png
@@ -27,7 +30,7 @@ ifeq ($(shell uname -m),x86_64)
 LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON
 endif
 
-.PHONY: setup demo test notebooks app screenshot bench bench-imatrix bench-full clean-demo rehearsal course-repo mutation
+.PHONY: setup demo test notebooks app screenshot bench bench-imatrix bench-full clean-demo rehearsal journey course-repo mutation
 TWIN_HUB ?= runs/twin-hub
 # Only what a CPU needs: fp32 compute (no fp16 autocast on a CPU), a few steps, capped evaluation.
 REHEARSAL_OVERRIDES := model.compute_dtype=float32 train.mixed_precision=no train.max_steps=4 \
@@ -101,6 +104,11 @@ rehearsal: setup
 	@echo "rehearsal: the three S29 notebooks, each in its own working directory and kernel, sharing only a Drive folder"
 	HF_HOME=$(abspath $(TWIN_HUB)) HF_HUB_OFFLINE=1 $(PY) -m qlora_pipeline.rehearsal runs/rehearsal-notebooks \
 		--preset phi35-colab-t4 $(foreach o,$(REHEARSAL_OVERRIDES) eval.hf_max_tokens=2000,--override $(o))
+
+journey: setup
+	$(VENV)/bin/qlora-pipeline hub-twin --out $(TWIN_HUB)
+	$(PY) -m qlora_pipeline.journey runs/journey --twin-hub $(TWIN_HUB) --preset phi35-colab-t4 \
+		$(foreach o,$(REHEARSAL_OVERRIDES) eval.hf_max_tokens=2000,--override $(o))
 
 course-repo: setup
 	@test -n "$(REPO)" || { echo "error: give the repository: make course-repo REPO=OWNER/NAME"; exit 2; }

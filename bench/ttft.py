@@ -23,8 +23,8 @@ from pathlib import Path
 from tqdm import tqdm
 
 from qlora_pipeline.app_check import app_command, served
-from qlora_pipeline.chat import LlamaChat, SamplingParams
 from qlora_pipeline.paths import write_json_atomic
+from qlora_pipeline.serve.chat import LlamaChat, SamplingParams
 
 PROMPT_TOKENS = 64
 PARAMS = SamplingParams(temperature=0.7, top_p=0.9, top_k=40, repeat_penalty=1.1, max_tokens=32)

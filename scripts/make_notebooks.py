@@ -25,31 +25,35 @@ BRANCH = "main"
 SETUP_FIRST_LINE = "# Set-up. On Colab: fetch the course code"
 
 
-def bootstrap(repo: str) -> str:
-    """The set-up cell for the course at github.com/``repo``."""
+def bootstrap(repo: str, llama_cpp: bool = False) -> str:
+    """The set-up cell for the course at github.com/``repo`` (``llama_cpp``: the notebook loads a GGUF)."""
     return f'''# Set-up. On Colab: fetch the course code and its pinned packages (Colab's own torch is kept).
 # Locally (`make setup`) the package is already installed and this does nothing.
 import importlib.util, os, subprocess, sys
 REPO = "{repo}"  # the course's GitHub OWNER/NAME (`make course-repo REPO=...` rewrites it)
-if importlib.util.find_spec("qlora_pipeline") is None:
+# (course/.installed: written once the install finished, so an interrupted one is done again)
+if importlib.util.find_spec("qlora_pipeline") is None or (os.path.isdir("course") and not os.path.exists("course/.installed")):
     if REPO == "{PLACEHOLDER}":
         raise SystemExit("REPO is still the placeholder: set it above to the GitHub OWNER/NAME of your copy of the course "
                          "(or run `make course-repo REPO=OWNER/NAME` in a clone and push)")
-    subprocess.run(["git", "clone", "--depth", "1", f"https://github.com/{{REPO}}", "course"], check=True)
+    if not os.path.isdir("course"):
+        subprocess.run(["git", "clone", "--depth", "1", f"https://github.com/{{REPO}}", "course"], check=True)
     sys.path.insert(0, os.path.abspath("course/src"))
-    from qlora_pipeline.colab import install_llama_cpp  # a prebuilt CUDA wheel where one exists
-    install_llama_cpp("course/requirements.txt")
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-r", "course/requirements.txt"], check=True)
+    from qlora_pipeline.colab import install_course_packages  # llama-cpp-python: a prebuilt wheel where one exists
+    install_course_packages("course/requirements.txt", llama_cpp={llama_cpp})
+    open("course/.installed", "w").close()
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "-e", "course"], check=True)
 if os.path.isdir("course/src/qlora_pipeline"):
     os.chdir("course")  # also after a kernel restart, when the package is already installed
-from qlora_pipeline.notebook import environment_report
+from qlora_pipeline.notebook import choose_preset, environment_report
 ENV = environment_report()
+PRESET = choose_preset(PRESET, ENV)  # None: phi35-colab-t4 on a GPU, tiny on a CPU
 from qlora_pipeline.colab import course_run_dir  # on Colab: RUN_DIR on Google Drive, which outlives this VM
 RUN_DIR = course_run_dir(RUN_DIR, USE_DRIVE)'''
 
 
 BOOTSTRAP = bootstrap(REPO)
+BOOTSTRAP_GGUF = bootstrap(REPO, llama_cpp=True)  # notebook 3: the only one that loads a GGUF
 
 
 def code(source: str, *tags: str):
@@ -63,17 +67,39 @@ def md(source: str):
     return new_markdown_cell(source.strip("\n"))
 
 
-def params(extra: str = "") -> object:
+def params(extra: str = "", run_dir: str = "runs/notebooks/s29") -> object:
     return code(
-        f"""# Parameters (papermill fills these in). On Colab: PRESET = "phi35-colab-t4".
-# OVERRIDES takes key=value settings, for example ["train.epochs=2", "lora.r=8"].
-PRESET = "tiny"
-RUN_DIR = "runs/notebooks/s29"
+        f"""# Parameters (papermill fills these in). PRESET None: "phi35-colab-t4" on a GPU (Colab's T4), "tiny" on a
+# CPU. OVERRIDES takes key=value settings, for example ["train.epochs=2", "lora.r=8"].
+PRESET = None
+RUN_DIR = "{run_dir}"
 USE_DRIVE = True  # on Colab, keep RUN_DIR on Google Drive (each notebook runs on a new VM)
 OVERRIDES = []
 {extra}""",
         "parameters",
     )
+
+
+# The journey's one input is a Hugging Face write token (the Colab secret HF_TOKEN): every name
+# below is derived from it and from RUN_DIR, and the same in all three notebooks.
+HUB_PARAMS = """# The Hub: with a write token as the Colab secret HF_TOKEN (key icon, left bar), each notebook
+# pushes what the next one needs; names come from your user name and RUN_DIR (None: derived).
+PUSH_TO_HUB = None  # None: push when a token is found; True: stop if there is none; False: never
+PRIVATE = False  # True: private repos (the Space then gets your token as a secret to read them)
+HF_USER = None
+ADAPTER_REPO = None
+MERGED_REPO = None
+GGUF_REPO = None
+SPACE_REPO = None"""
+
+REPOS_CELL = """from qlora_pipeline.hub import course_repos
+
+repos = course_repos(RUN_DIR, PUSH_TO_HUB, PRIVATE, HF_USER, adapter=ADAPTER_REPO, merged=MERGED_REPO,
+                     gguf=GGUF_REPO, space=SPACE_REPO)"""
+
+FLUSH_CELL = """from qlora_pipeline.colab import flush_drive
+
+flush_drive()  # on Colab: Drive's pending writes, before this VM goes away"""
 
 
 S29_FINETUNING = [
@@ -95,11 +121,12 @@ built-in 20M-parameter twin of Phi-3.5 (its tokenizer, chat template and LongRoP
 On Colab, `RUN_DIR` lives on your Google Drive, so the next two notebooks (each on a new VM) and a
 re-run after a disconnect find this notebook's work."""),
     params(
-        'PUSH_TO_HUB = False\n# HUB_REPO: for example "your-name/phi35-oasst1-qlora-adapter"\nHUB_REPO = None\n'
-        "# START_FRESH: True trains from step 0 even if RUN_DIR holds a checkpoint of this configuration\n"
+        HUB_PARAMS
+        + "\n# START_FRESH: True trains from step 0 even if RUN_DIR holds a checkpoint of this configuration\n"
         "START_FRESH = False\nANSWER_TOKENS = 48  # longest before/after answer"
     ),
     code(BOOTSTRAP),
+    code(REPOS_CELL),
     md("## The base model in 4 bits, and the LoRA check"),
     code("""import pandas as pd
 from qlora_pipeline.config import load_config
@@ -119,13 +146,32 @@ pd.DataFrame(memory_table(n_params))"""),
         "The two objects QLoRA is made of, built from the preset: how bitsandbytes stores the frozen "
         "base, and which layers peft gives adapters."
     ),
-    code("""from qlora_pipeline.model import peft_lora_config, pick_device, quantization_config
+    code(
+        """import torch
+from peft import LoraConfig
+from transformers import BitsAndBytesConfig
+from qlora_pipeline.model import pick_device
 
 device = pick_device(cfg.model.compute_dtype, cfg.train.mixed_precision)
-bnb_config = quantization_config(cfg.model, device)
-lora_config = peft_lora_config(cfg.lora)
+bnb_config = BitsAndBytesConfig(
+    load_in_4bit=True,                               # the frozen base in 4 bits
+    bnb_4bit_quant_type="nf4",                       # NormalFloat-4: levels at normal quantiles
+    bnb_4bit_use_double_quant=cfg.model.double_quant,  # quantize the scales too (~0.37 bits saved per weight)
+    bnb_4bit_compute_dtype=device.compute_dtype,     # matmuls in 16 bits (fp16 on a T4)
+    bnb_4bit_quant_storage=torch.uint8,
+)
+lora_config = LoraConfig(
+    r=cfg.lora.r,                                    # rank of the update B·A
+    lora_alpha=cfg.lora.alpha,                       # the update is scaled by alpha / r
+    lora_dropout=cfg.lora.dropout,
+    target_modules=list(cfg.lora.target_modules),    # Phi-3's fused layers: qkv_proj, gate_up_proj, ...
+    bias="none",
+    task_type="CAUSAL_LM",
+)
 print(bnb_config)
-lora_config"""),
+lora_config""",
+        "constructors",
+    ),
     code("""from qlora_pipeline.model import attach_lora, format_lora_report, load_base_for_training
 
 model_4bit = load_base_for_training(cfg.model, base, device)  # from_pretrained(..., quantization_config=bnb_config)
@@ -244,6 +290,8 @@ free_memory()"""),
 from qlora_pipeline.pipeline import resume_training
 
 # After a disconnect, running the notebook again continues from the newest checkpoint in RUN_DIR.
+if torch.cuda.is_available():
+    torch.cuda.reset_peak_memory_stats()  # the peak below is training's, not the cells' before it
 summary = run_stage("train", cfg, RUN_DIR, resume=resume_training(cfg, RUN_DIR, fresh=START_FRESH))
 free_memory()
 Image(f"{RUN_DIR}/loss.png")"""),
@@ -265,13 +313,16 @@ del base_model
 free_memory()
 pd.DataFrame({"prompt": prompts, "base": before, "fine-tuned": after})"""),
     md(
-        "The adapter is saved in `RUN_DIR/adapter` (PEFT format, safetensors). Optionally push it (with the "
-        "run's configuration and a model card: `qlora-pipeline push --what adapter`), so that notebook 2 can "
-        "start from the Hub:"
+        "The adapter is saved in `RUN_DIR/adapter` (PEFT format, safetensors). With your token it is pushed "
+        "(with the run's configuration and a model card: `qlora-pipeline push --what adapter`), so that the "
+        "next notebooks can start from the Hub as well as from Drive.\n\n"
+        "*Next lesson, optional:* preference tuning (DPO) teaches the model which of two ranked oasst1 "
+        "replies people preferred; it is not part of these three notebooks."
     ),
     code("""from qlora_pipeline.hub import push_run_part
 
-push_run_part(RUN_DIR, "adapter", HUB_REPO, PUSH_TO_HUB)"""),
+push_run_part(RUN_DIR, "adapter", repos)"""),
+    code(FLUSH_CELL),
 ]
 
 S29_INFERENCE = [
@@ -281,19 +332,16 @@ Uses the adapter that `S29_finetuning_llm.ipynb` trained: from `RUN_DIR` (on Col
 Drive), or from the Hub repo it was pushed to (`ADAPTER_REPO`). The adapter is merged into the
 **16-bit** base (never into the 4-bit one, which would round the update away), and we check that
 the merged model computes what base + adapter computed."""),
-    params(
-        "# ADAPTER_REPO: the Hub repo notebook 1 pushed to; used only when RUN_DIR has no adapter\n"
-        'ADAPTER_REPO = None\nPUSH_TO_HUB = False\n# HUB_REPO: for example "your-name/phi35-oasst1-merged"\n'
-        "HUB_REPO = None\nSYSTEM_PROMPT = None\nANSWER_TOKENS = 48  # longest answer"
-    ),
+    params(HUB_PARAMS + "\nSYSTEM_PROMPT = None\nANSWER_TOKENS = 48  # longest answer"),
     code(BOOTSTRAP),
+    code(REPOS_CELL),
     code("""import pandas as pd
 from qlora_pipeline.model import free_memory, load_tokenizer, resolve_base
 from qlora_pipeline.notebook import hf_answers, load_for_answers
 from qlora_pipeline.pipeline import continue_run, run_stage
 from qlora_pipeline.timing import print_estimate
 
-cfg = continue_run(RUN_DIR, {"adapter": ADAPTER_REPO})
+cfg = continue_run(RUN_DIR, {"adapter": repos.adapter})  # from Drive, or pulled from the Hub
 print_estimate(RUN_DIR, "S29_phi3_inference")
 base = resolve_base(cfg)
 tokenizer = load_tokenizer(base)
@@ -320,10 +368,19 @@ free_memory()"""),
 free_memory()
 pd.Series(check, name="merged vs base + adapter").to_frame()"""),
     code("""import os
-sorted(os.listdir(f"{RUN_DIR}/merged"))"""),
+from qlora_pipeline.layout import RunLayout
+
+merged_dir = RunLayout(RUN_DIR).merged  # on Colab: this VM's disk, not Drive (it is 7.6 GB at full size)
+print(merged_dir)
+sorted(os.listdir(merged_dir))"""),
+    md(
+        "The merged model (7.6 GB at full size) stays on this VM's disk, not on Drive (15 GB free): it goes "
+        "to the Hub, with its merge check, for notebook 3."
+    ),
     code("""from qlora_pipeline.hub import push_run_part
 
-push_run_part(RUN_DIR, "merged", HUB_REPO, PUSH_TO_HUB)"""),
+push_run_part(RUN_DIR, "merged", repos)"""),
+    code(FLUSH_CELL),
 ]
 
 S29_QUANTIZE = [
@@ -334,19 +391,19 @@ llama.cpp's quantizer, and measures every variant on held-out conversations: per
 divergence and top-1 agreement against F16, file size, bits per weight and generation speed.
 Then the same prompt goes through each variant, and you chat with the one you choose."""),
     params(
-        "# the Hub repos notebooks 1 and 2 pushed to; used only when RUN_DIR lacks the adapter / merged model\n"
-        "ADAPTER_REPO = None\nMERGED_REPO = None\n"
-        'TEMPERATURE = 0.7\nREPEAT_PENALTY = 1.1\nMAX_TOKENS = 64\nCHOSEN = "Q4_K_M"\nN_GPU_LAYERS = 0\n'
-        'PUSH_TO_HUB = False\n# HUB_REPO: the Space\'s MODEL_REPO, for example "your-name/phi35-oasst1-gguf"\nHUB_REPO = None'
+        HUB_PARAMS + '\nTEMPERATURE = 0.7\nREPEAT_PENALTY = 1.1\nMAX_TOKENS = 64\nCHOSEN = "Q4_K_M"\nN_GPU_LAYERS = 0'
     ),
-    code(BOOTSTRAP),
+    code(BOOTSTRAP_GGUF),
+    code(REPOS_CELL),
     code("""import pandas as pd
 from IPython.display import Image
 from qlora_pipeline.export import export_calls
 from qlora_pipeline.pipeline import continue_run, run_stage
 from qlora_pipeline.timing import print_estimate
 
-cfg = continue_run(RUN_DIR, {"adapter": ADAPTER_REPO, "merged": MERGED_REPO})
+# the merged model from the Hub (notebook 2 pushed it, with its merge check): the very files that
+# check passed, without a second merge's memory peak; without a Hub copy it is merged again here
+cfg = continue_run(RUN_DIR, {"adapter": repos.adapter, "merged": repos.merged})
 print_estimate(RUN_DIR, "S29_phi3_QuantizeLLMs_checkpoint")
 print("the export stage runs exactly these:")
 for call in export_calls(cfg, RUN_DIR):
@@ -358,9 +415,11 @@ columns = ["bytes", "bits_per_weight", "ppl", "kld_vs_f16", "top1_vs_f16", "toke
 display(pd.DataFrame(report["gguf"]).T[columns])
 Image(f"{RUN_DIR}/scorecard.png")"""),
     md(
-        "GGUF logits against transformers in fp32 (relative: max |diff| / max |logit|), at the serving "
-        "context and past Phi-3.5's 4,096-token original context, where LongRoPE's long factors apply; "
-        "then the chat prompt ids of every route against llama.cpp's chat handler, and the held-out questions."
+        "GGUF logits against transformers in fp32 (relative: max |diff| / max |logit|) at the serving "
+        "context, and past Phi-3.5's 4,096-token original context, where LongRoPE's long factors apply, "
+        "when `eval.long_parity_tokens` is set (the tiny preset sets it; the Colab preset leaves it at 0 "
+        "to save T4 time, so its table has no long rows); then the chat prompt ids of every route against "
+        "llama.cpp's chat handler, and the held-out questions."
     ),
     code("""from qlora_pipeline.evaluate import format_routes, parity_rows
 
@@ -369,7 +428,7 @@ print("chat prompt ids:", format_routes(report["parity"]["chat_prompt_ids"]))
 if report.get("heldout"):
     display(pd.Series(report["heldout"]["exact_match"], name="held-out exact match").to_frame())"""),
     md("## The same prompt through every variant"),
-    code("""from qlora_pipeline.chat import SamplingParams
+    code("""from qlora_pipeline.serve.chat import SamplingParams
 from qlora_pipeline.notebook import gguf_answers
 
 params = SamplingParams(temperature=TEMPERATURE, repeat_penalty=REPEAT_PENALTY, max_tokens=MAX_TOKENS)
@@ -378,7 +437,7 @@ variants = ["F16"] + list(cfg.export.quant_types)
 answers = gguf_answers(RUN_DIR, variants, messages, params, n_ctx=cfg.eval.n_ctx)
 pd.DataFrame([{"variant": v, "answer": a, "tokens/s": s} for v, (a, s) in answers.items()])"""),
     md("## Chat with the variant you chose"),
-    code("""from qlora_pipeline.chat import LlamaChat
+    code("""from qlora_pipeline.serve.chat import LlamaChat
 from qlora_pipeline.export import gguf_path
 
 assert CHOSEN in variants, f"CHOSEN = {CHOSEN!r} is not one of the exported variants {variants}: pick one"
@@ -390,15 +449,23 @@ for question in ["What is the capital of Italy?", "And what is the opposite of b
     history.append({"role": "assistant", "content": answer})
     print(f"you> {question}\\nassistant> {answer}")
 chat.close()"""),
-    md("""Chat in a terminal with `qlora-pipeline chat --model {RUN_DIR}/gguf/model-{CHOSEN}.gguf`.
+    md("""Chat in a terminal with `qlora-pipeline chat --model GGUF`, where GGUF is `gguf_path(RUN_DIR, CHOSEN)`
+(on Colab the GGUFs are on this VM's disk, not on Drive).
 
-## Publish the GGUF files for the Space
+## Publish the GGUF files, and your Space
 
-`qlora-pipeline push --what gguf`: every GGUF, the Ollama `Modelfile` and a model card with this
-run's training settings and scorecard, to the repo the Space reads (`MODEL_REPO`)."""),
+`qlora-pipeline push --what gguf`: the quantized GGUFs, the Ollama `Modelfile` and a model card
+with this run's training settings and scorecard, to the repo the Space reads (`MODEL_REPO`). The
+F16 (a reference, as large as the merged model) stays here. Then your Space is created (or
+updated) from the course's app, with `MODEL_REPO` set: open the link it prints and chat."""),
     code("""from qlora_pipeline.hub import push_run_part
 
-push_run_part(RUN_DIR, "gguf", HUB_REPO, PUSH_TO_HUB)"""),
+push_run_part(RUN_DIR, "gguf", repos)"""),
+    code("""from qlora_pipeline.space import publish_space
+
+if repos.push:
+    print(f"your Space: {publish_space(repos.space, repos.gguf, repos.private)} (it builds for a few minutes)")"""),
+    code(FLUSH_CELL),
 ]
 
 LORA_FROM_SCRATCH = [
@@ -406,7 +473,7 @@ LORA_FROM_SCRATCH = [
 
 A LoRA layer in a few lines of torch, shown to compute exactly what peft's does; what rank and
 alpha trade; and why a merged adapter costs nothing at inference."""),
-    params(),
+    params(run_dir="runs/notebooks/lora-from-scratch"),
     code(BOOTSTRAP),
     code("""import inspect
 from qlora_pipeline.concepts import LoRALinear
@@ -437,7 +504,7 @@ NF4_FROM_SCRATCH = [
 The 16 NormalFloat-4 levels built from normal quantiles, block-wise absmax quantization of a
 real weight matrix (the tiny model's), compared with bitsandbytes; what double quantization
 saves; and NF4 against FP4 and int4 on the same weights."""),
-    params(),
+    params(run_dir="runs/notebooks/nf4-from-scratch"),
     code(BOOTSTRAP),
     code("""import bitsandbytes.functional as bnbf
 import torch
@@ -447,16 +514,14 @@ ours = nf4_levels()
 theirs = bnbf.get_4bit_type("nf4", device="cpu")
 print("our levels:        ", [round(v, 4) for v in ours.tolist()])
 print("max |ours - bnb|:  ", float((ours - theirs).abs().max()))"""),
-    code("""from pathlib import Path
-from safetensors import safe_open
-from qlora_pipeline.concepts import quantize_blockwise, unpack_bnb_codes
+    code("""from qlora_pipeline.concepts import quantize_blockwise, unpack_bnb_codes
 from qlora_pipeline.config import load_config
 from qlora_pipeline.model import resolve_base
 
-base = Path(resolve_base(load_config(PRESET, OVERRIDES)))
-with safe_open(str(next(base.glob("*.safetensors"))), framework="pt") as f:
-    name = next(k for k in f.keys() if k.endswith("layers.0.self_attn.qkv_proj.weight"))
-    weight = f.get_tensor(name).float()
+from qlora_pipeline.concepts import first_layer_qkv
+
+# the base's layer-0 attention weight, from its folder or (phi35 presets) the one shard that holds it
+name, weight = first_layer_qkv(resolve_base(load_config(PRESET, OVERRIDES)))
 codes, absmax = quantize_blockwise(weight, ours, blocksize=64)
 packed, state = bnbf.quantize_4bit(weight, blocksize=64, quant_type="nf4")
 same = (unpack_bnb_codes(packed) == codes.reshape(-1)).float().mean()
@@ -482,7 +547,7 @@ OASST1_TREES = [
 OpenAssistant stores messages, not conversations: every prompt has ranked replies, each with
 follow-ups. Here is one tree, the path the `prepare` stage takes through it (best rank at each
 step), and what the filters drop."""),
-    params(),
+    params(run_dir="runs/notebooks/oasst1-trees"),
     code(BOOTSTRAP),
     code("""from qlora_pipeline.config import load_config
 from qlora_pipeline.data import build_conversations, load_rows
@@ -525,8 +590,8 @@ def write_notebooks() -> None:
         stem = Path(rel).stem.replace("_", "-")
         for i, cell in enumerate(nb.cells):
             cell.id = f"{stem}-{i:02d}"  # stable ids: regenerating gives the same file
-            if cell.source.startswith(SETUP_FIRST_LINE):
-                cell.source = BOOTSTRAP  # for the REPO of now (set_course_repo may have changed it)
+            if cell.source.startswith(SETUP_FIRST_LINE):  # for the REPO of now (set_course_repo may change it)
+                cell.source = bootstrap(REPO, llama_cpp="llama_cpp=True" in cell.source)
         nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
         nb.metadata["language_info"] = {"name": "python"}
         nb.metadata["accelerator"] = "GPU"

@@ -10,8 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from qlora_pipeline.chat import SamplingParams
-from qlora_pipeline.chat_app import (
+from qlora_pipeline.errors import ConfigError, ModelError
+from qlora_pipeline.export import gguf_path
+from qlora_pipeline.serve.chat import SamplingParams
+from qlora_pipeline.serve.chat_app import (
     AppSettings,
     LocalBackend,
     ModelChoice,
@@ -24,8 +26,6 @@ from qlora_pipeline.chat_app import (
     status_line,
     to_messages,
 )
-from qlora_pipeline.errors import ConfigError, ModelError
-from qlora_pipeline.export import gguf_path
 
 REPO = Path(__file__).resolve().parents[1]
 UI_DEFAULTS = dict(system="", model=None, temperature=0.0, top_p=1.0, top_k=1, repeat_penalty=1.0, max_tokens=32)
@@ -203,7 +203,7 @@ def test_hub_model_offline_is_a_clear_message(monkeypatch):
         r"unreachable or HF_HUB_OFFLINE is set\)",
     ):
         fetch_model(ModelChoice("model-Q4_K_M.gguf", hub_repo="you/phi35-gguf", hub_file="model-Q4_K_M.gguf"))
-    with pytest.raises(ModelError, match="cannot list the GGUF files of you/phi35-gguf"):
+    with pytest.raises(ModelError, match="cannot read gguf_models.json of you/phi35-gguf"):
         hub_choices("you/phi35-gguf", [])
     choices, default = hub_choices("you/phi35-gguf", ["model-Q5_K_M.gguf", "model-Q4_K_M.gguf"])
     assert default == "model-Q4_K_M.gguf" and choices[0].hub_repo == "you/phi35-gguf"
@@ -240,7 +240,7 @@ def test_app_cli_without_a_model_or_with_bad_auth_fails_in_one_line(memorized_ru
 def test_the_bind_address_and_where_it_came_from(monkeypatch, argv, env, expected):
     import argparse
 
-    from qlora_pipeline.chat_app import add_app_arguments, bind_address
+    from qlora_pipeline.serve.chat_app import add_app_arguments, bind_address
 
     monkeypatch.delenv("GRADIO_SERVER_NAME", raising=False)
     for name, value in env.items():
@@ -294,7 +294,7 @@ import sys
 for heavy in ("torch", "transformers", "peft", "accelerate", "bitsandbytes", "datasets"):
     sys.modules[heavy] = None  # importing any of them now fails
 sys.path.insert(0, {str(folder)!r})
-import qlora_pipeline.chat_app as app
+import qlora_pipeline.serve.chat_app as app
 assert app.__file__.startswith({str(folder)!r}), app.__file__
 models, default = app.local_choices(__import__("pathlib").Path({str(gguf_path(memorized_run, "Q8_0"))!r}), None)
 settings = app.AppSettings(models=models, default_model=default, n_ctx=256)
@@ -313,6 +313,68 @@ backend.close()
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip().splitlines()[-1] == "Hello there."
+
+
+def test_the_built_space_starts_through_app_main_with_torch_blocked(tmp_path, memorized_run):
+    """The Space runs ``app.py`` as its entry point: everything ``app_main`` imports (the body
+    limit once was not) must be in the folder, and none of it may need the training stack."""
+    from qlora_pipeline.space import build_space, serving_modules
+
+    folder = build_space(tmp_path / "space")
+    shipped = {p.relative_to(folder / "qlora_pipeline") for p in (folder / "qlora_pipeline").rglob("*.py")}
+    assert shipped == set(serving_modules())
+    assert {Path("serve/chat_app.py"), Path("serve/body_limit.py"), Path("serve/chat.py")} <= shipped
+    probe = f"""
+import runpy, sys
+for heavy in ("torch", "transformers", "peft", "accelerate", "bitsandbytes", "datasets", "trl"):
+    sys.modules[heavy] = None  # importing any of them now fails
+sys.path.insert(0, {str(folder)!r})
+import gradio
+launched = []
+gradio.Blocks.launch = lambda self, **kwargs: launched.append(kwargs)  # the Space's server, stubbed
+sys.argv = ["app.py", "--model", {str(gguf_path(memorized_run, "Q8_0"))!r}]
+try:
+    runpy.run_path({str(folder / "app.py")!r}, run_name="__main__")
+except SystemExit as exc:
+    assert exc.code == 0, exc.code
+import qlora_pipeline.serve.chat_app as app
+assert app.__file__.startswith({str(folder)!r}), app.__file__
+assert len(launched) == 1 and launched[0]["app_kwargs"]["middleware"], launched
+print("started")
+"""
+    env = {**os.environ, "PYTHONPATH": ""}
+    result = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=180, cwd=tmp_path, env=env
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().splitlines()[-1] == "started"
+
+
+def test_the_space_offers_only_models_that_fit_its_memory(monkeypatch, tmp_path):
+    """From a Hub repo the Space lists what gguf_models.json names (each file's own general.type
+    was read when it was pushed), and on a CPU only files that fit twice in its memory."""
+    import json
+
+    from qlora_pipeline.serve import chat_app
+
+    listing = {
+        "models": {
+            "model-Q4_K_M.gguf": {"bytes": 2_400_000_000},
+            "model-Q8_0.gguf": {"bytes": 4_100_000_000},
+            "model-F16.gguf": {"bytes": 7_600_000_000},
+        }
+    }
+    (tmp_path / "gguf_models.json").write_text(json.dumps(listing))
+    monkeypatch.setattr("huggingface_hub.hf_hub_download", lambda repo_id, filename: str(tmp_path / filename))
+    choices, default = chat_app.hub_choices("you/gguf", [], memory=16_000_000_000)  # "CPU basic"
+    assert [c.name for c in choices] == ["model-Q4_K_M.gguf", "model-Q8_0.gguf"] and default == "model-Q4_K_M.gguf"
+    on_gpu, _ = chat_app.hub_choices("you/gguf", [], memory=16_000_000_000, on_gpu=True)
+    assert len(on_gpu) == 3
+    with pytest.raises(ModelError, match="no GGUF model that fits this machine's memory"):
+        chat_app.hub_choices("you/gguf", [], memory=4_000_000_000)
+    (tmp_path / "gguf_models.json").unlink()
+    with pytest.raises(ModelError, match="cannot read gguf_models.json of you/gguf"):
+        chat_app.hub_choices("you/gguf", [], memory=16_000_000_000)
 
 
 def test_stop_ends_the_answer_and_frees_the_model_for_the_next_one(hello_backend):
@@ -391,7 +453,7 @@ def test_the_picker_lists_only_model_files_and_skips_a_dangling_link(memorized_r
 
 
 def test_page_errors_name_model_files_relative_to_their_folder(memorized_run):
-    from qlora_pipeline.chat_app import public_message
+    from qlora_pipeline.serve.chat_app import public_message
 
     settings = settings_for(gguf_path(memorized_run, "Q8_0"))
     folder = gguf_path(memorized_run, "Q8_0").parent

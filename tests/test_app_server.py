@@ -119,7 +119,7 @@ def llama_server(memorized_run, tmp_path_factory):
 
 
 def test_openai_backend_fronts_llama_cpp_python_server(llama_server):
-    from qlora_pipeline.chat_app import AppSettings, OpenAIBackend, make_respond
+    from qlora_pipeline.serve.chat_app import AppSettings, OpenAIBackend, make_respond
 
     settings = AppSettings(backend="openai", base_url=llama_server)
     backend = OpenAIBackend(settings)
@@ -144,8 +144,8 @@ def test_openai_backend_keeps_special_token_text_typed_by_a_user_as_text(llama_s
     tokens each); sent raw, the server reads it as control tokens."""
     from openai import OpenAI
 
-    from qlora_pipeline.chat import SamplingParams
-    from qlora_pipeline.chat_app import AppSettings, OpenAIBackend
+    from qlora_pipeline.serve.chat import SamplingParams
+    from qlora_pipeline.serve.chat_app import AppSettings, OpenAIBackend
 
     backend = OpenAIBackend(AppSettings(backend="openai", base_url=llama_server))
     raw = OpenAI(base_url=llama_server, api_key="not-needed")
@@ -168,7 +168,7 @@ def test_openai_backend_without_a_server_is_a_clear_message():
     import gradio as gr
 
     from qlora_pipeline.app_check import free_port
-    from qlora_pipeline.chat_app import AppSettings, OpenAIBackend, make_respond
+    from qlora_pipeline.serve.chat_app import AppSettings, OpenAIBackend, make_respond
 
     settings = AppSettings(backend="openai", base_url=f"http://127.0.0.1:{free_port()}/v1")
     backend = OpenAIBackend(settings)

@@ -9,7 +9,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 from starlette.testclient import TestClient
 
-from qlora_pipeline.body_limit import BodyLimit
+from qlora_pipeline.serve.body_limit import BodyLimit
 
 LIMIT = 1_000
 reads: list[int] = []

@@ -7,10 +7,10 @@ import json
 import pytest
 from conftest import copy_run, make_config
 
-from qlora_pipeline.chat import read_gguf_metadata
 from qlora_pipeline.errors import ConfigError
 from qlora_pipeline.export import export, gguf_path, quant_types
 from qlora_pipeline.llamacpp import ensure_llama_cpp
+from qlora_pipeline.serve.chat import read_gguf_metadata
 
 
 def test_converter_and_quantizer_write_every_variant(trained_run):

@@ -41,5 +41,5 @@ def test_bad_question_files_name_the_line(tmp_path, text, message):
 
 
 def test_missing_question_file_says_what_to_set(tmp_path):
-    with pytest.raises(DataError, match="set eval.heldout_questions to sample, none or a .jsonl file"):
+    with pytest.raises(DataError, match="set eval.heldout_questions to sample, general, none or a .jsonl file"):
         load_questions(str(tmp_path / "missing.jsonl"))

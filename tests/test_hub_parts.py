@@ -40,7 +40,7 @@ def test_a_missing_part_without_a_repo_says_which_notebook_to_run(tmp_path):
     from qlora_pipeline.errors import PipelineError
     from qlora_pipeline.hub import pull_run_part
 
-    with pytest.raises(PipelineError, match="run the previous notebook with this RUN_DIR.*HUB_REPO"):
+    with pytest.raises(PipelineError, match="run the previous notebook with this RUN_DIR.*set MERGED_REPO"):
         pull_run_part(tmp_path / "run", "merged", None)
     assert not (tmp_path / "run" / "merged").exists()
 
@@ -49,7 +49,7 @@ def test_a_repo_that_is_not_there_is_a_clear_error(tmp_path):
     from qlora_pipeline.errors import PipelineError
     from qlora_pipeline.hub import pull_run_part
 
-    with pytest.raises(PipelineError, match="could not download 'student/nothing-here'.*HUB_REPO"):
+    with pytest.raises(PipelineError, match="could not download 'student/nothing-here'.*check ADAPTER_REPO"):
         pull_run_part(tmp_path / "run", "adapter", "student/nothing-here", cache_dir=str(tmp_path / "hub"))
     assert not (tmp_path / "run" / "adapter").exists()
 

@@ -185,7 +185,7 @@ def _run_setup_as_on_colab(source: str, monkeypatch) -> list:
     )
     monkeypatch.setattr(subprocess, "run", fake_run)
     try:
-        exec(compile(source, "setup-cell", "exec"), {"RUN_DIR": "runs/x", "USE_DRIVE": True})
+        exec(compile(source, "setup-cell", "exec"), {"RUN_DIR": "runs/x", "USE_DRIVE": True, "PRESET": None})
     except RuntimeError:
         pass
     return commands
@@ -228,8 +228,9 @@ def test_setup_cell_returns_to_the_course_folder_after_a_kernel_restart(tmp_path
     import types
 
     (tmp_path / "course" / "src" / "qlora_pipeline").mkdir(parents=True)
+    (tmp_path / "course" / ".installed").touch()  # the first run's install finished
     monkeypatch.chdir(tmp_path)
-    namespace = {"RUN_DIR": "runs/notebooks/s29", "USE_DRIVE": False}
+    namespace = {"RUN_DIR": "runs/notebooks/s29", "USE_DRIVE": False, "PRESET": None}
     exec(compile(_setup_cell(REPO / ORDER[0]), "setup-cell", "exec"), namespace)
     assert Path.cwd() == tmp_path / "course" and namespace["RUN_DIR"] == "runs/notebooks/s29"
     # On Colab, RUN_DIR goes to Drive, and running the cell again after a restart gives the same one.
@@ -241,9 +242,49 @@ def test_setup_cell_returns_to_the_course_folder_after_a_kernel_restart(tmp_path
     seen = []
     for _ in range(2):
         monkeypatch.chdir(tmp_path)
-        namespace = {"RUN_DIR": "runs/notebooks/s29", "USE_DRIVE": True}
+        namespace = {"RUN_DIR": "runs/notebooks/s29", "USE_DRIVE": True, "PRESET": None}
         exec(compile(_setup_cell(REPO / ORDER[0]), "setup-cell", "exec"), namespace)
         seen.append((Path.cwd(), namespace["RUN_DIR"]))
     assert (
         seen[0] == seen[1] == (tmp_path / "course", str(drive / "MyDrive" / "qlora-gguf-course" / "runs/notebooks/s29"))
     )
+
+
+def test_notebook_1_writes_the_real_constructors_and_they_equal_what_the_package_builds():
+    """The cell a student copies shows ``BitsAndBytesConfig(...)`` and ``LoraConfig(...)`` from
+    the preset's values; run as it is, it must build what training uses."""
+    from qlora_pipeline.config import load_config
+    from qlora_pipeline.model import peft_lora_config, quantization_config
+
+    nb = nbformat.read(str(REPO / "S29_finetuning_llm.ipynb"), as_version=4)
+    (cell,) = [c for c in nb.cells if "constructors" in c.metadata.get("tags", [])]
+    assert "BitsAndBytesConfig(\n" in cell.source and "LoraConfig(\n" in cell.source
+    for preset in ("tiny", "phi35-colab-t4"):
+        namespace = {"cfg": load_config(preset, ["model.compute_dtype=float32", "train.mixed_precision=no"])}
+        exec(compile(cell.source, "constructors-cell", "exec"), namespace)
+        cfg, device = namespace["cfg"], namespace["device"]
+        assert namespace["bnb_config"].to_dict() == quantization_config(cfg.model, device).to_dict()
+        assert namespace["lora_config"] == peft_lora_config(cfg.lora)
+
+
+def test_concept_notebooks_leave_the_s29_run_untouched(tmp_path):
+    """Each concept notebook has a run folder of its own; oasst1_trees, which prepares data, run
+    with its defaults beside an S29 run, leaves that run's splits as they were."""
+    from qlora_pipeline.notebook import run_notebook
+
+    def default_run_dir(name: str) -> str:
+        nb = nbformat.read(str(REPO / name), as_version=4)
+        params = next(c.source for c in nb.cells if "parameters" in c.metadata.get("tags", []))
+        line = next(line for line in params.splitlines() if line.startswith("RUN_DIR"))
+        return line.split("=", 1)[1].strip().strip('"')
+
+    s29 = Path(default_run_dir("S29_finetuning_llm.ipynb"))
+    for name in ORDER[3:]:
+        own = Path(default_run_dir(name))
+        assert own != s29 and s29 not in own.parents and own not in s29.parents, name
+    split = tmp_path / s29 / "data" / "train.jsonl"
+    split.parent.mkdir(parents=True)
+    split.write_text('{"messages": "the S29 run\'s own split"}\n')
+    run_notebook(REPO / "notebooks/oasst1_trees.ipynb", tmp_path / "out.ipynb", parameters={}, cwd=tmp_path)
+    assert split.read_text() == '{"messages": "the S29 run\'s own split"}\n'
+    assert (tmp_path / "runs/notebooks/oasst1-trees/data/train.jsonl").is_file()

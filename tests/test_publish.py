@@ -38,6 +38,7 @@ def hub_run(trained_run, tmp_path):
     config["model"]["name_or_path"] = "microsoft/Phi-3.5-mini-instruct"
     (run / "config.json").write_text(json.dumps(config))
     shutil.copyfile(trained_run / "report.json", run / "report.json")
+    shutil.copyfile(trained_run / "merge_check.json", run / "merge_check.json")
     return run
 
 
@@ -55,7 +56,8 @@ def test_push_commits_the_files_with_a_card_that_model_card_parses(hub_run, what
     api = RecordingApi()
     url = publish.push(hub_run, "you/phi35-oasst1", what, api=api)
     assert url == "https://huggingface.co/you/phi35-oasst1"
-    assert api.repos == [("you/phi35-oasst1", {"private": True, "exist_ok": True, "repo_type": "model"})]
+    # public by default: a course fine-tune of an MIT-licensed model, which the Space reads without a token
+    assert api.repos == [("you/phi35-oasst1", {"private": False, "exist_ok": True, "repo_type": "model"})]
     ((_, operations, _),) = api.commits
     paths = {op.path_in_repo: op for op in operations}
     assert expected_file in paths and "README.md" in paths
@@ -71,6 +73,35 @@ def test_push_commits_the_files_with_a_card_that_model_card_parses(hub_run, what
     assert "## Quantization scorecard" in card.text  # the run's own table
     if what == "gguf":
         assert "Modelfile" in paths and "ollama create" in card.text and "MODEL_REPO=you/phi35-oasst1" in card.text
+        assert "The chat Space serves `model-Q4_K_M.gguf`" in card.text
+        assert "model-F16.gguf" not in paths  # the reference goes only when asked (--include F16)
+        listed = json.loads(paths["gguf_models.json"].path_or_fileobj)["models"]
+        assert set(listed) == {name for name in paths if name.endswith(".gguf")}
+        assert all(entry["bytes"] == (hub_run / "gguf" / name).stat().st_size for name, entry in listed.items())
+    if what == "merged":
+        assert "merge_check.json" in paths  # export refuses to start without the merge's own check
+
+
+def test_push_gguf_leaves_out_what_the_space_cannot_serve_unless_asked(trained_run, tmp_path):
+    """F16, base, LoRA adapter and importance matrix stay behind by default; ``include`` adds them,
+    and the Space's list (gguf_models.json) names only files whose own general.type is a model."""
+    import gguf
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run / "gguf", run / "gguf")
+    writer = gguf.GGUFWriter(str(run / "gguf" / "imatrix.gguf"), arch="phi3")
+    writer.add_type("imatrix")
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.close()
+    default = publish.files_to_push(run, "gguf")
+    assert "model-F16.gguf" not in default and "imatrix.gguf" not in default
+    assert {"model-Q4_K_M.gguf", "Modelfile"} <= set(default)
+    everything = publish.files_to_push(run, "gguf", include=("F16", "imatrix"))
+    assert {"model-F16.gguf", "imatrix.gguf"} <= set(everything)
+    assert set(publish.models_manifest(everything)["models"]) == {n for n in everything if n.startswith("model-")}
+    with pytest.raises(ConfigError, match="--include 'Q4' is invalid"):
+        publish.files_to_push(run, "gguf", include=("Q4",))
 
 
 def test_the_card_of_a_tiny_run_names_no_hub_base(trained_run):
@@ -100,7 +131,8 @@ def test_bad_requests_are_refused_before_any_upload(trained_run, tmp_path, monke
     with pytest.raises(Exception, match="has no adapter files to push"):
         publish.push(tmp_path, "you/x", "adapter", api=api)
     monkeypatch.delenv("HF_TOKEN", raising=False)
-    with pytest.raises(Exception, match="HF_TOKEN is not set"):
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "no-login"))  # no login cache either
+    with pytest.raises(Exception, match="needs a Hugging Face token: create a write token"):
         publish.push(trained_run, "you/x", "gguf")
     assert api.repos == [] and api.commits == []
 

@@ -37,9 +37,9 @@ def test_usable_cpus_take_the_smaller_of_affinity_and_quota(tmp_path, monkeypatc
 
 
 def test_a_gguf_opened_without_threads_gets_the_usable_cpus(trained_run, monkeypatch):
-    import qlora_pipeline.chat as chat_module
-    from qlora_pipeline.chat import LlamaChat
+    import qlora_pipeline.serve.chat as chat_module
     from qlora_pipeline.export import gguf_path
+    from qlora_pipeline.serve.chat import LlamaChat
 
     monkeypatch.setattr(chat_module, "usable_cpus", lambda: 1)
     with LlamaChat(gguf_path(trained_run, "Q8_0"), n_ctx=256, n_threads=None) as chat:

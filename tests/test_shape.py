@@ -30,9 +30,10 @@ def test_the_readme_tree_names_every_module_and_only_existing_ones():
     readme = (REPO / "README.md").read_text(encoding="utf-8")
     tree = readme.split("## Where the code lives", 1)[1].split("```")[1]
     package, bench = tree.split("\nbench/", 1)
-    named = set(re.findall(r"\b([a-z0-9_]+)\.py\b", package))
+    named = set(re.findall(r"(?<![\w/])([a-z0-9_]+(?:/[a-z0-9_]+)*)\.py\b", package))
     assert all((REPO / "bench" / name).is_file() for name in re.findall(r"\b[a-z0-9_]+\.py\b", bench))
-    modules = {p.stem for p in (REPO / "src" / "qlora_pipeline").glob("*.py") if p.stem != "__init__"}
+    source = REPO / "src" / "qlora_pipeline"
+    modules = {p.relative_to(source).with_suffix("").as_posix() for p in source.rglob("*.py") if p.stem != "__init__"}
     assert modules - named == set(), "modules missing from the README tree"
     assert named - modules == set(), "the README tree names modules that do not exist"
 

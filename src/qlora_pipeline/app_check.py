@@ -68,6 +68,7 @@ def served(
     env: dict | None = None,
     log: Path | None = None,
     started: list | None = None,
+    cwd: Path | None = None,
 ) -> Iterator[str]:
     """Run a server command with ``{port}`` filled in; yield its base URL; stop it afterwards.
     ``started``, if given, receives the server's Popen (a test reads its sockets)."""
@@ -76,7 +77,7 @@ def served(
     log = Path(log or f"/tmp/qlora-served-{port}.log")
     full_env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1", **(env or {})}
     with open(log, "w") as out:
-        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=full_env)
+        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=full_env, cwd=cwd)
     if started is not None:
         started.append(proc)
     url = f"http://127.0.0.1:{port}"

@@ -49,8 +49,23 @@ def _add_push_parser(sub) -> None:
     push.add_argument("--run-dir", type=Path, required=True, help="the run folder")
     push.add_argument("--repo", required=True, metavar="USER/NAME", help="the Hub model repo (created if needed)")
     push.add_argument("--what", required=True, choices=("adapter", "merged", "gguf"), help="which output")
-    push.add_argument("--public", action="store_true", help="create the repo public (default: private)")
+    push.add_argument("--private", action="store_true", help="create the repo private (default: public)")
+    push.add_argument(
+        "--include",
+        default="",
+        metavar="F16,base,lora,imatrix",
+        help="with --what gguf: also push these (default: the quantized models and the Modelfile only)",
+    )
     push.add_argument("--debug", action="store_true", help="show tracebacks")
+
+
+def _add_space_parser(sub) -> None:
+    space = sub.add_parser("space", help="write the app as a Hugging Face Space folder (and push it)")
+    space.add_argument("--out", type=Path, default=Path("runs/space"), help="the folder to write")
+    space.add_argument("--push", default=None, metavar="USER/SPACE", help="create or update this Space (needs a token)")
+    space.add_argument("--model-repo", default=None, metavar="USER/NAME", help="set the Space's MODEL_REPO to this")
+    space.add_argument("--private", action="store_true", help="a private Space, given the token as its HF_TOKEN secret")
+    space.add_argument("--debug", action="store_true", help="show tracebacks")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -115,14 +130,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     chat.add_argument("--debug", action="store_true", help="show tracebacks")
     app = sub.add_parser("app", help="serve the Gradio chat app (local GGUF, Hub GGUF or OpenAI-compatible server)")
-    from qlora_pipeline.chat_app import add_app_arguments
+    from qlora_pipeline.serve.chat_app import add_app_arguments
 
     add_app_arguments(app)
     app.add_argument("--debug", action="store_true", help="show tracebacks")
-    space = sub.add_parser("space", help="write the app as a Hugging Face Space folder (and push it)")
-    space.add_argument("--out", type=Path, default=Path("runs/space"), help="the folder to write")
-    space.add_argument("--push", default=None, metavar="USER/SPACE", help="upload it to this Space (needs HF_TOKEN)")
-    space.add_argument("--debug", action="store_true", help="show tracebacks")
+    _add_space_parser(sub)
     _add_push_parser(sub)
     twin = sub.add_parser(
         "hub-twin",
@@ -135,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _sampling_defaults():
-    from qlora_pipeline.chat import SamplingParams
+    from qlora_pipeline.serve.chat import SamplingParams
 
     return SamplingParams()
 
@@ -190,11 +202,11 @@ def _dispatch(args) -> int:
     from qlora_pipeline.pipeline import check_run_dir, run_pipeline, run_stage, save_run_config
 
     if args.command == "chat":
-        from qlora_pipeline.chat import chat_main
+        from qlora_pipeline.serve.chat import chat_main
 
         return chat_main(args)
     if args.command == "app":
-        from qlora_pipeline.chat_app import app_main
+        from qlora_pipeline.serve.chat_app import app_main
 
         return app_main(args)
     if args.command == "space":
@@ -204,7 +216,8 @@ def _dispatch(args) -> int:
     if args.command == "push":
         from qlora_pipeline.publish import push
 
-        print(f"pushed {args.what} to {push(args.run_dir, args.repo, args.what, private=not args.public)}")
+        include = tuple(name for name in args.include.split(",") if name)
+        print(f"pushed {args.what} to {push(args.run_dir, args.repo, args.what, args.private, include=include)}")
         return 0
     if args.command == "hub-twin":
         from qlora_pipeline.hub_twin import hub_twin_main

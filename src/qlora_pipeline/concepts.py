@@ -194,3 +194,37 @@ def quantization_errors(weight: torch.Tensor, blocksize: int = 64) -> dict[str, 
         restored = dequantize_blockwise(codes, absmax, levels, weight.shape)
         errors[name] = float((restored - weight.float()).abs().mean())
     return errors
+
+
+QKV_0 = "layers.0.self_attn.qkv_proj.weight"
+
+
+def first_layer_qkv(base: str) -> tuple[str, torch.Tensor]:
+    """Layer 0's fused attention weight of a base model (a saved folder or a Hub id), as fp32.
+
+    A Hub id is not a folder: its safetensors index names the shard that holds the tensor, and only
+    that shard is downloaded (huggingface_hub's cache), not the whole 7.6 GB model."""
+    import json
+    from pathlib import Path
+
+    from safetensors import safe_open
+
+    folder = Path(base)
+    if folder.is_dir():
+        index = folder / "model.safetensors.index.json"
+        shards = (
+            [index.parent / s for s in json.loads(index.read_text())["weight_map"].values()] if index.is_file() else []
+        )
+        shards = shards or sorted(folder.glob("*.safetensors"))
+    else:
+        from huggingface_hub import hf_hub_download
+
+        weight_map = json.loads(Path(hf_hub_download(base, "model.safetensors.index.json")).read_text())["weight_map"]
+        shard = next(file for name, file in weight_map.items() if name.endswith(QKV_0))
+        shards = [Path(hf_hub_download(base, shard))]
+    for shard in dict.fromkeys(shards):
+        with safe_open(str(shard), framework="pt") as f:
+            name = next((k for k in f.keys() if k.endswith(QKV_0)), None)
+            if name:
+                return name, f.get_tensor(name).float()
+    raise ValueError(f"{base} has no tensor ending in {QKV_0}: not a Phi-3 model")

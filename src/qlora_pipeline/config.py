@@ -368,7 +368,8 @@ class EvalConfig:
     heldout_questions: str = "sample"
     """Questions scored by exact match for base, adapter, merged and every GGUF: ``sample`` (the
     bundled questions about facts the tiny base knows and the fine-tuning sample never asks),
-    ``none``, or a .jsonl file of {"question", "answer"} lines."""
+    ``general`` (one-word questions a pre-trained Phi-3.5 answers), ``none``, or a .jsonl file
+    of {"question", "answer"} lines."""
     heldout_max_tokens: int = 32
     """Longest answer to a held-out question (greedy)."""
 

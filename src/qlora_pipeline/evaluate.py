@@ -292,7 +292,7 @@ def gguf_quality(
     """Perplexity on assistant tokens; with F16 ``reference`` log-probs, mean KL and top-1 agreement."""
     import numpy as np
 
-    from qlora_pipeline.chat import LlamaChat
+    from qlora_pipeline.serve.chat import LlamaChat
 
     chat = LlamaChat(model_path, n_ctx=n_ctx, n_threads=threads, logits_all=True, n_gpu_layers=n_gpu_layers)
     nll, count, kl_sum, agree = 0.0, 0, 0.0, 0
@@ -321,7 +321,7 @@ def generation_speed(
     model_path: Path, prompt_ids: list[int], new_tokens: int, runs: int, n_ctx: int, threads: int, n_gpu_layers: int = 0
 ) -> dict:
     """The scorecard's speed columns: ``speed.decode_speed`` on the file, as the chat opens it."""
-    from qlora_pipeline.chat import LlamaChat
+    from qlora_pipeline.serve.chat import LlamaChat
     from qlora_pipeline.speed import decode_speed
 
     with LlamaChat(model_path, n_ctx=n_ctx, n_threads=threads, n_gpu_layers=n_gpu_layers) as chat:
@@ -429,7 +429,7 @@ def compare_gguf_logits(
     logits for the same ids."""
     import numpy as np
 
-    from qlora_pipeline.chat import LlamaChat
+    from qlora_pipeline.serve.chat import LlamaChat
 
     max_abs, max_ref, agree, total, widest_flip = 0.0, 0.0, 0, 0, 0.0
     opened = LlamaChat(path, n_ctx=n_ctx, n_threads=threads, logits_all=True, f32_kv_cache=True, lora_path=lora)
@@ -495,8 +495,8 @@ def measure_parity(cfg: PipelineConfig, run_dir: Path, examples: list[dict], log
     """F16 (and, with eval.f32_parity, a temporary F32) GGUF against transformers, on test
     conversations at the serving context and on one sequence longer than the original context
     at a context above it. The reference is fp32 even when the merged model is saved in 16 bits."""
-    from qlora_pipeline.chat import LlamaChat, original_context_length
     from qlora_pipeline.export import F16, convert_to_gguf, default_model_name, end_of_turn_id, gguf_path
+    from qlora_pipeline.serve.chat import LlamaChat, original_context_length
 
     ecfg = cfg.eval
     run_dir = Path(run_dir)
@@ -650,9 +650,9 @@ def _gguf_run(cfg: PipelineConfig, run_dir: Path) -> _GGUFRun:
 
 def _parity_section(r: _GGUFRun, log) -> dict:
     """Logit parity with transformers, and the chat prompt ids of every route against llama.cpp's."""
-    from qlora_pipeline.chat import LlamaChat
     from qlora_pipeline.export import F16
     from qlora_pipeline.model import resolve_base
+    from qlora_pipeline.serve.chat import LlamaChat
 
     parity = measure_parity(r.cfg, r.layout.root, r.examples, log=log)
     with LlamaChat(r.layout.gguf(F16), n_ctx=r.cfg.eval.n_ctx, n_threads=r.threads) as f16_chat:
@@ -666,8 +666,8 @@ def _parity_section(r: _GGUFRun, log) -> dict:
 def lora_parity(r: _GGUFRun, log) -> dict:
     """The LoRA GGUF applied to the base F16 GGUF against the merged F16 GGUF: the same logits
     (F16 bound), and how much smaller the adapter is than a model."""
-    from qlora_pipeline.chat import LlamaChat
     from qlora_pipeline.export import F16
+    from qlora_pipeline.serve.chat import LlamaChat
 
     merged = r.layout.gguf(F16)
     sequences = [ex["input_ids"] for ex in _take_examples(r.examples, r.cfg.eval.parity_tokens)]
@@ -728,8 +728,8 @@ def _scorecard(r: _GGUFRun) -> dict:
 def _answers(r: _GGUFRun, log) -> list[dict]:
     """Greedy answers of every variant to the first test questions, and (with held-out
     questions configured) their exact-match scores, merged into the report's held-out section."""
-    from qlora_pipeline.chat import LlamaChat, SamplingParams
     from qlora_pipeline.heldout import format_exact_match, load_questions, score
+    from qlora_pipeline.serve.chat import LlamaChat, SamplingParams
 
     ecfg = r.cfg.eval
     greedy = SamplingParams(temperature=0.0, top_p=1.0, top_k=1, repeat_penalty=1.0, max_tokens=ecfg.sample_max_tokens)

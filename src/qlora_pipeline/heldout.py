@@ -24,20 +24,26 @@ from qlora_pipeline.errors import DataError
 _PUNCTUATION = re.compile(f"[{re.escape(string.punctuation)}]")
 
 
-def sample_questions_path() -> Path:
-    return Path(str(resources.files("qlora_pipeline") / "sample_data" / "heldout_questions.jsonl"))
+BUNDLED = {
+    "sample": "heldout_questions.jsonl",  # facts of the tiny base's corpus (the tiny preset)
+    "general": "heldout_questions_general.jsonl",  # facts a pre-trained Phi-3.5 knows (the phi35 presets)
+}
+
+
+def sample_questions_path(name: str = "sample") -> Path:
+    return Path(str(resources.files("qlora_pipeline") / "sample_data" / BUNDLED[name]))
 
 
 def load_questions(source: str) -> list[dict]:
-    """``sample`` (the bundled file), ``none`` (no questions) or a .jsonl path of
+    """``sample`` or ``general`` (the bundled files), ``none`` (no questions) or a .jsonl path of
     ``{"question": ..., "answer": ...}`` lines."""
     if source == "none":
         return []
-    path = sample_questions_path() if source == "sample" else Path(source)
+    path = sample_questions_path(source) if source in BUNDLED else Path(source)
     if not path.is_file():
         raise DataError(
             f"held-out questions file {path} does not exist; set eval.heldout_questions to "
-            "sample, none or a .jsonl file"
+            "sample, general, none or a .jsonl file"
         )
     questions = []
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):

@@ -10,6 +10,13 @@
       gguf/model-<TYPE>.gguf, gguf/manifest.json             export
       report.json, report.md, scorecard.png                  evaluate
       time_estimate.json     the notebooks' time estimates (timing)
+      large_files.json       where merged/ and gguf/ live when not here (``place_large_files``)
+
+The large parts (``LARGE_PARTS``: the merged model and the GGUFs, 20+ GB at full size) may live
+in another folder than the rest: on Colab the run folder is on Google Drive (15 GB free), which
+keeps what is small and precious (data, checkpoints, adapter, records, reports), while the large
+parts go to the VM's own disk and the Hub. ``large_files.json`` names that folder; every path
+below goes through it, and ``resolve`` maps a run-relative name (``merged/config.json``) there.
 
 Paths written into ``report.json`` are relative to the run folder (``RunLayout.relative``), so a
 run folder can be moved or copied whole.
@@ -17,10 +24,13 @@ run folder can be moved or copied whole.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
 SPLITS = ("train", "val", "test")
+LARGE_PARTS = ("merged", "gguf")  # the folders that may live outside the run folder
+LARGE_FILES_POINTER = "large_files.json"
 
 
 @dataclass(frozen=True)
@@ -29,6 +39,21 @@ class RunLayout:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "root", Path(self.root))
+
+    # -- where the large parts live
+    @property
+    def large_root(self) -> Path:
+        """The folder holding ``merged/`` and ``gguf/``: the run folder unless ``large_files.json``
+        names another (read on every use: a notebook may set it after the layout was made)."""
+        try:
+            return Path(json.loads((self.root / LARGE_FILES_POINTER).read_text(encoding="utf-8"))["folder"])
+        except (FileNotFoundError, KeyError, TypeError, ValueError):
+            return self.root
+
+    def resolve(self, name: str) -> Path:
+        """A run-relative name (``merged/config.json``, ``report.json``) as the path it has on disk."""
+        first = name.split("/", 1)[0]
+        return (self.large_root if first in LARGE_PARTS else self.root) / name
 
     # -- the run as a whole
     @property
@@ -70,7 +95,7 @@ class RunLayout:
     # -- merge
     @property
     def merged(self) -> Path:
-        return self.root / "merged"
+        return self.resolve("merged")
 
     @property
     def merge_check(self) -> Path:
@@ -79,7 +104,7 @@ class RunLayout:
     # -- export
     @property
     def gguf_dir(self) -> Path:
-        return self.root / "gguf"
+        return self.resolve("gguf")
 
     def gguf(self, variant: str) -> Path:
         """The GGUF file of one variant (``F16``, ``Q4_K_M``, ``Q4_K_M-imat``, ...)."""
@@ -127,5 +152,22 @@ class RunLayout:
         return self.root / "time_estimate.json"
 
     def relative(self, path: Path) -> str:
-        """``path`` as written into the run's own records: relative to the run folder."""
-        return Path(path).resolve().relative_to(self.root.resolve()).as_posix()
+        """``path`` as written into the run's own records: relative to the run folder (or, for the
+        large parts, to the folder that holds them: the same name either way)."""
+        path = Path(path).resolve()
+        large = self.large_root.resolve()
+        if large != self.root.resolve() and path.is_relative_to(large):
+            return path.relative_to(large).as_posix()
+        return path.relative_to(self.root.resolve()).as_posix()
+
+
+def place_large_files(run_dir: Path, folder: Path | None) -> None:
+    """Keep ``run_dir``'s merged model and GGUFs in ``folder`` (None: back in the run folder)."""
+    from qlora_pipeline.paths import write_json_atomic
+
+    pointer = Path(run_dir) / LARGE_FILES_POINTER
+    if folder is None:
+        pointer.unlink(missing_ok=True)
+        return
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    write_json_atomic(pointer, {"folder": str(Path(folder).resolve())})

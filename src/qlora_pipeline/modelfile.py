@@ -18,8 +18,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from qlora_pipeline.chat import SamplingParams
 from qlora_pipeline.paths import write_text_atomic
+from qlora_pipeline.serve.chat import SamplingParams
 
 # Phi-3.5's Jinja template, branch by branch: a system message only when it has content, every
 # turn ended by <|end|> and a newline, and the generation prompt <|assistant|> at the end.

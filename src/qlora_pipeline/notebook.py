@@ -52,6 +52,15 @@ def environment_report() -> dict:
     return info
 
 
+def choose_preset(preset: str | None, env: dict) -> str:
+    """The parameters cell's PRESET: as given, or by the machine (phi35-colab-t4 with a GPU, tiny
+    on a CPU), so that a student on Colab's T4 runs the real model without editing anything."""
+    chosen = preset or ("phi35-colab-t4" if env.get("cuda") else "tiny")
+    if not preset:
+        print(f"PRESET = {chosen!r} ({'a GPU' if env.get('cuda') else 'no GPU'}: set PRESET to choose another)")
+    return chosen
+
+
 # ---------------------------------------------------------------------------- data views
 
 
@@ -251,8 +260,8 @@ def hf_answers(model, tokenizer, prompts: list[str], max_new_tokens: int = 48, s
 
 def gguf_answers(run_dir: Path, quants: list[str], messages: list[dict], params, n_ctx: int = 2048) -> dict:
     """The same messages through several GGUF variants: {quant: (answer, tokens/s)}."""
-    from qlora_pipeline.chat import LlamaChat
     from qlora_pipeline.export import gguf_path
+    from qlora_pipeline.serve.chat import LlamaChat
 
     out = {}
     for quant in quants:

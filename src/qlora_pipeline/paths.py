@@ -152,22 +152,23 @@ def folder_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
-def file_manifest(root: Path, names: tuple[str, ...] | list[str], previous: dict | None = None) -> dict:
+def file_manifest(root: Path, names: tuple[str, ...] | list[str], previous: dict | None = None, locate=None) -> dict:
     """``{relative path: {bytes, mtime_ns, sha256}}`` for every file under ``names`` (files or
     folders relative to ``root``; dot-files, which are temporary, left out).
 
     A file whose size and modification time equal its entry in ``previous`` keeps that hash
     unread (as make and git do), so checking a 7.6 GB merged model costs a stat, not a read.
-    Extra keys of an entry in ``previous`` (a GGUF's ``file``) are kept with it.
+    Extra keys of an entry in ``previous`` (a GGUF's ``file``) are kept with it. ``locate`` maps a
+    name to its path when it is not ``root / name`` (``RunLayout.resolve``: the large parts).
     """
     root = Path(root)
     previous = previous or {}
     out = {}
     for name in names:
-        top = root / name
+        top = locate(name) if locate else root / name
         files = [top] if top.is_file() else sorted(f for f in top.rglob("*") if f.is_file()) if top.is_dir() else []
         for file in files:
-            rel = file.relative_to(root).as_posix()
+            rel = (Path(name) / file.relative_to(top)).as_posix()
             if any(part.startswith(".") for part in Path(rel).parts):
                 continue
             stat = file.stat()

@@ -77,11 +77,12 @@ STAGE_BY_NAME = {s.name: s for s in STAGES}
 
 def check_prerequisites(stage: Stage, run_dir: Path) -> None:
     """Refuse to start ``stage`` before the stages it reads have left their files."""
+    layout = RunLayout(run_dir)
     for earlier in stage.after:
         for needed in STAGE_BY_NAME[earlier].required:
-            if not (Path(run_dir) / needed).is_file():
+            if not layout.resolve(needed).is_file():
                 raise StageOrderError(
-                    f"{Path(run_dir) / needed} is missing; run `qlora-pipeline {earlier} --run-dir {run_dir}` first"
+                    f"{layout.resolve(needed)} is missing; run `qlora-pipeline {earlier} --run-dir {run_dir}` first"
                 )
 
 
@@ -152,8 +153,9 @@ def stage_status(cfg: PipelineConfig, run_dir: Path, stage: Stage) -> tuple[str,
         return "changed", f"configuration changed since the last run ({', '.join(changed)})"
     if record.get("inputs") != _inputs_digest(run_dir, stage):
         return "inputs", "its inputs changed (an earlier stage wrote different files)"
-    missing = [name for name in stage.required if not (run_dir / name).is_file()]
-    current = file_manifest(run_dir, stage.outputs, previous=record["outputs"])
+    layout = RunLayout(run_dir)
+    missing = [name for name in stage.required if not layout.resolve(name).is_file()]
+    current = file_manifest(run_dir, stage.outputs, previous=record["outputs"], locate=layout.resolve)
     different = missing[0] if missing else manifest_difference(record["outputs"], current)
     if different:
         return "outputs", f"its output {different} is missing or was changed since it finished"
@@ -166,7 +168,7 @@ def mark_done(cfg: PipelineConfig, run_dir: Path, stage: Stage, seconds: float) 
         {
             "config": _section_hashes(cfg, stage),
             "inputs": _inputs_digest(run_dir, stage),
-            "outputs": file_manifest(Path(run_dir), stage.outputs),
+            "outputs": file_manifest(Path(run_dir), stage.outputs, locate=RunLayout(run_dir).resolve),
             "seconds": round(seconds, 1),
             "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         },
@@ -209,16 +211,23 @@ def _train_resume(cfg: PipelineConfig, run_dir: Path, resume: bool, forced: bool
 def continue_run(run_dir: Path, parts: dict[str, str | None], log=print) -> PipelineConfig:
     """Notebooks 2 and 3 on a fresh VM: pull each part ({"adapter": repo, ...}) RUN_DIR lacks from
     the Hub repo named for it, read the run's configuration, and prepare the data splits again
-    (deterministic from that configuration) if RUN_DIR has none."""
+    (deterministic from that configuration) if RUN_DIR has none. A merged model that is neither
+    here (it is not kept on Drive) nor on the Hub is merged again from the base and the adapter."""
     from qlora_pipeline.hub import pull_run_part
 
+    layout = RunLayout(run_dir)
     for part, repo in parts.items():
+        if part == "merged" and not repo and not layout.merged.is_dir() and layout.adapter.is_dir():
+            continue  # merged again below, once the configuration is read
         pull_run_part(run_dir, part, repo, log=log)
     cfg = read_run_config(run_dir)
     if cfg is None:
         raise PipelineError(f"{run_dir} has no config.json: run S29_finetuning_llm.ipynb with this RUN_DIR first")
-    if not all(RunLayout(run_dir).split(name).is_file() for name in SPLITS):
+    if not all(layout.split(name).is_file() for name in SPLITS):
         run_stage("prepare", cfg, run_dir, log=log)
+    if "merged" in parts and not (layout.merged / "config.json").is_file():
+        log("[merge] no merged model here or on the Hub (MERGED_REPO): merging the adapter into the base again")
+        run_stage("merge", cfg, run_dir, log=log)
     return cfg
 
 

@@ -7,44 +7,97 @@ The Space reads its GGUF from such a repo (``MODEL_REPO``). The card's front mat
 and checked by ``huggingface_hub``'s ``ModelCard`` (base model and its relation, dataset,
 license, library, tags); the body gives the training settings, the run's scorecard (with the
 importance-matrix figures where ``-imat`` variants were made) and how to run the files with
-llama.cpp, Ollama (the run's Modelfile) and the Space. The token comes from ``HF_TOKEN``.
+llama.cpp, Ollama (the run's Modelfile) and the Space. The token is huggingface_hub's own
+(``hub.hub_token``: the environment, Colab's secret, the login cache).
 """
 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 from qlora_pipeline.errors import ConfigError, PipelineError
 from qlora_pipeline.layout import RunLayout
+from qlora_pipeline.serve.chat_app import MODELS_MANIFEST
 
 KINDS = ("adapter", "merged", "gguf")
 RELATION = {"adapter": "adapter", "merged": "merge", "gguf": "quantized"}
 LIBRARY = {"adapter": "peft", "merged": "transformers", "gguf": "gguf"}
 DATASET = "OpenAssistant/oasst1"
 LICENSE = "mit"  # Phi-3.5-mini-instruct's license; a fine-tune inherits it
+MODEL_CARD_NAME = "README.md"
 
 
-def files_to_push(run_dir: Path, what: str) -> dict[str, Path]:
-    """Path in the repo -> file in the run, for one kind of output."""
+# What `push --what gguf` leaves out unless asked (--include): files the Space cannot or should not
+# serve. The F16 is a reference (7.6 GB at full size: a CPU Space would load it beside the model
+# it holds); the base and the LoRA GGUF are a pair for llama.cpp's --lora; the importance matrix is
+# not a model at all.
+OPTIONAL_GGUF = ("F16", "base", "lora", "imatrix")
+
+
+def _optional_gguf_files(layout: RunLayout) -> dict[str, Path]:
+    return {
+        "F16": layout.gguf("F16"),
+        "base": layout.base_gguf,
+        "lora": layout.lora_gguf,
+        "imatrix": layout.imatrix,
+    }
+
+
+def files_to_push(run_dir: Path, what: str, include: tuple[str, ...] = ()) -> dict[str, Path]:
+    """Path in the repo -> file in the run, for one kind of output (``include``: the GGUFs of
+    ``OPTIONAL_GGUF`` to push as well)."""
     layout = RunLayout(run_dir)
+    unknown = set(include) - set(OPTIONAL_GGUF)
+    if unknown:
+        raise ConfigError(f"--include {sorted(unknown)[0]!r} is invalid: use any of {', '.join(OPTIONAL_GGUF)}")
     if what in ("adapter", "merged"):
         folder = layout.adapter if what == "adapter" else layout.merged
         # peft writes a README.md of its own into the adapter: the generated card replaces it.
+        files = (
+            {
+                f.name: f
+                for f in sorted(folder.iterdir())
+                if f.is_file() and not f.name.startswith(".") and f.name != "README.md"
+            }
+            if folder.is_dir()
+            else {}
+        )
+        if what == "merged" and files and layout.merge_check.is_file():
+            files[layout.merge_check.name] = layout.merge_check  # export requires it (the merge's own check)
+    else:
+        optional = _optional_gguf_files(layout)
+        skipped = {path.name for name, path in optional.items() if name not in include}
         files = {
             f.name: f
-            for f in sorted(folder.iterdir())
-            if f.is_file() and not f.name.startswith(".") and f.name != "README.md"
+            for f in sorted(layout.gguf_dir.glob("*.gguf"))
+            if not f.name.startswith(".") and f.name not in skipped
         }
-    else:
-        names = [f for f in sorted(layout.gguf_dir.glob("*.gguf")) if not f.name.startswith(".")]
-        files = {f.name: f for f in names}
         if layout.modelfile.is_file():
             files["Modelfile"] = layout.modelfile
     if not files:
         raise PipelineError(f"{run_dir} has no {what} files to push; run the pipeline up to that stage first")
     return files
+
+
+def models_manifest(files: dict[str, Path]) -> dict:
+    """The Space's list of what it may serve: each pushed GGUF whose own ``general.type`` is a
+    model, with its size (the Space keeps to the files that fit its memory)."""
+    from qlora_pipeline.serve.chat import gguf_kind
+
+    models = {
+        name: {"bytes": path.stat().st_size}
+        for name, path in files.items()
+        if name.endswith(".gguf") and gguf_kind(path) == "model"
+    }
+    return {"models": models}
+
+
+def served_file(files: dict[str, Path]) -> str | None:
+    """The GGUF the Space opens first: Q4_K_M where pushed, else the smallest model."""
+    names = [n for n in files if n.endswith(".gguf")]
+    q4 = [n for n in names if n.startswith("model-Q4_K_M")]
+    return q4[0] if q4 else min(names, key=lambda n: files[n].stat().st_size, default=None)
 
 
 def _hub_base(model: str) -> str | None:
@@ -124,14 +177,16 @@ def _usage_section(repo: str, what: str, files: dict[str, Path]) -> list[str]:
             "```",
             "",
         ]
-    model = next((n for n in files if n.startswith("model-Q4_K_M")), next(n for n in files if n.endswith(".gguf")))
+    model = served_file(files)
     return [
         "## Use",
+        "",
+        f"**The chat Space serves `{model}`** (set `MODEL_REPO={repo}`; `MODEL_FILE` picks another "
+        f"of the models listed in `{MODELS_MANIFEST}`).",
         "",
         f"- llama.cpp: `llama-cli -hf {repo} -hff {model} -cnv` (or download it and `llama-server -m {model}`)",
         "- Ollama: download the files, then `ollama create phi35-oasst1 -f Modelfile` and `ollama run phi35-oasst1`"
         " (its template and stop tokens end every answer at `<|end|>`)",
-        f"- The chat Space: set `MODEL_REPO={repo}` and `MODEL_FILE={model}`",
         "",
     ]
 
@@ -156,29 +211,32 @@ def render_card(run_dir: Path, repo: str, what: str, files: dict[str, Path]) -> 
     return str(card)
 
 
-def push(run_dir: Path, repo: str, what: str, private: bool = True, api=None) -> str:
-    """Upload one kind of output with its card in one commit; ``api`` stands in for ``HfApi``."""
+def push(run_dir: Path, repo: str, what: str, private: bool = False, api=None, include: tuple[str, ...] = ()) -> str:
+    """Upload one kind of output with its card in one commit (public unless ``private``: a course
+    fine-tune of an MIT-licensed model); ``api`` stands in for ``HfApi``."""
+    import json
+
     from huggingface_hub import CommitOperationAdd
+
+    from qlora_pipeline.hub import RUN_CONFIG_IN_REPO, hub_token, hub_url
 
     if what not in KINDS:
         raise ConfigError(f"--what {what!r} is invalid: use one of {', '.join(KINDS)}")
-    files = files_to_push(run_dir, what)
+    files = files_to_push(run_dir, what, include)
     card = render_card(run_dir, repo, what, files)
     if api is None:
-        token = os.environ.get("HF_TOKEN")
-        if not token:
-            raise PipelineError("HF_TOKEN is not set; create a write token at huggingface.co/settings/tokens")
         from huggingface_hub import HfApi
 
-        api = HfApi(token=token)
+        api = HfApi(token=hub_token(f"pushing the {what} to {repo}"))
     api.create_repo(repo, private=private, exist_ok=True, repo_type="model")
-    from qlora_pipeline.hub import RUN_CONFIG_IN_REPO
-
+    extra = {MODEL_CARD_NAME: card.encode("utf-8")}
+    if what == "gguf":
+        extra[MODELS_MANIFEST] = json.dumps(models_manifest(files), indent=1).encode("utf-8")
     # The run's configuration travels with its files: the next notebook pulls both (hub.pull_run_part).
     files = {**files, RUN_CONFIG_IN_REPO: RunLayout(run_dir).config}
     operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(path)) for name, path in files.items()]
-    operations.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=card.encode("utf-8")))
+    operations += [CommitOperationAdd(path_in_repo=name, path_or_fileobj=data) for name, data in extra.items()]
     api.create_commit(
         repo_id=repo, repo_type="model", operations=operations, commit_message=f"Upload {what} from qlora-pipeline"
     )
-    return f"https://huggingface.co/{repo}"
+    return hub_url(repo)

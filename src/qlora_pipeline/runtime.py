@@ -66,3 +66,24 @@ def usable_cpus(root: Path = CGROUP_ROOT) -> int:
         count = os.cpu_count() or 1
     quota = cgroup_cpu_quota(root)
     return max(1, min(count, quota) if quota else count)
+
+
+def usable_memory(root: Path = CGROUP_ROOT) -> int | None:
+    """Bytes of memory this process may use: the cgroup limit (v2 ``memory.max``, v1
+    ``memory.limit_in_bytes``) where one is set, else the machine's MemTotal; None if unknown.
+    A Space on "CPU basic" is a container with a 16 GB limit on a larger host."""
+    limit = None
+    for name in ("memory.max", "memory/memory.limit_in_bytes"):
+        try:
+            text = (root / name).read_text().strip()
+        except OSError:
+            continue
+        if text.isdigit() and int(text) < 1 << 60:  # v1 writes a huge number for "no limit"
+            limit = int(text)
+            break
+    try:
+        with open("/proc/meminfo", encoding="ascii") as meminfo:
+            total = next(int(line.split()[1]) * 1024 for line in meminfo if line.startswith("MemTotal:"))
+    except (OSError, StopIteration, ValueError):
+        total = None
+    return min(v for v in (limit, total) if v) if (limit or total) else None

@@ -1,22 +1,53 @@
 """The chat app as a Hugging Face Space folder: ``qlora-pipeline space --out runs/space [--push USER/SPACE]``.
 
 A Space installs ``app/requirements.txt``, not this package (whose training dependencies, torch
-among them, would take gigabytes), so the folder carries the few light modules the app imports.
-A test imports the folder with torch and transformers blocked to keep it that way.
+among them, would take gigabytes). The folder therefore carries the ``serve`` subpackage whole,
+plus the core modules it imports, found by reading its imports (``serving_modules``), not from a
+hand-kept list: a list went stale once, and the Space crashed at start. A test starts the built
+folder's ``app.py`` through ``app_main`` with torch blocked.
 """
 
 from __future__ import annotations
 
+import ast
 import shutil
 from pathlib import Path
 
 from qlora_pipeline.errors import ConfigError
-from qlora_pipeline.hub import push_folder
 from qlora_pipeline.paths import atomic_dir
 
 APP_DIR = Path(__file__).resolve().parents[2] / "app"
-SPACE_MODULES = ("__init__.py", "errors.py", "runtime.py", "chat_format.py", "chat.py", "chat_app.py")
 SPACE_FILES = ("app.py", "README.md", "requirements.txt")
+PACKAGE = "qlora_pipeline"
+
+
+def _imported_modules(path: Path) -> set[str]:
+    """The ``qlora_pipeline`` modules one file imports (at any depth: function-level imports count)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith(PACKAGE):
+            found.add(node.module)
+            found.update(f"{node.module}.{alias.name}" for alias in node.names)
+        elif isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names if alias.name.startswith(PACKAGE))
+    return found
+
+
+def serving_modules(package_dir: Path | None = None) -> list[Path]:
+    """Every file the Space needs, relative to the package: ``serve/`` whole, then each module it
+    imports, and theirs (``__init__.py`` of each package on the way)."""
+    package_dir = package_dir or Path(__file__).resolve().parent
+    wanted = {p.relative_to(package_dir) for p in (package_dir / "serve").rglob("*.py")}
+    queue = list(wanted)
+    while queue:
+        for module in _imported_modules(package_dir / queue.pop()):
+            parts = module.split(".")[1:]
+            for candidate in (Path(*parts).with_suffix(".py") if parts else None, Path(*parts, "__init__.py")):
+                if candidate and (package_dir / candidate).is_file() and candidate not in wanted:
+                    wanted.add(candidate)
+                    queue.append(candidate)
+    wanted.add(Path("__init__.py"))
+    return sorted(wanted)
 
 
 def build_space(out: Path, app_dir: Path = APP_DIR) -> Path:
@@ -28,15 +59,28 @@ def build_space(out: Path, app_dir: Path = APP_DIR) -> Path:
     with atomic_dir(Path(out)) as tmp:
         for name in SPACE_FILES:
             shutil.copy2(app_dir / name, tmp / name)
-        (tmp / "qlora_pipeline").mkdir()
-        for name in SPACE_MODULES:
-            shutil.copy2(package / name, tmp / "qlora_pipeline" / name)
+        for module in serving_modules(package):
+            (tmp / PACKAGE / module).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(package / module, tmp / PACKAGE / module)
     return Path(out)
 
 
 def space_main(args) -> int:
+    from qlora_pipeline.hub import push_space
+
     folder = build_space(args.out)
-    print(f"wrote the Space to {folder} ({len(SPACE_FILES)} files + {len(SPACE_MODULES)} modules)")
+    print(f"wrote the Space to {folder} ({len(SPACE_FILES)} files + {len(serving_modules())} modules)")
     if args.push:
-        print(f"pushed to {push_folder(folder, args.push, private=False, repo_type='space')}")
+        print(f"pushed to {push_space(folder, args.push, args.model_repo, args.private)}")
     return 0
+
+
+def publish_space(space: str, model_repo: str, private: bool = False) -> str:
+    """Notebook 3's last step: build the Space folder (in a temporary folder: it is not part of the
+    run) and create or update the student's Space from it, serving ``model_repo``; its URL."""
+    import tempfile
+
+    from qlora_pipeline.hub import push_space
+
+    with tempfile.TemporaryDirectory(prefix="space-") as tmp:
+        return push_space(build_space(Path(tmp) / "space"), space, model_repo, private)

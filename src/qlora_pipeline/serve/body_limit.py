@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import logging
 
-log = logging.getLogger("qlora_pipeline.chat_app")  # the app's own log
+log = logging.getLogger("qlora_pipeline.serve.chat_app")  # the app's own log
 
 
 class BodyTooLarge(Exception):

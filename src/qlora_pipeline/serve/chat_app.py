@@ -28,7 +28,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from qlora_pipeline.chat import (
+from qlora_pipeline.chat_format import END_OF_TURN
+from qlora_pipeline.errors import ConfigError, ModelError, PipelineError
+from qlora_pipeline.runtime import usable_memory
+from qlora_pipeline.serve.chat import (
     LlamaChat,
     SamplingParams,
     check_gguf_file,
@@ -36,8 +39,6 @@ from qlora_pipeline.chat import (
     gguf_kind,
     timed_answer,
 )
-from qlora_pipeline.chat_format import END_OF_TURN
-from qlora_pipeline.errors import ConfigError, ModelError, PipelineError
 
 log = logging.getLogger(__name__)
 
@@ -139,27 +140,52 @@ def _model_files(folder: Path) -> list[Path]:
     return files
 
 
-def hub_choices(repo: str, files: list[str]) -> tuple[list[ModelChoice], str]:
-    """The GGUF files of a Hub repo: the ones named, or (online) every .gguf it holds."""
+MODELS_MANIFEST = "gguf_models.json"  # written by `qlora-pipeline push --what gguf`: the repo's model GGUFs
+
+
+def hub_choices(
+    repo: str, files: list[str], memory: int | None = None, on_gpu: bool = False
+) -> tuple[list[ModelChoice], str]:
+    """The GGUF models of a Hub repo: the ones named, or those its ``gguf_models.json`` lists (each
+    file's own ``general.type``, read when it was pushed). On a CPU, only files that fit ``memory``
+    next to one other loaded model: a visitor cannot make the Space load the F16 beside the Q4."""
     names = list(files)
     if not names:
-        try:
-            from huggingface_hub import list_repo_files
-
-            names = sorted(f for f in list_repo_files(repo) if f.endswith(".gguf"))
-        except Exception as exc:  # offline, unknown repo, no permission: all one message
-            raise ModelError(
-                f"cannot list the GGUF files of {repo} on the Hub ({type(exc).__name__}); name one "
-                "with --hub-file FILE.gguf, or give a local file with --model"
-            ) from None
+        sizes = _hub_models(repo)
+        budget = None if on_gpu or not memory else int(memory * MEMORY_SHARE_FOR_MODELS)
+        names = sorted(n for n, size in sizes.items() if budget is None or 2 * size <= budget)
+        for name in sorted(set(sizes) - set(names)):
+            log.info("not offering %s: %.1f GB does not fit twice in %.1f GB", name, sizes[name] / 1e9, budget / 1e9)
         if not names:
             raise ModelError(
-                f"the Hub repo {repo} has no .gguf file; push one (qlora-pipeline push --what gguf) "
-                "or name another repo"
+                f"the Hub repo {repo} has no GGUF model that fits this machine's memory; push a smaller "
+                "quantization (qlora-pipeline push --what gguf) or name a file with MODEL_FILE"
             )
     choices = [ModelChoice(n, hub_repo=repo, hub_file=n) for n in names]
     q4 = [n for n in names if "Q4_K_M" in n]
     return choices, q4[0] if q4 else names[0]
+
+
+MEMORY_SHARE_FOR_MODELS = 0.85  # the rest: Python, Gradio, the KV cache and the page cache's working set
+
+
+def _hub_models(repo: str) -> dict[str, int]:
+    """{file: bytes} of the repo's model GGUFs, from its ``gguf_models.json``."""
+    import json
+
+    try:
+        from huggingface_hub import hf_hub_download
+
+        listing = json.loads(Path(hf_hub_download(repo_id=repo, filename=MODELS_MANIFEST)).read_text("utf-8"))
+        models = {name: int(entry["bytes"]) for name, entry in listing["models"].items()}
+    except Exception as exc:  # offline, unknown repo, no permission, an older repo: all one message
+        raise ModelError(
+            f"cannot read {MODELS_MANIFEST} of {repo} on the Hub ({type(exc).__name__}); push the GGUFs with "
+            "`qlora-pipeline push --what gguf`, or name a file with MODEL_FILE / --hub-file FILE.gguf"
+        ) from None
+    if not models:
+        raise ModelError(f"the Hub repo {repo} lists no GGUF model; push one (qlora-pipeline push --what gguf)")
+    return models
 
 
 def fetch_model(choice: ModelChoice) -> Path:
@@ -184,7 +210,10 @@ def fetch_model(choice: ModelChoice) -> Path:
             f"cannot download {choice.hub_file} from {choice.hub_repo} ({why}); check the names, "
             "go online, or give a local file with --model FILE.gguf"
         ) from None
-    return check_gguf_file(Path(path))
+    path = check_gguf_file(Path(path))
+    if gguf_kind(path) != "model":  # a named MODEL_FILE may be the importance matrix or a LoRA
+        raise ModelError(f"{choice.hub_file} in {choice.hub_repo} is a {gguf_kind(path)}, not a model; pick another")
+    return path
 
 
 class ModelPool:
@@ -859,7 +888,9 @@ def settings_from_args(args) -> AppSettings:
         settings.models = [ModelChoice(n) for n in args.api_model]
         settings.default_model = args.api_model[0] if args.api_model else None
     elif args.hub_repo and not args.model:
-        settings.models, settings.default_model = hub_choices(args.hub_repo, args.hub_file)
+        settings.models, settings.default_model = hub_choices(
+            args.hub_repo, args.hub_file, usable_memory(), on_gpu=args.n_gpu_layers != 0
+        )
     elif args.model or args.model_dir:
         settings.models, settings.default_model = local_choices(args.model, args.model_dir)
     else:
@@ -892,7 +923,7 @@ def bind_address(args) -> tuple[str, str]:
 def app_main(args) -> int:
     from starlette.middleware import Middleware
 
-    from qlora_pipeline.body_limit import BodyLimit
+    from qlora_pipeline.serve.body_limit import BodyLimit
 
     settings = settings_from_args(args)
     auth = basic_auth(args.auth_env)

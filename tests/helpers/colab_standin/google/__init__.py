@@ -1,0 +1,1 @@
+"""The journey's stand-in for ``google`` (only ``google.colab`` is provided)."""

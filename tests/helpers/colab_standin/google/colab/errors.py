@@ -1,0 +1,5 @@
+"""``google.colab.errors.Error``: the base of Colab's own errors (huggingface_hub catches it)."""
+
+
+class Error(Exception):
+    pass

@@ -117,3 +117,21 @@ print(json.dumps(stats))
         and not (trees["train"] & trees["test"])
         and not (trees["val"] & trees["test"])
     )
+
+
+def test_nf4_notebook_reads_layer_0_of_a_hub_id_from_the_one_shard_that_holds_it(twin_hub):
+    """notebooks/nf4_from_scratch.ipynb on a phi35 preset: the base is a Hub id, not a folder
+    (it globbed the id as a path); the weight equals the one from_pretrained loads."""
+    result = run_offline(
+        twin_hub,
+        f"""
+import json
+from transformers import AutoModelForCausalLM
+from qlora_pipeline.concepts import first_layer_qkv
+name, weight = first_layer_qkv("{MODEL_ID}")
+model = AutoModelForCausalLM.from_pretrained("{MODEL_ID}")
+same = bool((model.get_parameter(name).float() == weight).all())
+print(json.dumps({{"name": name, "shape": list(weight.shape), "same": same}}))
+""",
+    )
+    assert result["name"] == "model.layers.0.self_attn.qkv_proj.weight" and result["same"]

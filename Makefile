@@ -1,6 +1,6 @@
 # make setup  - create .venv and install the pinned set (first time ~10 min: llama-cpp-python compiles)
 # make demo   - setup, then the whole pipeline on the built-in tiny model (runs/demo)
-# make test   - setup, then ruff (lint and format) and the test suite (the six notebooks included)
+# make test   - setup, then ruff (lint and format), the import contracts and the test suite (the notebooks included)
 # make notebooks - execute the notebooks into runs/notebooks/ with their outputs
 # make app    - serve the chat app on the demo's Q4_K_M at http://127.0.0.1:7860
 # make screenshot - S29-gradio.png from the running app after one exchange (real browser)
@@ -54,7 +54,7 @@ $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
 	$(PY) -m pip check
 	# llama.cpp's converter, Phi-3 vocab and chat template, from the llama-cpp-python sources
-	$(PY) -m qlora_pipeline.llamacpp
+	$(PY) -m qlora_pipeline.gguf.llamacpp
 	# Debian's Chromium for the browser test (apt; skipped when present)
 	scripts/install_chromium.sh
 	@touch $(STAMP)
@@ -65,11 +65,14 @@ demo: setup
 test: setup
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
+	# what may import what ([tool.importlinter] in pyproject.toml), and no import cycle in src/
+	$(VENV)/bin/lint-imports
+	$(PY) scripts/import_cycles.py
 	$(PY) -m pytest -q
 
 # Execute the six notebooks on the tiny preset into runs/notebooks/ (with outputs, for reading).
 notebooks: setup
-	$(PY) -m qlora_pipeline.notebook runs/notebooks $(NOTEBOOKS)
+	$(PY) -m qlora_pipeline.course.notebook runs/notebooks $(NOTEBOOKS)
 
 $(Q4): | setup
 	$(MAKE) demo
@@ -78,7 +81,7 @@ app: setup $(Q4)
 	$(VENV)/bin/qlora-pipeline app --model $(Q4)
 
 screenshot: setup $(Q4)
-	$(PY) -m qlora_pipeline.app_check screenshot --model $(Q4) --out S29-gradio.png
+	$(PY) -m qlora_pipeline.course.app_check screenshot --model $(Q4) --out S29-gradio.png
 
 bench: setup $(Q4)
 	$(PY) bench/ttft.py --model $(Q4)
@@ -102,12 +105,12 @@ rehearsal: setup
 	HF_HOME=$(abspath $(TWIN_HUB)) HF_HUB_OFFLINE=1 $(VENV)/bin/qlora-pipeline run --preset phi35-colab-t4 \
 		--run-dir runs/rehearsal $(REHEARSAL_OVERRIDES)
 	@echo "rehearsal: the three S29 notebooks, each in its own working directory and kernel, sharing only a Drive folder"
-	HF_HOME=$(abspath $(TWIN_HUB)) HF_HUB_OFFLINE=1 $(PY) -m qlora_pipeline.rehearsal runs/rehearsal-notebooks \
+	HF_HOME=$(abspath $(TWIN_HUB)) HF_HUB_OFFLINE=1 $(PY) -m qlora_pipeline.course.rehearsal runs/rehearsal-notebooks \
 		--preset phi35-colab-t4 $(foreach o,$(REHEARSAL_OVERRIDES) eval.hf_max_tokens=2000,--override $(o))
 
 journey: setup
 	$(VENV)/bin/qlora-pipeline hub-twin --out $(TWIN_HUB)
-	$(PY) -m qlora_pipeline.journey runs/journey --twin-hub $(TWIN_HUB) --preset phi35-colab-t4 \
+	$(PY) -m qlora_pipeline.course.journey runs/journey --twin-hub $(TWIN_HUB) --preset phi35-colab-t4 \
 		$(foreach o,$(REHEARSAL_OVERRIDES) eval.hf_max_tokens=2000,--override $(o))
 
 course-repo: setup

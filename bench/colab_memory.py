@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/colab_memory.py        # ~30-40 min on 2 cores; ~35 GB of disk
 
-Runs the three S29 notebooks exactly as ``make rehearsal`` does (qlora_pipeline.rehearsal: each in
+Runs the three S29 notebooks exactly as ``make rehearsal`` does (qlora_pipeline.course.rehearsal: each in
 its own working directory and kernel, sharing only a "Drive" folder, preset phi35-colab-t4, data
 from the offline twin hub) but on a random-weight model of Phi-3.5-mini's full shape (3.8B
 parameters, 7.6 GB in bf16; bench/fullsize_model.py), with caps so a CPU gets through it: one
@@ -61,7 +61,7 @@ def run_sequence(base: Path, out: Path) -> float:
     command = [
         sys.executable,
         "-m",
-        "qlora_pipeline.rehearsal",
+        "qlora_pipeline.course.rehearsal",
         str(out),
         "--preset",
         "phi35-colab-t4",
@@ -80,7 +80,7 @@ def run_sequence(base: Path, out: Path) -> float:
 def report(base: Path, out: Path, minutes: float | None) -> None:
     """bench/results/colab_memory.{json,md,png} from the rehearsal's record, with each notebook's
     heaviest cells (peak memory per cell, from papermill's cell timestamps)."""
-    from qlora_pipeline.rehearsal import cell_peaks, plot_memory
+    from qlora_pipeline.course.rehearsal import cell_peaks, plot_memory
 
     rehearsal = json.loads((out / "rehearsal.json").read_text())
     model_bytes = sum(f.stat().st_size for f in base.glob("*.safetensors"))

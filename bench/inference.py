@@ -5,7 +5,7 @@
 Both sides run the same merged model (``RUN/merged`` and ``RUN/gguf``), greedy, a 64-token
 prompt and 64 new tokens, at 1 and 2 threads; medians of ``--runs`` runs after one warm-up.
 Prompt processing: the prompt's forward pass (tokens/s). Generation: for llama.cpp, the scorecard's
-own measurement (``qlora_pipeline.speed.decode_speed``: tokens after the first over the time
+own measurement (``qlora_pipeline.evaluation.speed.decode_speed``: tokens after the first over the time
 between first and last); for transformers, ``generate`` with the KV cache, its prefill subtracted.
 Writes bench/results/inference.json and inference.md.
 """
@@ -36,7 +36,7 @@ def llama_speed(path: Path, threads: int, runs: int) -> dict:
     """The scorecard's own measurement (``speed.decode_speed``) at ``threads``."""
     from llama_cpp import Llama
 
-    from qlora_pipeline.speed import decode_speed
+    from qlora_pipeline.evaluation.speed import decode_speed
 
     llm = Llama(model_path=str(path), n_ctx=512, n_threads=threads, n_threads_batch=threads, verbose=False)
     speed = decode_speed(llm, prompt_ids(), NEW, runs)

@@ -48,7 +48,7 @@ def build_fullsize(out: str) -> dict:
 @step
 def convert(model: str, out: str, name: str, end_of_turn_id: int) -> dict:
     """llama.cpp's converter to F16, as the export stage runs it."""
-    from qlora_pipeline.export import convert_to_gguf
+    from qlora_pipeline.gguf.convert import convert_to_gguf
 
     convert_to_gguf(Path(model), Path(out), name, end_of_turn_id)
     return {"bytes": Path(out).stat().st_size}
@@ -57,7 +57,7 @@ def convert(model: str, out: str, name: str, end_of_turn_id: int) -> dict:
 @step
 def quantize(source: str, out: str, quant: str, threads: int) -> dict:
     """llama.cpp's quantizer, as the export stage runs it."""
-    from qlora_pipeline.export import quantize_gguf
+    from qlora_pipeline.gguf.convert import quantize_gguf
 
     quantize_gguf(Path(source), Path(out), quant, threads)
     return {"bytes": Path(out).stat().st_size}
@@ -93,7 +93,7 @@ def decode_speed(model: str, threads: int, tokens: int, runs: int = 2, prompt: s
     """The scorecard's own measurement (``speed.decode_speed``) of a GGUF at ``threads``."""
     from llama_cpp import Llama
 
-    from qlora_pipeline.speed import decode_speed as measure
+    from qlora_pipeline.evaluation.speed import decode_speed as measure
 
     llm = Llama(model_path=model, n_ctx=512, n_threads=threads, n_threads_batch=threads, verbose=False)
     return measure(llm, llm.tokenize(prompt.encode(), add_bos=True), tokens, runs)
@@ -252,11 +252,12 @@ def train_trl(run: str, overrides: list, batch: int, steps: int, padding_free: b
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
+    from qlora_pipeline.base import resolve_base
     from qlora_pipeline.batches import evaluate_loss
     from qlora_pipeline.chat_format import ChatEncoder
     from qlora_pipeline.config import load_config
     from qlora_pipeline.data import read_split, tokenize_conversations
-    from qlora_pipeline.model import attach_lora, load_base_for_training, load_tokenizer, pick_device, resolve_base
+    from qlora_pipeline.model import attach_lora, load_base_for_training, load_tokenizer, pick_device
     from qlora_pipeline.runtime import tune_allocator
 
     cfg = load_config("tiny", overrides)
@@ -319,8 +320,9 @@ def training_memory(overrides: list, mode: str, seq_len: int = 512) -> dict:
     base) or "full" (every parameter trained); the benchmark reads the peak RSS."""
     import torch
 
+    from qlora_pipeline.base import resolve_base
     from qlora_pipeline.config import load_config
-    from qlora_pipeline.model import attach_lora, load_base_for_training, pick_device, resolve_base
+    from qlora_pipeline.model import attach_lora, load_base_for_training, pick_device
     from qlora_pipeline.runtime import tune_allocator
 
     cfg = load_config("tiny", overrides)

@@ -25,12 +25,13 @@ import argparse
 import json
 from pathlib import Path
 
+from qlora_pipeline.base import resolve_base
 from qlora_pipeline.chat_format import ChatEncoder
 from qlora_pipeline.config import load_config
-from qlora_pipeline.journey import OASST1_BYTES, oasst1_scale
-from qlora_pipeline.model import load_tokenizer, resolve_base
+from qlora_pipeline.course.journey import OASST1_BYTES, oasst1_scale
+from qlora_pipeline.course.timing import estimate, format_duration, step_counts
+from qlora_pipeline.model import load_tokenizer
 from qlora_pipeline.paths import write_json_atomic, write_text_atomic
-from qlora_pipeline.timing import estimate, format_duration, step_counts
 
 RESULTS = Path(__file__).resolve().parent / "results"
 T4_TRAIN_TOKENS_PER_S = 60 * 2 * 4 * 2048 / 500  # Unsloth's published Phi-3.5-mini T4 run (DESIGN.md)

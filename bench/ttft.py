@@ -22,7 +22,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from qlora_pipeline.app_check import app_command, served
+from qlora_pipeline.course.app_check import app_command, served
 from qlora_pipeline.paths import write_json_atomic
 from qlora_pipeline.serve.chat import LlamaChat, SamplingParams
 

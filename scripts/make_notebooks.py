@@ -39,16 +39,16 @@ if importlib.util.find_spec("qlora_pipeline") is None or (os.path.isdir("course"
     if not os.path.isdir("course"):
         subprocess.run(["git", "clone", "--depth", "1", f"https://github.com/{{REPO}}", "course"], check=True)
     sys.path.insert(0, os.path.abspath("course/src"))
-    from qlora_pipeline.colab import install_course_packages  # llama-cpp-python: a prebuilt wheel where one exists
+    from qlora_pipeline.course.colab import install_course_packages  # llama-cpp-python: a prebuilt wheel where one exists
     install_course_packages("course/requirements.txt", llama_cpp={llama_cpp})
     open("course/.installed", "w").close()
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "-e", "course"], check=True)
 if os.path.isdir("course/src/qlora_pipeline"):
     os.chdir("course")  # also after a kernel restart, when the package is already installed
-from qlora_pipeline.notebook import choose_preset, environment_report
+from qlora_pipeline.course.notebook import choose_preset, environment_report
 ENV = environment_report()
 PRESET = choose_preset(PRESET, ENV)  # None: phi35-colab-t4 on a GPU, tiny on a CPU
-from qlora_pipeline.colab import course_run_dir  # on Colab: RUN_DIR on Google Drive, which outlives this VM
+from qlora_pipeline.course.colab import course_run_dir  # on Colab: RUN_DIR on Google Drive, which outlives this VM
 RUN_DIR = course_run_dir(RUN_DIR, USE_DRIVE)'''
 
 
@@ -97,7 +97,7 @@ REPOS_CELL = """from qlora_pipeline.hub import course_repos
 repos = course_repos(RUN_DIR, PUSH_TO_HUB, PRIVATE, HF_USER, adapter=ADAPTER_REPO, merged=MERGED_REPO,
                      gguf=GGUF_REPO, space=SPACE_REPO)"""
 
-FLUSH_CELL = """from qlora_pipeline.colab import flush_drive
+FLUSH_CELL = """from qlora_pipeline.course.colab import flush_drive
 
 flush_drive()  # on Colab: Drive's pending writes, before this VM goes away"""
 
@@ -130,8 +130,9 @@ re-run after a disconnect find this notebook's work."""),
     md("## The base model in 4 bits, and the LoRA check"),
     code("""import pandas as pd
 from qlora_pipeline.config import load_config
-from qlora_pipeline.model import load_tokenizer, resolve_base
-from qlora_pipeline.notebook import count_parameters, memory_table
+from qlora_pipeline.model import load_tokenizer
+from qlora_pipeline.base import resolve_base
+from qlora_pipeline.course.notebook import count_parameters, memory_table
 from qlora_pipeline.pipeline import check_run_dir, save_run_config
 
 cfg = load_config(PRESET, OVERRIDES)
@@ -183,7 +184,7 @@ model_4bit, lora_report = attach_lora(model_4bit, cfg.lora, cfg.model)  # get_pe
 print(format_lora_report(lora_report))"""),
     md("## oasst1: from message trees to conversations"),
     code("""from qlora_pipeline.data import build_conversations, load_rows
-from qlora_pipeline.notebook import draw_tree, pick_branching_tree, tree_text
+from qlora_pipeline.course.notebook import draw_tree, pick_branching_tree, tree_text
 from qlora_pipeline.pipeline import run_stage
 
 stats = run_stage("prepare", cfg, RUN_DIR)
@@ -202,7 +203,7 @@ trained on: the assistant's words and the `<|end|>` that closes its turn (so the
 stop). User and system text and the template's tags are context, not targets."""),
     code("""from qlora_pipeline.chat_format import ChatEncoder
 from qlora_pipeline.data import read_split, tokenize_conversations
-from qlora_pipeline.notebook import label_mask_view
+from qlora_pipeline.course.notebook import label_mask_view
 
 examples, _ = tokenize_conversations(ChatEncoder.from_hf(tokenizer), read_split(RUN_DIR, "train"),
                                      cfg.data.max_seq_len, cfg.data.overlong)
@@ -213,7 +214,7 @@ No padding: conversations are laid end to end in one row of up to `batch_tokens`
 position ids restart at 0 where a conversation starts, which tells the attention kernel where one
 ends (nothing attends across the boundary), and the first token of each conversation is never a
 target, so no loss crosses it either."""),
-    code("""from qlora_pipeline.notebook import packed_batch_table
+    code("""from qlora_pipeline.course.notebook import packed_batch_table
 from qlora_pipeline.batches import collate_packed
 from qlora_pipeline.train import step_plan
 
@@ -275,8 +276,8 @@ print(f"one optimizer step: {step_tokens} tokens in {step_seconds:.1f} s; the la
         "again by notebooks 2 and 3 before their long steps):"
     ),
     code("""from qlora_pipeline.model import free_memory
-from qlora_pipeline.notebook import forward_tokens_per_s
-from qlora_pipeline.timing import estimate, format_estimate, save_estimate, step_counts
+from qlora_pipeline.course.notebook import forward_tokens_per_s
+from qlora_pipeline.course.timing import estimate, format_estimate, save_estimate, step_counts
 
 model_4bit.eval()
 forward_rate = forward_tokens_per_s(model_4bit, input_ids, position_ids, device)
@@ -303,7 +304,7 @@ scores = evaluate_hf(cfg, RUN_DIR, with_merged=False)  # on the GPU when there i
 pd.DataFrame({"validation loss": [scores["base_val_loss"], scores["adapter_val_loss"]],
               "test perplexity": [scores["base_ppl"], scores["adapter_ppl"]]}, index=["base", "base + adapter"])"""),
     code("""from qlora_pipeline.merge import load_adapter
-from qlora_pipeline.notebook import hf_answers, load_for_answers
+from qlora_pipeline.course.notebook import hf_answers, load_for_answers
 
 prompts = [c["messages"][0]["content"] for c in read_split(RUN_DIR, "test")[:4]]
 base_model = load_for_answers(cfg, base)
@@ -319,7 +320,7 @@ pd.DataFrame({"prompt": prompts, "base": before, "fine-tuned": after})"""),
         "*Next lesson, optional:* preference tuning (DPO) teaches the model which of two ranked oasst1 "
         "replies people preferred; it is not part of these three notebooks."
     ),
-    code("""from qlora_pipeline.hub import push_run_part
+    code("""from qlora_pipeline.publish import push_run_part
 
 push_run_part(RUN_DIR, "adapter", repos)"""),
     code(FLUSH_CELL),
@@ -336,10 +337,11 @@ the merged model computes what base + adapter computed."""),
     code(BOOTSTRAP),
     code(REPOS_CELL),
     code("""import pandas as pd
-from qlora_pipeline.model import free_memory, load_tokenizer, resolve_base
-from qlora_pipeline.notebook import hf_answers, load_for_answers
+from qlora_pipeline.model import free_memory, load_tokenizer
+from qlora_pipeline.base import resolve_base
+from qlora_pipeline.course.notebook import hf_answers, load_for_answers
 from qlora_pipeline.pipeline import continue_run, run_stage
-from qlora_pipeline.timing import print_estimate
+from qlora_pipeline.course.timing import print_estimate
 
 cfg = continue_run(RUN_DIR, {"adapter": repos.adapter})  # from Drive, or pulled from the Hub
 print_estimate(RUN_DIR, "S29_phi3_inference")
@@ -377,7 +379,7 @@ sorted(os.listdir(merged_dir))"""),
         "The merged model (7.6 GB at full size) stays on this VM's disk, not on Drive (15 GB free): it goes "
         "to the Hub, with its merge check, for notebook 3."
     ),
-    code("""from qlora_pipeline.hub import push_run_part
+    code("""from qlora_pipeline.publish import push_run_part
 
 push_run_part(RUN_DIR, "merged", repos)"""),
     code(FLUSH_CELL),
@@ -399,7 +401,7 @@ Then the same prompt goes through each variant, and you chat with the one you ch
 from IPython.display import Image
 from qlora_pipeline.export import export_calls
 from qlora_pipeline.pipeline import continue_run, run_stage
-from qlora_pipeline.timing import print_estimate
+from qlora_pipeline.course.timing import print_estimate
 
 # the merged model from the Hub (notebook 2 pushed it, with its merge check): the very files that
 # check passed, without a second merge's memory peak; without a Hub copy it is merged again here
@@ -421,7 +423,8 @@ Image(f"{RUN_DIR}/scorecard.png")"""),
         "to save T4 time, so its table has no long rows); then the chat prompt ids of every route against "
         "llama.cpp's chat handler, and the held-out questions."
     ),
-    code("""from qlora_pipeline.evaluate import format_routes, parity_rows
+    code("""from qlora_pipeline.evaluation.report import parity_rows
+from qlora_pipeline.evaluation.routes import format_routes
 
 display(pd.DataFrame({key: row for key, row in parity_rows(report["parity"])}).T)
 print("chat prompt ids:", format_routes(report["parity"]["chat_prompt_ids"]))
@@ -429,7 +432,7 @@ if report.get("heldout"):
     display(pd.Series(report["heldout"]["exact_match"], name="held-out exact match").to_frame())"""),
     md("## The same prompt through every variant"),
     code("""from qlora_pipeline.serve.chat import SamplingParams
-from qlora_pipeline.notebook import gguf_answers
+from qlora_pipeline.course.notebook import gguf_answers
 
 params = SamplingParams(temperature=TEMPERATURE, repeat_penalty=REPEAT_PENALTY, max_tokens=MAX_TOKENS)
 messages = [{"role": "user", "content": "What is the capital of France?"}]  # a held-out fact
@@ -438,7 +441,7 @@ answers = gguf_answers(RUN_DIR, variants, messages, params, n_ctx=cfg.eval.n_ctx
 pd.DataFrame([{"variant": v, "answer": a, "tokens/s": s} for v, (a, s) in answers.items()])"""),
     md("## Chat with the variant you chose"),
     code("""from qlora_pipeline.serve.chat import LlamaChat
-from qlora_pipeline.export import gguf_path
+from qlora_pipeline.gguf.variants import gguf_path
 
 assert CHOSEN in variants, f"CHOSEN = {CHOSEN!r} is not one of the exported variants {variants}: pick one"
 chat = LlamaChat(gguf_path(RUN_DIR, CHOSEN), n_ctx=cfg.eval.n_ctx, n_gpu_layers=N_GPU_LAYERS)
@@ -458,7 +461,7 @@ chat.close()"""),
 with this run's training settings and scorecard, to the repo the Space reads (`MODEL_REPO`). The
 F16 (a reference, as large as the merged model) stays here. Then your Space is created (or
 updated) from the course's app, with `MODEL_REPO` set: open the link it prints and chat."""),
-    code("""from qlora_pipeline.hub import push_run_part
+    code("""from qlora_pipeline.publish import push_run_part
 
 push_run_part(RUN_DIR, "gguf", repos)"""),
     code("""from qlora_pipeline.space import publish_space
@@ -476,16 +479,16 @@ alpha trade; and why a merged adapter costs nothing at inference."""),
     params(run_dir="runs/notebooks/lora-from-scratch"),
     code(BOOTSTRAP),
     code("""import inspect
-from qlora_pipeline.concepts import LoRALinear
+from qlora_pipeline.course.concepts import LoRALinear
 print(inspect.getsource(LoRALinear))"""),
-    code("""from qlora_pipeline.concepts import lora_matches_peft
+    code("""from qlora_pipeline.course.concepts import lora_matches_peft
 print(f"max |ours - peft| on the same weights: {lora_matches_peft():.2e}")"""),
     md("""## Rank: capacity. A weight change of rank 4, fitted by adapters of rank 1 to 16
 
 Below the rank of the change the adapter cannot express it; at or above, the error vanishes.
 (alpha is set to 2·r, the usual choice, so the update's scale does not change with r.)"""),
     code("""import matplotlib.pyplot as plt
-from qlora_pipeline.concepts import toy_rank_sweep
+from qlora_pipeline.course.concepts import toy_rank_sweep
 
 sweep = toy_rank_sweep()
 plt.figure(figsize=(5, 3))
@@ -494,7 +497,7 @@ plt.xlabel("LoRA rank r"); plt.ylabel("final MSE"); plt.title("true update has r
 plt.grid(alpha=0.3); plt.show()
 sweep"""),
     md("## Merging: W + (alpha/r)·B·A is one matrix, so inference costs what the base did"),
-    code("""from qlora_pipeline.concepts import merge_check
+    code("""from qlora_pipeline.course.concepts import merge_check
 merge_check()"""),
 ]
 
@@ -508,17 +511,17 @@ saves; and NF4 against FP4 and int4 on the same weights."""),
     code(BOOTSTRAP),
     code("""import bitsandbytes.functional as bnbf
 import torch
-from qlora_pipeline.concepts import nf4_levels
+from qlora_pipeline.course.concepts import nf4_levels
 
 ours = nf4_levels()
 theirs = bnbf.get_4bit_type("nf4", device="cpu")
 print("our levels:        ", [round(v, 4) for v in ours.tolist()])
 print("max |ours - bnb|:  ", float((ours - theirs).abs().max()))"""),
-    code("""from qlora_pipeline.concepts import quantize_blockwise, unpack_bnb_codes
+    code("""from qlora_pipeline.course.concepts import quantize_blockwise, unpack_bnb_codes
 from qlora_pipeline.config import load_config
-from qlora_pipeline.model import resolve_base
+from qlora_pipeline.base import resolve_base
 
-from qlora_pipeline.concepts import first_layer_qkv
+from qlora_pipeline.course.concepts import first_layer_qkv
 
 # the base's layer-0 attention weight, from its folder or (phi35 presets) the one shard that holds it
 name, weight = first_layer_qkv(resolve_base(load_config(PRESET, OVERRIDES)))
@@ -527,11 +530,11 @@ packed, state = bnbf.quantize_4bit(weight, blocksize=64, quant_type="nf4")
 same = (unpack_bnb_codes(packed) == codes.reshape(-1)).float().mean()
 print(f"{name} {tuple(weight.shape)}: {100 * float(same):.3f}% of codes identical to bitsandbytes; "
       f"max |absmax difference| {float((absmax - state.absmax).abs().max()):.1e}")"""),
-    code("""from qlora_pipeline.concepts import bits_per_parameter
+    code("""from qlora_pipeline.course.concepts import bits_per_parameter
 print(f"NF4, block 64, fp32 scales:        {bits_per_parameter(64):.3f} bits per parameter")
 print(f"NF4 + double quantization (8-bit scales, block 256): {bits_per_parameter(64, True):.3f}")"""),
     code("""import matplotlib.pyplot as plt
-from qlora_pipeline.concepts import quantization_errors
+from qlora_pipeline.course.concepts import quantization_errors
 
 errors = quantization_errors(weight)
 plt.figure(figsize=(4.5, 3))
@@ -551,7 +554,7 @@ step), and what the filters drop."""),
     code(BOOTSTRAP),
     code("""from qlora_pipeline.config import load_config
 from qlora_pipeline.data import build_conversations, load_rows
-from qlora_pipeline.notebook import draw_tree, pick_branching_tree, tree_text
+from qlora_pipeline.course.notebook import draw_tree, pick_branching_tree, tree_text
 
 cfg = load_config(PRESET, OVERRIDES)
 rows = load_rows(cfg.data)["train"]

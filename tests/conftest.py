@@ -77,7 +77,7 @@ def test_config():
 
 @pytest.fixture(scope="session")
 def tiny_base(test_config) -> Path:
-    from qlora_pipeline.model import resolve_base
+    from qlora_pipeline.base import resolve_base
 
     return Path(resolve_base(test_config, log=lambda *a: None))
 

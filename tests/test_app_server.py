@@ -9,8 +9,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from qlora_pipeline.app_check import app_command, browser_exchange, served
-from qlora_pipeline.export import gguf_path
+from qlora_pipeline.course.app_check import app_command, browser_exchange, served
+from qlora_pipeline.gguf.variants import gguf_path
 
 pytestmark = pytest.mark.slow
 
@@ -119,7 +119,9 @@ def llama_server(memorized_run, tmp_path_factory):
 
 
 def test_openai_backend_fronts_llama_cpp_python_server(llama_server):
-    from qlora_pipeline.serve.chat_app import AppSettings, OpenAIBackend, make_respond
+    from qlora_pipeline.serve.backends import OpenAIBackend
+    from qlora_pipeline.serve.requests import make_respond
+    from qlora_pipeline.serve.settings import AppSettings
 
     settings = AppSettings(backend="openai", base_url=llama_server)
     backend = OpenAIBackend(settings)
@@ -144,8 +146,9 @@ def test_openai_backend_keeps_special_token_text_typed_by_a_user_as_text(llama_s
     tokens each); sent raw, the server reads it as control tokens."""
     from openai import OpenAI
 
+    from qlora_pipeline.serve.backends import OpenAIBackend
     from qlora_pipeline.serve.chat import SamplingParams
-    from qlora_pipeline.serve.chat_app import AppSettings, OpenAIBackend
+    from qlora_pipeline.serve.settings import AppSettings
 
     backend = OpenAIBackend(AppSettings(backend="openai", base_url=llama_server))
     raw = OpenAI(base_url=llama_server, api_key="not-needed")
@@ -167,8 +170,10 @@ def test_openai_backend_keeps_special_token_text_typed_by_a_user_as_text(llama_s
 def test_openai_backend_without_a_server_is_a_clear_message():
     import gradio as gr
 
-    from qlora_pipeline.app_check import free_port
-    from qlora_pipeline.serve.chat_app import AppSettings, OpenAIBackend, make_respond
+    from qlora_pipeline.course.app_check import free_port
+    from qlora_pipeline.serve.backends import OpenAIBackend
+    from qlora_pipeline.serve.requests import make_respond
+    from qlora_pipeline.serve.settings import AppSettings
 
     settings = AppSettings(backend="openai", base_url=f"http://127.0.0.1:{free_port()}/v1")
     backend = OpenAIBackend(settings)

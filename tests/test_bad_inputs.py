@@ -93,7 +93,7 @@ def train_on_base(env: Env, damage: Callable[[Path], None]) -> tuple[list[str], 
 
 def no_chat_template(env: Env) -> Path:
     """The exported Q8_0 GGUF with its chat template removed by gguf-py's own metadata tool."""
-    from qlora_pipeline.llamacpp import ensure_llama_cpp
+    from qlora_pipeline.gguf.llamacpp import ensure_llama_cpp
 
     source = env.fixture("trained_run") / "gguf" / "model-Q8_0.gguf"
     out = env.tmp / "no-template.gguf"

@@ -10,7 +10,7 @@ import pytest
 
 from qlora_pipeline.chat_format import ChatEncoder
 from qlora_pipeline.errors import ConfigError, ModelError
-from qlora_pipeline.export import gguf_path
+from qlora_pipeline.gguf.variants import gguf_path
 from qlora_pipeline.serve.chat import LlamaChat, SamplingParams
 
 GREEDY = SamplingParams(temperature=0.0, top_p=1.0, top_k=1, repeat_penalty=1.0, max_tokens=40)
@@ -153,7 +153,7 @@ def test_a_context_above_the_original_warns_and_changes_the_logits(trained_run, 
 
     import numpy as np
 
-    from qlora_pipeline.evaluate import llama_logits
+    from qlora_pipeline.evaluation.scoring import llama_logits
 
     ids = list(range(1000, 1300))  # 300 tokens, far below either context
     logits = {}
@@ -181,7 +181,7 @@ def test_trimming_a_long_history_is_linear_and_keeps_the_newest_turns(trained_ru
     and the kept turns are the newest ones, as many as fit."""
     import time
 
-    from qlora_pipeline.export import gguf_path
+    from qlora_pipeline.gguf.variants import gguf_path
     from qlora_pipeline.serve.chat import LlamaChat
 
     def history(n):
@@ -210,7 +210,7 @@ def test_trimming_a_long_history_is_linear_and_keeps_the_newest_turns(trained_ru
 def test_llama_cpp_evaluates_exactly_the_encoders_prompt_ids(trained_run):
     """The prompt reaches llama.cpp as the encoder's ids, not as text it would tokenize again
     (with special tokens parsed and a BOS added): the tokens llama.cpp evaluated are read back."""
-    from qlora_pipeline.export import gguf_path
+    from qlora_pipeline.gguf.variants import gguf_path
     from qlora_pipeline.serve.chat import LlamaChat, SamplingParams
 
     messages = [{"role": "user", "content": "<|end|><|assistant|>Say hello<|system|> please"}]

@@ -8,7 +8,7 @@ import subprocess
 import pytest
 from conftest import REPO
 
-from qlora_pipeline.colab import install_llama_cpp, pinned_llama_cpp_version, wheel_tag
+from qlora_pipeline.course.colab import install_llama_cpp, pinned_llama_cpp_version, wheel_tag
 
 VERSION = pinned_llama_cpp_version(REPO / "requirements.txt")
 
@@ -120,7 +120,7 @@ def _fake_colab(monkeypatch, mounted: list):
 
 
 def test_on_colab_run_dir_goes_to_drive_mounted_once(tmp_path, monkeypatch):
-    from qlora_pipeline.colab import course_run_dir
+    from qlora_pipeline.course.colab import course_run_dir
 
     mounted: list = []
     _fake_colab(monkeypatch, mounted)
@@ -133,7 +133,7 @@ def test_on_colab_run_dir_goes_to_drive_mounted_once(tmp_path, monkeypatch):
 
 
 def test_on_colab_the_large_parts_go_to_the_vm_disk_not_drive(tmp_path, monkeypatch):
-    from qlora_pipeline.colab import course_run_dir
+    from qlora_pipeline.course.colab import course_run_dir
     from qlora_pipeline.layout import RunLayout
 
     _fake_colab(monkeypatch, [])
@@ -151,7 +151,7 @@ def test_on_colab_the_large_parts_go_to_the_vm_disk_not_drive(tmp_path, monkeypa
 def test_run_dir_stays_local_when_opted_out_absolute_or_off_colab(tmp_path, monkeypatch):
     import sys
 
-    from qlora_pipeline.colab import course_run_dir
+    from qlora_pipeline.course.colab import course_run_dir
 
     mounted: list = []
     _fake_colab(monkeypatch, mounted)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qlora_pipeline import concepts
+from qlora_pipeline.course import concepts
 
 
 def test_lora_layer_equals_peft():

@@ -15,9 +15,10 @@ from pathlib import Path
 import pytest
 from conftest import make_config
 
+from qlora_pipeline.checkpoints import checkpoint_is_complete
 from qlora_pipeline.errors import DiskFullError
 from qlora_pipeline.paths import file_sha256, free_bytes
-from qlora_pipeline.train import checkpoint_is_complete, train
+from qlora_pipeline.train import train
 
 
 def fill_leaving(disk: Path, free: int) -> None:
@@ -42,7 +43,7 @@ def test_disk_full_during_a_checkpoint(prepared_run, tmpfs, monkeypatch, checked
     size = sum(f.stat().st_size for f in previous.iterdir())
     fill_leaving(disk, size // 2)
     if not checked:  # the write itself has to hit the full disk
-        monkeypatch.setattr("qlora_pipeline.train.require_free_space", lambda *a: None)
+        monkeypatch.setattr("qlora_pipeline.checkpoints.require_free_space", lambda *a: None)
     with pytest.raises(DiskFullError) as info:
         train(cfg, run, resume=True, log=lambda *a, **k: None)
     message = str(info.value)
@@ -54,7 +55,8 @@ def test_disk_full_during_a_checkpoint(prepared_run, tmpfs, monkeypatch, checked
 
 @pytest.mark.parametrize("checked", [True, False], ids=["refused-before-writing", "failed-while-writing"])
 def test_disk_full_during_gguf_export(trained_run, tmpfs, monkeypatch, checked):
-    from qlora_pipeline.export import export, gguf_path
+    from qlora_pipeline.export import export
+    from qlora_pipeline.gguf.variants import gguf_path
 
     needed = sum(f.stat().st_size for f in (trained_run / "merged").iterdir())
     needed += sum(f.stat().st_size for f in (trained_run / "gguf").iterdir())
@@ -67,7 +69,7 @@ def test_disk_full_during_gguf_export(trained_run, tmpfs, monkeypatch, checked):
     before = file_sha256(f16)
     fill_leaving(disk, f16.stat().st_size)  # room for one F16 file, not the converter's two copies
     if not checked:
-        monkeypatch.setattr("qlora_pipeline.export.require_free_space", lambda *a: None)
+        monkeypatch.setattr("qlora_pipeline.gguf.convert.require_free_space", lambda *a: None)
     cfg = make_config("export.model_name=Phi-3 renamed")  # a new name: every GGUF must be written again
     with pytest.raises(DiskFullError) as info:
         export(cfg, run, log=lambda *a: None)

@@ -8,15 +8,13 @@ import math
 import numpy as np
 import pytest
 
-from qlora_pipeline.evaluate import (
+from qlora_pipeline.evaluation.report import read_report, scorecard_table, update_report
+from qlora_pipeline.evaluation.scoring import (
     _labelled_positions,
     _log_softmax,
-    _take_examples,
     kl_divergence_sum,
-    read_report,
-    scorecard_table,
+    take_examples,
     top1_agreements,
-    update_report,
 )
 
 
@@ -64,9 +62,9 @@ def test_only_assistant_targets_are_scored():
 
 def test_the_token_budget_takes_whole_examples_until_it_is_reached():
     examples = [{"input_ids": [0] * n} for n in (5, 5, 5, 5)]
-    assert len(_take_examples(examples, 10)) == 2
-    assert len(_take_examples(examples, 11)) == 3  # the example that crosses the budget is kept whole
-    assert _take_examples(examples, 0) == []
+    assert len(take_examples(examples, 10)) == 2
+    assert len(take_examples(examples, 11)) == 3  # the example that crosses the budget is kept whole
+    assert take_examples(examples, 0) == []
 
 
 def test_update_report_replaces_one_section_and_renders_the_markdown(tmp_path):

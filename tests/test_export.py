@@ -8,8 +8,9 @@ import pytest
 from conftest import copy_run, make_config
 
 from qlora_pipeline.errors import ConfigError
-from qlora_pipeline.export import export, gguf_path, quant_types
-from qlora_pipeline.llamacpp import ensure_llama_cpp
+from qlora_pipeline.export import export
+from qlora_pipeline.gguf.llamacpp import ensure_llama_cpp
+from qlora_pipeline.gguf.variants import gguf_path, quant_types
 from qlora_pipeline.serve.chat import read_gguf_metadata
 
 

@@ -8,8 +8,8 @@ import shutil
 
 import pytest
 
-from qlora_pipeline import export_checks
-from qlora_pipeline.export_checks import ExportCheckError
+from qlora_pipeline.gguf import checks as export_checks
+from qlora_pipeline.gguf.checks import ExportCheckError
 
 
 class StubTokenizer:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from qlora_pipeline.errors import DataError
-from qlora_pipeline.heldout import exact_match, load_questions, normalize, score
+from qlora_pipeline.evaluation.heldout import exact_match, load_questions, normalize, score
 
 
 def test_exact_match_ignores_case_punctuation_and_spacing_only():

@@ -19,7 +19,7 @@ def _cached_adapter_repo(trained_run, cache):
 
 def test_a_fresh_run_dir_gets_the_adapter_and_the_run_config_from_the_hub(trained_run, tmp_path):
     from qlora_pipeline.hub import pull_run_part
-    from qlora_pipeline.merge import check_adapter_files
+    from qlora_pipeline.model import check_adapter_files
     from qlora_pipeline.pipeline import read_run_config
 
     cache = tmp_path / "hub"

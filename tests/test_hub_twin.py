@@ -127,7 +127,7 @@ def test_nf4_notebook_reads_layer_0_of_a_hub_id_from_the_one_shard_that_holds_it
         f"""
 import json
 from transformers import AutoModelForCausalLM
-from qlora_pipeline.concepts import first_layer_qkv
+from qlora_pipeline.course.concepts import first_layer_qkv
 name, weight = first_layer_qkv("{MODEL_ID}")
 model = AutoModelForCausalLM.from_pretrained("{MODEL_ID}")
 same = bool((model.get_parameter(name).float() == weight).all())

@@ -8,9 +8,10 @@ import ctypes
 import numpy as np
 import pytest
 
-from qlora_pipeline import imatrix
 from qlora_pipeline.errors import ConfigError, PipelineError
-from qlora_pipeline.export import NEEDS_IMATRIX, TensorTypes, check_quant_types, quant_types, quantize_gguf
+from qlora_pipeline.gguf import imatrix
+from qlora_pipeline.gguf.convert import quantize_gguf
+from qlora_pipeline.gguf.variants import NEEDS_IMATRIX, TensorTypes, check_quant_types, quant_types
 
 
 @pytest.fixture(scope="module")

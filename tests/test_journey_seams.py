@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from conftest import REPO
 
-from qlora_pipeline.hub_standin import serve
+from qlora_pipeline.course.hub_standin import serve
 
 STANDIN = REPO / "tests" / "helpers" / "colab_standin"
 TOKEN = "hf_secret_of_the_student"
@@ -77,7 +77,8 @@ print(repos)
 def test_without_a_token_nothing_is_pushed_and_asking_for_a_push_is_one_line_error(tmp_path):
     code = """
 from qlora_pipeline.errors import PipelineError
-from qlora_pipeline.hub import course_repos, push_run_part
+from qlora_pipeline.hub import course_repos
+from qlora_pipeline.publish import push_run_part
 repos = course_repos("runs/notebooks/s29")
 assert not repos.push and repos.adapter is None
 assert push_run_part("runs/notebooks/s29", "adapter", repos) is None
@@ -99,7 +100,8 @@ def test_what_notebook_2_pushes_is_what_notebook_3_pulls_with_drive_off(tmp_path
     code = f"""
 import filecmp
 from pathlib import Path
-from qlora_pipeline.hub import course_repos, pull_run_part, push_run_part
+from qlora_pipeline.hub import course_repos, pull_run_part
+from qlora_pipeline.publish import push_run_part
 from qlora_pipeline.pipeline import STAGE_BY_NAME, check_prerequisites
 repos = course_repos("s29")
 push_run_part({str(trained_run)!r}, "adapter", repos)
@@ -122,9 +124,10 @@ def test_notebook_3_publishes_a_space_that_serves_the_pushed_models(tmp_path, hu
     """The Space gets its MODEL_REPO as a Space variable through the Hub API, a private one the
     token as a secret; the models it then lists are the pushed quantized GGUFs."""
     code = f"""
-from qlora_pipeline.hub import course_repos, push_run_part
+from qlora_pipeline.hub import course_repos
+from qlora_pipeline.publish import push_run_part
 from qlora_pipeline.space import publish_space
-from qlora_pipeline.serve.chat_app import hub_choices
+from qlora_pipeline.serve.sources import hub_choices
 from huggingface_hub import HfApi
 repos = course_repos("s29", private=True)
 push_run_part({str(trained_run)!r}, "gguf", repos)

@@ -23,8 +23,8 @@ import torch
 from conftest import REPO, TEST_OVERRIDES
 from safetensors.torch import load_file
 
+from qlora_pipeline.checkpoints import checkpoint_is_complete
 from qlora_pipeline.layout import RunLayout
-from qlora_pipeline.train import checkpoint_is_complete
 
 OVERRIDES = TEST_OVERRIDES + [
     "train.max_steps=8",
@@ -36,7 +36,7 @@ OVERRIDES = TEST_OVERRIDES + [
     "train.keep_checkpoints=2",
     "lora.dropout=0.1",  # dropout: the RNG state matters
 ]
-HARNESS = REPO / "tests" / "kill_harness.py"
+HARNESS = REPO / "tests" / "helpers" / "kill_harness.py"
 KILLED = -signal.SIGKILL
 
 

@@ -38,7 +38,8 @@ def test_base_plus_lora_gives_the_merged_models_logits(lora_run):
 
 def test_without_the_adapter_the_base_answers_otherwise(lora_run):
     """The parity above means something: the base alone is far from the merged model."""
-    from qlora_pipeline.evaluate import compare_gguf_logits, llama_logits
+    from qlora_pipeline.evaluation.parity import compare_gguf_logits
+    from qlora_pipeline.evaluation.scoring import llama_logits
     from qlora_pipeline.serve.chat import LlamaChat
 
     run, report = lora_run
@@ -69,7 +70,7 @@ def test_chat_takes_the_lora_and_refuses_a_model_in_its_place(lora_run):
 
 def test_the_app_applies_the_lora_and_lists_only_models(lora_run):
     from qlora_pipeline.serve.chat import check_lora_file
-    from qlora_pipeline.serve.chat_app import _model_files
+    from qlora_pipeline.serve.sources import _model_files
 
     run, _ = lora_run
     names = sorted(p.name for p in _model_files(run / "gguf"))
@@ -80,8 +81,9 @@ def test_the_app_applies_the_lora_and_lists_only_models(lora_run):
 
 def test_the_app_answers_with_the_adapter_applied(lora_run):
     """--lora through the app's own backend: the base with the adapter answers as the merged model."""
+    from qlora_pipeline.serve.backends import LocalBackend
     from qlora_pipeline.serve.chat import SamplingParams
-    from qlora_pipeline.serve.chat_app import AppSettings, LocalBackend, ModelChoice
+    from qlora_pipeline.serve.settings import AppSettings, ModelChoice
 
     run, _ = lora_run
     greedy = SamplingParams(temperature=0.0, top_k=1, max_tokens=16)
@@ -103,7 +105,7 @@ def test_the_app_answers_with_the_adapter_applied(lora_run):
 def test_a_gguf_whose_header_cannot_be_read_is_still_listed(tmp_path):
     """Only a readable general.type other than "model" hides a file; a damaged one stays in the
     list, so that choosing it gives the loader's clear error instead of a silently missing model."""
-    from qlora_pipeline.serve.chat_app import _model_files
+    from qlora_pipeline.serve.sources import _model_files
 
     (tmp_path / "damaged.gguf").write_bytes(b"GGUF\x03\x00\x00\x00" + b"\xff" * 20)
     assert [p.name for p in _model_files(tmp_path)] == ["damaged.gguf"]

@@ -142,9 +142,9 @@ def test_merge_stage_streaming_matches_the_adapter(trained_run, tmp_path):
 def test_streaming_merge_refuses_an_adapter_for_another_shape(trained_run, tmp_path):
     from conftest import make_config
 
+    from qlora_pipeline.base import resolve_base
     from qlora_pipeline.errors import ModelError
     from qlora_pipeline.merge_streaming import stream_merge
-    from qlora_pipeline.model import resolve_base
 
     other = resolve_base(make_config("tiny.hidden_size=512"), log=lambda *a: None)
     with pytest.raises(ModelError, match="merge with the base it was trained on"):
@@ -155,8 +155,9 @@ def test_streaming_is_chosen_when_the_base_is_larger_than_half_the_free_memory(t
     import psutil
     from conftest import make_config
 
+    from qlora_pipeline.base import base_weight_bytes
     from qlora_pipeline.errors import ConfigError
-    from qlora_pipeline.merge import base_weight_bytes, use_streaming
+    from qlora_pipeline.merge import use_streaming
 
     size = base_weight_bytes(str(tiny_base), None)
     assert size > 0

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from qlora_pipeline import modelfile
+from qlora_pipeline.gguf import modelfile
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent / "helpers"))
 
 import gotemplate  # noqa: E402
 

@@ -65,8 +65,8 @@ def executed(tmp_path_factory) -> dict[str, str]:
     """The S29 notebooks as on Colab: each in a fresh working directory and kernel ("VM"), sharing
     only a "Drive" folder (run_sequence fails if a VM's directory is left with anything, or the
     shared run lacks a stage's output); then the concept notebooks."""
-    from qlora_pipeline.notebook import run_notebook
-    from qlora_pipeline.rehearsal import S29, run_sequence
+    from qlora_pipeline.course.notebook import run_notebook
+    from qlora_pipeline.course.rehearsal import S29, run_sequence
 
     out_dir = tmp_path_factory.mktemp("executed")
     run_sequence(out_dir, REPO, {"OVERRIDES": TEST_OVERRIDES}, timeout=900, log=lambda *a: None)
@@ -135,7 +135,7 @@ def test_concept_notebooks_show_their_comparisons(executed):
 def test_a_failing_cell_fails_the_run(tmp_path):
     from papermill.exceptions import PapermillExecutionError
 
-    from qlora_pipeline.notebook import run_notebook
+    from qlora_pipeline.course.notebook import run_notebook
 
     nb = nbformat.v4.new_notebook(
         cells=[nbformat.v4.new_code_cell("x = 1"), nbformat.v4.new_code_cell("raise ValueError('broken cell')")]
@@ -150,7 +150,7 @@ def test_a_failing_cell_fails_the_run(tmp_path):
 def test_gpu_cells_are_skipped_without_cuda(tmp_path):
     import torch
 
-    from qlora_pipeline.notebook import run_notebook
+    from qlora_pipeline.course.notebook import run_notebook
 
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
@@ -238,7 +238,7 @@ def test_setup_cell_returns_to_the_course_folder_after_a_kernel_restart(tmp_path
     (drive / "MyDrive").mkdir(parents=True)  # mounted by the first run
     colab = types.ModuleType("google.colab")
     monkeypatch.setitem(sys.modules, "google.colab", colab)
-    monkeypatch.setattr("qlora_pipeline.colab.DRIVE_MOUNT", str(drive))
+    monkeypatch.setattr("qlora_pipeline.course.colab.DRIVE_MOUNT", str(drive))
     seen = []
     for _ in range(2):
         monkeypatch.chdir(tmp_path)
@@ -270,7 +270,7 @@ def test_notebook_1_writes_the_real_constructors_and_they_equal_what_the_package
 def test_concept_notebooks_leave_the_s29_run_untouched(tmp_path):
     """Each concept notebook has a run folder of its own; oasst1_trees, which prepares data, run
     with its defaults beside an S29 run, leaves that run's splits as they were."""
-    from qlora_pipeline.notebook import run_notebook
+    from qlora_pipeline.course.notebook import run_notebook
 
     def default_run_dir(name: str) -> str:
         nb = nbformat.read(str(REPO / name), as_version=4)

@@ -53,7 +53,7 @@ def test_hf_evaluation_loads_its_models_on_cuda_when_available(trained_run, test
 
 def test_parity_reference_loads_on_cuda_when_available(trained_run, test_config, monkeypatch):
     import qlora_pipeline.model as model_module
-    from qlora_pipeline.evaluate import _hf_reference
+    from qlora_pipeline.evaluation.parity import _hf_reference
 
     _cuda_present(monkeypatch)
     monkeypatch.setattr(
@@ -105,7 +105,7 @@ def test_layerwise_fp32_equals_a_fp32_copy_and_keeps_the_model_16_bit(merged_fp1
     import torch
     from transformers import AutoModelForCausalLM
 
-    from qlora_pipeline.fp32_reference import layerwise_fp32
+    from qlora_pipeline.evaluation.fp32_reference import layerwise_fp32
 
     ids = tiny_tokenizer("The capital of France is Paris, and the sky is blue.")["input_ids"]
     fp32_copy = AutoModelForCausalLM.from_pretrained(merged_fp16, dtype=torch.float32).eval()
@@ -127,7 +127,7 @@ def test_layerwise_fp32_rounds_only_matrices_for_the_f16_reference(trained_run, 
     import torch
     from transformers import AutoModelForCausalLM
 
-    from qlora_pipeline.fp32_reference import layerwise_fp32
+    from qlora_pipeline.evaluation.fp32_reference import layerwise_fp32
 
     ids = tiny_tokenizer("What is the opposite of hot?")["input_ids"]
     rounded_copy = AutoModelForCausalLM.from_pretrained(trained_run / "merged", dtype=torch.float32).eval()
@@ -148,7 +148,7 @@ def test_gguf_layers_go_to_the_gpu_only_with_a_gpu_build_and_a_gpu(monkeypatch, 
     import llama_cpp
     import torch
 
-    from qlora_pipeline.evaluate import gguf_gpu_layers
+    from qlora_pipeline.evaluation.scoring import gguf_gpu_layers
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
     monkeypatch.setattr(llama_cpp, "llama_supports_gpu_offload", lambda: gpu_build)

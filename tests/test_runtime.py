@@ -38,7 +38,7 @@ def test_usable_cpus_take_the_smaller_of_affinity_and_quota(tmp_path, monkeypatc
 
 def test_a_gguf_opened_without_threads_gets_the_usable_cpus(trained_run, monkeypatch):
     import qlora_pipeline.serve.chat as chat_module
-    from qlora_pipeline.export import gguf_path
+    from qlora_pipeline.gguf.variants import gguf_path
     from qlora_pipeline.serve.chat import LlamaChat
 
     monkeypatch.setattr(chat_module, "usable_cpus", lambda: 1)

@@ -9,7 +9,7 @@ import re
 from conftest import REPO
 
 from qlora_pipeline.data import REQUIRED_FIELDS, sample_data_path
-from qlora_pipeline.heldout import load_questions
+from qlora_pipeline.evaluation.heldout import load_questions
 from qlora_pipeline.tiny import base_corpus_path
 
 

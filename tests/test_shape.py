@@ -47,3 +47,24 @@ def test_no_benchmark_runs_a_program_held_in_a_string():
     steps = (REPO / "bench" / "steps.py").read_text(encoding="utf-8")
     for name in ("decode_speed", "convert", "quantize", "qlora_step", "train_ours", "train_trl"):
         assert f"\ndef {name}(" in steps
+
+
+def test_no_module_in_the_package_is_over_600_lines():
+    """A module that does five jobs hides its structure; split it by job (as serve/ and evaluation/)."""
+    long = {
+        p.relative_to(REPO).as_posix(): n
+        for p in (REPO / "src").rglob("*.py")
+        if (n := len(p.read_text(encoding="utf-8").splitlines())) > 600
+    }
+    assert long == {}
+
+
+def test_the_readme_is_a_two_minute_read_and_its_links_resolve():
+    """At most 200 lines; the rest lives in docs/ and bench/README.md, and every local link resolves."""
+    import re
+
+    for doc in [REPO / "README.md", REPO / "bench" / "README.md", *(REPO / "docs").glob("*.md")]:
+        text = doc.read_text(encoding="utf-8")
+        for link in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", text):
+            assert link.startswith("http") or (doc.parent / link).exists(), f"{doc.name}: {link}"
+    assert len((REPO / "README.md").read_text(encoding="utf-8").splitlines()) <= 200

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from qlora_pipeline import speed
+from qlora_pipeline.evaluation import speed
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -49,7 +49,7 @@ def test_too_few_tokens_to_time_is_refused():
 
 
 def test_the_scorecard_and_the_benchmark_measure_with_the_same_function(trained_run, monkeypatch):
-    from qlora_pipeline.evaluate import generation_speed
+    from qlora_pipeline.evaluation.scoring import generation_speed
 
     calls = []
 

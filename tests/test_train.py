@@ -115,13 +115,13 @@ def test_resume_without_a_checkpoint_is_a_clear_error(prepared_run, tmp_path, te
 
 
 def train_two_ranks(run, ranks_dir) -> None:
-    """Train ``run`` with torchrun on two CPU processes (tests/ddp_train.py); each rank's final
+    """Train ``run`` with torchrun on two CPU processes (tests/helpers/ddp_train.py); each rank's final
     LoRA weights go to ``ranks_dir``."""
-    from qlora_pipeline.app_check import free_port
+    from qlora_pipeline.course.app_check import free_port
 
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "tests")}
     port = str(free_port())  # a fixed port collides with a run still closing
-    script = REPO / "tests" / "ddp_train.py"
+    script = REPO / "tests" / "helpers" / "ddp_train.py"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port]
     result = subprocess.run([*cmd, str(script), str(run), str(ranks_dir)], env=env, capture_output=True, text=True,
                             timeout=600)  # fmt: skip
@@ -183,7 +183,7 @@ def test_run_does_not_silently_discard_an_interrupted_training(prepared_run, tmp
 
 def test_the_fp16_loss_scalers_state_survives_a_checkpoint(tmp_path):
     """A resumed fp16 run continues with the scale and growth tracker it had, not 65536 again."""
-    from qlora_pipeline.train import LoopState, load_checkpoint, save_checkpoint
+    from qlora_pipeline.checkpoints import LoopState, load_checkpoint, save_checkpoint
 
     def parts(lr=0.1):
         model = torch.nn.Linear(4, 4)

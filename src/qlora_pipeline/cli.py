@@ -154,7 +154,7 @@ def _sampling_defaults():
 
 def resolve_config(args):
     """Preset + overrides; for a single stage on an existing run, the run's own config.json."""
-    from qlora_pipeline.config import _merge, config_from_dict, load_config, parse_overrides
+    from qlora_pipeline.config import config_from_dict, load_config, merge_settings, parse_overrides
     from qlora_pipeline.pipeline import read_run_config
 
     overrides = list(args.overrides)
@@ -168,7 +168,7 @@ def resolve_config(args):
     if args.preset is None and args.run_dir and continuing:
         existing = read_run_config(Path(args.run_dir))
         if existing is not None:
-            return config_from_dict(_merge(existing.to_dict(), parse_overrides(overrides)))
+            return config_from_dict(merge_settings(existing.to_dict(), parse_overrides(overrides)))
     return load_config(args.preset or "tiny", overrides)
 
 
@@ -252,45 +252,29 @@ def _dispatch(args) -> int:
 
 
 def print_summary(run_dir: Path, timings: dict, seconds: float) -> None:
-    from qlora_pipeline.evaluate import read_report
+    from qlora_pipeline.evaluation.report import loss_line, parity_line, read_report
 
     report = read_report(run_dir)
     hf = report.get("hf", {})
     print("\n== summary ==")
     print("stage times: " + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()) + f"; total {seconds:.0f}s")
     if hf:
-        print(
-            f"validation loss (assistant tokens): base {hf['base_val_loss']:.4f} -> adapter "
-            f"{hf['adapter_val_loss']:.4f} ({100 * hf['val_loss_reduction']:.1f}% lower)"
-        )
-        print(
-            f"test perplexity: base {hf['base_ppl']:.2f}, adapter {hf['adapter_ppl']:.2f}, "
-            f"merged {hf['merged_ppl']:.2f}"
-        )
+        print(loss_line(hf))
     if report.get("gguf"):
-        from qlora_pipeline.evaluate import scorecard_table
+        from qlora_pipeline.evaluation.report import scorecard_table
 
         print("quantization scorecard (test split, assistant tokens):")
         print(scorecard_table(report["gguf"]))
-        from qlora_pipeline.evaluate import format_routes, parity_rows
+        from qlora_pipeline.evaluation.report import parity_rows
+        from qlora_pipeline.evaluation.routes import format_routes
 
         for key, row in parity_rows(report.get("parity", {})):
-            print(
-                f"parity {key}: {row['relative_diff']:.1e} of the largest logit, top-1 {100 * row['top1']:.2f}% "
-                f"({row['tokens']} tokens at n_ctx {row['n_ctx']}; {row['top1_flips']} flipped, reference margins "
-                f"there <= {row['widest_flipped_margin']:.1e})"
-                + (
-                    ""
-                    if row["passes"]
-                    else " OUTSIDE its bound"
-                    + (", every flip a near-tie within the measured difference" if row["flips_within_error"] else "")
-                )
-            )
+            print(parity_line(key, row))
         if report.get("parity", {}).get("chat_prompt_ids"):
             print("chat prompt ids vs llama.cpp: " + format_routes(report["parity"]["chat_prompt_ids"]))
     heldout = report.get("heldout")
     if heldout:
-        from qlora_pipeline.heldout import format_exact_match
+        from qlora_pipeline.evaluation.heldout import format_exact_match
 
         print(
             f"held-out questions ({heldout['questions']}), exact match: " + format_exact_match(heldout["exact_match"])

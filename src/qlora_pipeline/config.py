@@ -551,11 +551,11 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
     return nested
 
 
-def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+def merge_settings(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     out = dict(base)
     for key, value in extra.items():
         if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
+            out[key] = merge_settings(out[key], value)
         else:
             out[key] = value
     return out
@@ -575,10 +575,11 @@ def load_config(preset: str = "tiny", overrides: list[str] | None = None) -> Pip
     if not isinstance(values, dict):
         raise ConfigError(f"preset {path} must be a mapping of sections (data:, model:, ...)")
     values.setdefault("preset", path.stem)
-    values = _merge(values, parse_overrides(overrides or []))
+    values = merge_settings(values, parse_overrides(overrides or []))
     return config_from_dict(values)
 
 
-def load_run_config(path: Path) -> PipelineConfig:
-    """Read back RUN/config.json."""
-    return config_from_dict(json.loads(Path(path).read_text(encoding="utf-8")))
+# The sections whose change means a different trained adapter: the train stage's fingerprint (what
+# a checkpoint may resume) and the pipeline's record of the stages that depend on it read this one
+# tuple, so they cannot drift apart.
+TRAINING_SECTIONS = ("data", "tiny", "model", "lora", "train")

@@ -22,7 +22,7 @@ from typing import Any
 
 from qlora_pipeline.config import DataConfig
 from qlora_pipeline.errors import DataError
-from qlora_pipeline.layout import RunLayout
+from qlora_pipeline.layout import SPLITS, RunLayout
 
 REQUIRED_FIELDS = {
     "message_id": str,
@@ -36,7 +36,6 @@ REQUIRED_FIELDS = {
     "review_result": (bool, type(None)),
 }
 ROLE_MAP = {"prompter": "user", "assistant": "assistant"}
-SPLITS = ("train", "val", "test")
 
 
 def sample_data_path() -> Path:

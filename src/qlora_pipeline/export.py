@@ -13,159 +13,36 @@ skipped.
 
 from __future__ import annotations
 
-import ctypes
 import hashlib
 import json
-import os
-import subprocess
-import sys
-from dataclasses import dataclass
 from pathlib import Path
 
-from qlora_pipeline.chat_format import END_OF_TURN
 from qlora_pipeline.config import PipelineConfig
-from qlora_pipeline.errors import ConfigError, PipelineError
-from qlora_pipeline.export_checks import check_before_export
+from qlora_pipeline.gguf.checks import check_before_export
+from qlora_pipeline.gguf.convert import (
+    convert_to_gguf,
+    converter_commands,
+    default_model_name,
+    end_of_turn_id,
+    quantize_gguf,
+)
+from qlora_pipeline.gguf.modelfile import default_variant
+from qlora_pipeline.gguf.modelfile import write as write_modelfile
+from qlora_pipeline.gguf.variants import (
+    F16,
+    TensorTypes,
+    check_quant_types,
+    gguf_path,
+    quant_types,
+    split_variant,
+)
 from qlora_pipeline.layout import RunLayout
-from qlora_pipeline.llamacpp import ensure_llama_cpp
-from qlora_pipeline.model import count_parameters
-from qlora_pipeline.modelfile import default_variant
-from qlora_pipeline.modelfile import write as write_modelfile
 from qlora_pipeline.paths import (
-    disk_full,
     file_manifest,
-    looks_like_disk_full,
     manifest_holds,
-    require_free_space,
     write_json_atomic,
 )
 from qlora_pipeline.runtime import usable_cpus
-
-F16 = "F16"
-
-
-def gguf_path(run_dir: Path, quant: str) -> Path:
-    return RunLayout(run_dir).gguf(quant)
-
-
-def quant_types() -> dict[str, int]:
-    """Every file type llama.cpp can quantize to, by its usual name (Q4_K_M, Q8_0, F16, ...)."""
-    import llama_cpp
-
-    types = {
-        name[len("LLAMA_FTYPE_MOSTLY_") :]: getattr(llama_cpp, name)
-        for name in dir(llama_cpp)
-        if name.startswith("LLAMA_FTYPE_MOSTLY_")
-    }
-    types["F32"] = llama_cpp.LLAMA_FTYPE_ALL_F32
-    return types
-
-
-IMATRIX_SUFFIX = "-imat"
-# File types that llama.cpp refuses to quantize without an importance matrix: those with tensors
-# of the types src/llama-quant.cpp's tensor_requires_imatrix names (IQ1/IQ2 types, IQ3_XXS, and
-# Q2_K inside Q2_K_S); IQ3_XS mixes in IQ3_XXS tensors. tests/test_imatrix.py checks this list
-# against llama.cpp itself.
-NEEDS_IMATRIX = frozenset({"IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ2_M", "IQ3_XXS", "IQ3_XS", "Q2_K_S"})
-
-
-def split_variant(variant: str) -> tuple[str, bool]:
-    """``"Q4_K_M-imat"`` -> ``("Q4_K_M", True)``: the llama.cpp file type, and whether the run's
-    importance matrix weighs the quantization."""
-    if variant.endswith(IMATRIX_SUFFIX):
-        return variant[: -len(IMATRIX_SUFFIX)], True
-    return variant, False
-
-
-def check_quant_types(names: tuple[str, ...]) -> None:
-    valid = quant_types()
-    unknown = [n for n in names if split_variant(n)[0] not in valid]
-    if unknown:
-        raise ConfigError(
-            f"unknown quantization type {', '.join(unknown)}; llama.cpp knows {', '.join(sorted(valid))} "
-            f"(add {IMATRIX_SUFFIX} to quantize with the run's importance matrix)"
-        )
-    for name in names:
-        quant, with_matrix = split_variant(name)
-        if quant in NEEDS_IMATRIX and not with_matrix:
-            raise ConfigError(
-                f"export.quant_types: {quant} needs an importance matrix; write {quant}{IMATRIX_SUFFIX} instead"
-            )
-        if with_matrix and quant in (F16, "F32", "BF16"):
-            raise ConfigError(f"export.quant_types: {name} is not quantized, so no importance matrix applies")
-
-
-def ggml_type(name: str, key: str) -> int:
-    """A tensor type's number (``Q6_K`` -> 14), from gguf-py's list of llama.cpp's types."""
-    from gguf import GGMLQuantizationType
-
-    try:
-        return GGMLQuantizationType[name.upper()].value
-    except KeyError:
-        known = ", ".join(t.name for t in GGMLQuantizationType)
-        raise ConfigError(f"{key}: unknown tensor type {name!r}; llama.cpp knows {known}") from None
-
-
-@dataclass(frozen=True)
-class TensorTypes:
-    """The export config's per-tensor type choices, as llama.cpp's quantize parameters take them."""
-
-    output: int | None = None
-    token_embedding: int | None = None
-    patterns: tuple[tuple[str, int], ...] = ()
-
-    @classmethod
-    def from_config(cls, ecfg) -> TensorTypes:
-        import re
-
-        patterns = []
-        for rule in ecfg.tensor_types:
-            pattern, _, name = rule.rpartition("=")
-            try:
-                re.compile(pattern)
-            except re.error as exc:
-                raise ConfigError(f"export.tensor_types: {pattern!r} is not a regular expression ({exc})") from None
-            patterns.append((pattern, ggml_type(name, "export.tensor_types")))
-        return cls(
-            output=ggml_type(ecfg.output_type, "export.output_type") if ecfg.output_type else None,
-            token_embedding=(
-                ggml_type(ecfg.token_embedding_type, "export.token_embedding_type")
-                if ecfg.token_embedding_type
-                else None
-            ),
-            patterns=tuple(patterns),
-        )
-
-    def describe(self) -> dict:
-        return {"output": self.output, "token_embedding": self.token_embedding, "patterns": list(self.patterns)}
-
-
-# Nominal bits per weight of llama.cpp's common types (its quantize tool's table, rounded down):
-# a first guess for the free-space check. A file that turns out bigger and fills the disk is
-# still caught when the write fails.
-BITS_PER_WEIGHT = {
-    "F32": 32,
-    "F16": 16,
-    "BF16": 16,
-    "Q8_0": 8.5,
-    "Q6_K": 6.5,
-    "Q5_K_M": 5.6,
-    "Q5_K_S": 5.5,
-    "Q5_1": 6,
-    "Q5_0": 5.5,
-    "Q4_K_M": 4.8,
-    "Q4_K_S": 4.5,
-    "Q4_1": 5,
-    "Q4_0": 4.5,
-    "Q3_K_L": 4.2,
-    "Q3_K_M": 3.9,
-    "Q3_K_S": 3.4,
-    "Q2_K": 2.9,
-}
-
-
-def gguf_size_estimate(weights: int, quant: str) -> int:
-    return int(weights * BITS_PER_WEIGHT.get(quant, 4) / 8)
 
 
 def merged_identity(merged_dir: Path) -> str:
@@ -179,65 +56,6 @@ def merged_identity(merged_dir: Path) -> str:
         stat = file.stat()
         digest.update(f"{file.name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
     return digest.hexdigest()[:16]
-
-
-def default_model_name(cfg: PipelineConfig) -> str:
-    # llama.cpp turns on Phi-3's whitespace handling of special tokens only when general.name
-    # contains "phi-3" or "phi3" (llama-vocab.cpp); without it, prompts tokenize differently.
-    if cfg.model.name_or_path == "tiny":
-        return "Phi-3.5 tiny (qlora-pipeline, oasst1 fine-tune)"
-    base = cfg.model.name_or_path.rstrip("/").split("/")[-1]
-    return f"{base} (qlora-pipeline, oasst1 fine-tune)"
-
-
-def _run(cmd: list[str], what: str, out_path: Path, needed: int) -> None:
-    env = {**os.environ, "PYTHONIOENCODING": "utf-8"}
-    result = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    if result.returncode != 0:
-        if looks_like_disk_full(result.stderr or "", out_path):
-            raise disk_full(out_path, needed)
-        lines = [line for line in (result.stderr or result.stdout).strip().splitlines() if line.strip()]
-        detail = lines[-1] if lines else f"exit status {result.returncode}"
-        raise PipelineError(f"{what} failed: {detail[:300]}")
-
-
-def converter_commands(
-    merged_dir: Path, out_path: Path, meta_path: Path, model_name: str, end_of_turn_id: int, outtype: str = "f16"
-) -> tuple[list[str], list[str]]:
-    """The two command lines of a conversion: llama.cpp's ``convert_hf_to_gguf.py``, then its
-    ``gguf_new_metadata.py`` writing ``<|end|>`` as the end-of-turn token (the Phi-3 converter
-    writes BOS/EOS but no end-of-turn id, which llama.cpp would otherwise guess from token text)."""
-    files = ensure_llama_cpp()
-    convert = [
-        sys.executable,
-        str(files.converter),
-        str(merged_dir),
-        "--outfile",
-        str(out_path),
-        "--outtype",
-        outtype,
-        "--model-name",
-        model_name,
-    ]
-    new_metadata = files.root / "gguf-py" / "gguf" / "scripts" / "gguf_new_metadata.py"
-    metadata = [
-        sys.executable,
-        str(new_metadata),
-        str(out_path),
-        str(meta_path),
-        "--special-token-by-id",
-        "eot",
-        str(end_of_turn_id),
-        "--force",
-    ]
-    return convert, metadata
-
-
-def end_of_turn_id(model_dir: Path) -> int:
-    """The id of ``<|end|>`` in the tokenizer of ``model_dir`` (what the conversion marks as end of turn)."""
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(model_dir)).convert_tokens_to_ids(END_OF_TURN)
 
 
 def export_calls(cfg: PipelineConfig, run_dir: Path) -> list[str]:
@@ -259,96 +77,6 @@ def export_calls(cfg: PipelineConfig, run_dir: Path) -> list[str]:
             f"params(ftype={quant_types()[quant]} ({quant}), nthread={threads}{matrix}))"
         )
     return calls
-
-
-def convert_to_gguf(
-    merged_dir: Path, out_path: Path, model_name: str, end_of_turn_id: int, outtype: str = "f16"
-) -> None:
-    """llama.cpp's converter (F16 by default), then its metadata tool to mark <|end|> as end-of-turn."""
-    # The converter's file and the metadata tool's copy of it are on disk together for a moment.
-    needed = 2 * gguf_size_estimate(count_parameters(str(merged_dir)), outtype.upper())
-    require_free_space(out_path, needed)
-    tmp = out_path.with_name(f".{out_path.name}.convert.tmp")
-    tmp2 = out_path.with_name(f".{out_path.name}.meta.tmp")
-    try:
-        convert, metadata = converter_commands(merged_dir, tmp, tmp2, model_name, end_of_turn_id, outtype)
-        _run(convert, f"converting {merged_dir} to GGUF", out_path, needed)
-        _run(metadata, "writing GGUF metadata", out_path, needed)
-        with open(tmp2, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp2, out_path)
-    finally:
-        for leftover in (tmp, tmp2):
-            leftover.unlink(missing_ok=True)
-
-
-def _quantize_params(quant: str, threads: int, imatrix: dict | None, types: TensorTypes | None):
-    """llama.cpp's quantize parameters, and the ctypes arrays they point into (kept alive by the
-    caller until the call returns): the importance matrix as ``llama-quantize --imatrix`` passes
-    it (the mean per column, ``load_imatrix``), the overrides as its ``--tensor-type``."""
-    import llama_cpp
-    import numpy as np
-
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = quant_types()[quant]
-    params.nthread = threads
-    keep: list = []
-    if imatrix:
-        entries = (llama_cpp.llama_model_imatrix_data * (len(imatrix) + 1))()  # zeroed: the terminator
-        for entry, (name, values) in zip(entries, sorted(imatrix.items())):
-            values = np.ascontiguousarray(values, dtype=np.float32)
-            keep.append(values)
-            entry.name, entry.size = name.encode(), values.size
-            entry.data = values.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
-        params.imatrix = entries
-        keep.append(entries)
-    types = types or TensorTypes()
-    if types.output is not None:
-        params.output_tensor_type = types.output
-    if types.token_embedding is not None:
-        params.token_embedding_type = types.token_embedding
-    if types.patterns:
-        overrides = (llama_cpp.llama_model_tensor_override * (len(types.patterns) + 1))()
-        for override, (pattern, ggml) in zip(overrides, types.patterns):
-            override.pattern, override.type = pattern.encode(), ggml
-        params.tt_overrides = overrides
-        keep.append(overrides)
-    return params, keep
-
-
-def quantize_gguf(
-    src: Path,
-    dst: Path,
-    quant: str,
-    threads: int,
-    imatrix: dict | None = None,
-    types: TensorTypes | None = None,
-) -> None:
-    """llama.cpp's quantizer (``llama_model_quantize``), written to a temporary name first;
-    ``imatrix`` (GGUF weight name -> mean squared activation per column) weighs the rounding."""
-    import llama_cpp
-    from llama_cpp._utils import suppress_stdout_stderr
-
-    # The F16 file holds 16 bits per weight plus its vocabulary: scale its size by the bits.
-    needed = int(src.stat().st_size * BITS_PER_WEIGHT.get(quant, 4) / 16)
-    require_free_space(dst, needed)
-    params, _keep = _quantize_params(quant, threads, imatrix, types)
-    tmp = dst.with_name(f".{dst.name}.tmp")
-    try:
-        with suppress_stdout_stderr(disable=False):  # llama.cpp logs a line per tensor
-            rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params))
-        if rc != 0 and looks_like_disk_full("", dst):
-            raise disk_full(dst, needed)
-        if rc != 0 or not tmp.is_file():
-            raise PipelineError(
-                f"llama.cpp could not quantize {src} to {quant} (status {rc}); "
-                "check free disk space and that the F16 file is complete"
-            )
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, dst)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 IMATRIX = "imatrix"  # its entry in gguf/manifest.json
@@ -387,7 +115,7 @@ def _record(manifest: dict, run_dir: Path, key: str, path: Path, settings: dict)
 def _importance_matrix(cfg: PipelineConfig, run_dir: Path, manifest: dict, log) -> dict:
     """The run's importance matrix (collected once into ``gguf/imatrix.gguf``): weight name ->
     mean squared activation per column, as ``llama-quantize --imatrix`` hands it on."""
-    from qlora_pipeline import imatrix
+    from qlora_pipeline.gguf import imatrix
 
     path = RunLayout(run_dir).imatrix
     settings = {"tokens": cfg.export.imatrix_tokens}
@@ -399,8 +127,8 @@ def _importance_matrix(cfg: PipelineConfig, run_dir: Path, manifest: dict, log) 
 
 def _export_lora(cfg: PipelineConfig, run_dir: Path, manifest: dict, name: str, say) -> set[str]:
     """The base as F16 and the adapter as a LoRA GGUF (``lora_gguf``); their manifest keys."""
-    from qlora_pipeline.lora_gguf import convert_lora
-    from qlora_pipeline.model import resolve_base
+    from qlora_pipeline.base import resolve_base
+    from qlora_pipeline.gguf.lora import convert_lora
 
     layout = RunLayout(run_dir)
     base = Path(resolve_base(cfg, log=say))

@@ -1,6 +1,7 @@
 """The Hugging Face Hub in the course: the token, the repo names, pushing and pulling run parts, the Space.
 
-    from qlora_pipeline.hub import course_repos, push_run_part
+    from qlora_pipeline.hub import course_repos
+    from qlora_pipeline.publish import push_run_part
     repos = course_repos(RUN_DIR)             # names from your token's user and the run's name
     push_run_part(RUN_DIR, "adapter", repos)  # notebook 1; notebook 3 ends with push_space
 
@@ -121,19 +122,6 @@ RUN_CONFIG_IN_REPO = "qlora_run_config.json"
 PART_MARKERS = {"adapter": "adapter_config.json", "merged": "config.json"}
 PART_PARAMETERS = {"adapter": "ADAPTER_REPO", "merged": "MERGED_REPO"}  # the notebooks' names for them
 MODEL_CARD = "README.md"  # the repo's card (qlora-pipeline push), not a file of the part
-
-
-def push_run_part(run_dir: Path, part: str, repos: CourseRepos) -> str | None:
-    """The notebooks' push cell: ``qlora-pipeline push`` of the adapter (notebook 1), the merged
-    model (2) or the GGUF files (3, what the Space loads), with a model card and the run's config."""
-    if not repos.push:
-        print(f"not pushing the {part} (no token, or PUSH_TO_HUB = False)")
-        return None
-    from qlora_pipeline.publish import push
-
-    url = push(Path(run_dir), getattr(repos, part), part, private=repos.private)
-    print(f"pushed the {part} to {url}")
-    return url
 
 
 def push_space(folder: Path, space: str, model_repo: str | None = None, private: bool = False) -> str:

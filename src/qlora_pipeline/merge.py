@@ -14,24 +14,12 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+from qlora_pipeline.base import base_bytes_guess, local_base_dir
 from qlora_pipeline.config import PipelineConfig
 from qlora_pipeline.errors import ModelError
 from qlora_pipeline.layout import RunLayout
+from qlora_pipeline.model import check_adapter_files, compare_logits, load_adapter, merge_dtype, model_logits
 from qlora_pipeline.paths import atomic_dir, write_json_atomic
-
-
-def merge_dtype(cfg: PipelineConfig, base: str):
-    """The dtype to merge in: the configured one, else the base's own (fp32 for tiny, bf16 for Phi-3.5)."""
-    import torch
-    from transformers import AutoConfig
-
-    if cfg.merge.dtype != "auto":
-        return getattr(torch, cfg.merge.dtype)
-    config = AutoConfig.from_pretrained(base, revision=cfg.model.revision, trust_remote_code=False)
-    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
-    if isinstance(dtype, str):
-        dtype = getattr(torch, dtype)
-    return dtype or torch.float32
 
 
 def copy_sentencepiece_model(base: str, dest: Path, revision: str | None = None) -> bool:
@@ -52,65 +40,12 @@ def copy_sentencepiece_model(base: str, dest: Path, revision: str | None = None)
     return False
 
 
-def check_adapter_files(adapter_dir: Path) -> None:
-    """The adapter's weights are a complete safetensors file (never a pickle checkpoint)."""
-    from qlora_pipeline.model import check_safetensors
-
-    weights = Path(adapter_dir) / "adapter_model.safetensors"
-    if not weights.is_file():
-        pickle = (Path(adapter_dir) / "adapter_model.bin").is_file()
-        raise ModelError(
-            f"{adapter_dir} has "
-            + ("only a pickle checkpoint (adapter_model.bin)" if pickle else "no adapter_model.safetensors")
-            + "; the pipeline loads only safetensors: save the adapter "
-            "with save_pretrained(safe_serialization=True)"
-        )
-    check_safetensors(weights)
-
-
-def load_adapter(model, adapter_dir: Path):
-    """Base + adapter; a clear error when the adapter was made for another model."""
-    from peft import PeftModel
-
-    check_adapter_files(adapter_dir)
-    try:
-        return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False)
-    except RuntimeError as exc:  # size mismatch in load_state_dict
-        first = str(exc).splitlines()
-        detail = next((line.strip() for line in first if "size mismatch" in line), first[0] if first else "")
-        raise ModelError(
-            f"the adapter in {adapter_dir} does not fit this base model ({detail[:200]}); "
-            "merge with the base it was trained on (model.name_or_path)"
-        ) from None
-
-
-def model_logits(model, examples: list[dict], device: str = "cpu") -> list:
-    """Logits (on the CPU, fp32) of ``model`` for each example's input ids."""
-    import torch
-
-    out = []
-    with torch.no_grad():
-        for ex in examples:
-            ids = torch.tensor([ex["input_ids"]], device=device)
-            out.append(model(input_ids=ids).logits.float().cpu())
-    return out
-
-
-def compare_logits(reference: list, candidate: list) -> dict:
-    """Max |logit difference| and argmax agreement of two lists of logits for the same ids."""
-    max_abs, agree, total = 0.0, 0, 0
-    for a, b in zip(reference, candidate):
-        max_abs = max(max_abs, float((a - b).abs().max()))
-        agree += int((a.argmax(-1) == b.argmax(-1)).sum())
-        total += a.shape[-2]
-    return {"max_abs_logit_diff": max_abs, "argmax_agreement": agree / max(1, total), "tokens": total}
-
-
 def merge(cfg: PipelineConfig, run_dir: Path, log=print) -> dict:
     """Merge RUN/adapter into the full-precision base; write RUN/merged and RUN/merge_check.json."""
+    from qlora_pipeline.base import resolve_base
     from qlora_pipeline.chat_format import ChatEncoder
     from qlora_pipeline.data import read_split, tokenize_conversations
-    from qlora_pipeline.model import load_base_full_precision, load_tokenizer, resolve_base
+    from qlora_pipeline.model import load_base_full_precision, load_tokenizer
 
     run_dir = Path(run_dir)
     adapter_dir = RunLayout(run_dir).adapter
@@ -154,34 +89,6 @@ def _report_check(check: dict, dtype, samples: int, log, **extra) -> None:
     )
 
 
-def local_base_dir(base: str, revision: str | None) -> Path:
-    """A folder holding the base's files: the base itself, or its Hub snapshot (weights + configs)."""
-    if Path(base).is_dir():
-        return Path(base)
-    from huggingface_hub import snapshot_download
-
-    return Path(
-        snapshot_download(
-            base, revision=revision, allow_patterns=["*.safetensors", "*.json", "tokenizer.model", "*.jinja"]
-        )
-    )
-
-
-def base_weight_bytes(base: str, revision: str | None) -> int | None:
-    """Size of a local base's safetensors weights (None for a Hub id not downloaded yet)."""
-    folder = Path(base)
-    if not folder.is_dir():
-        return None
-    return sum(f.stat().st_size for f in folder.glob("*.safetensors"))
-
-
-def _base_bytes_guess(base: str, revision: str | None) -> int:
-    size = base_weight_bytes(base, revision)
-    if size is None:  # a Hub id: Phi-3.5-mini is 7.6 GB; decide on the free memory alone
-        size = 7_600_000_000 if "phi-3" in base.lower() else 0
-    return size
-
-
 def merge_device(cfg: PipelineConfig, base: str, log=print) -> str:
     """The GPU when the base fits in its free memory with a quarter to spare (a T4 holds the 7.6 GB
     Phi-3.5 in fp16: the merge and its check take seconds there), else the CPU."""
@@ -190,7 +97,7 @@ def merge_device(cfg: PipelineConfig, base: str, log=print) -> str:
     if not torch.cuda.is_available():
         return "cpu"
     free, _total = torch.cuda.mem_get_info()
-    size = _base_bytes_guess(base, cfg.model.revision)
+    size = base_bytes_guess(base, cfg.model.revision)
     if size * 1.25 > free:
         log(f"merging on the CPU: the base ({size / 1e9:.1f} GB) does not fit the GPU's free {free / 1e9:.1f} GB")
         return "cpu"
@@ -205,7 +112,7 @@ def use_streaming(cfg: PipelineConfig, base: str, log=print, device: str = "cpu"
         return False  # the weights go to the GPU, not the RAM
     import psutil
 
-    size = _base_bytes_guess(base, cfg.model.revision)
+    size = base_bytes_guess(base, cfg.model.revision)
     free = psutil.virtual_memory().available
     streaming = size > free / 2
     if streaming:

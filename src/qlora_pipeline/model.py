@@ -63,25 +63,6 @@ def pick_device(compute_dtype: str = "auto", mixed_precision: str = "auto") -> D
     return device
 
 
-def resolve_base(cfg: PipelineConfig, log=print) -> str:
-    """The local folder or Hub id of the base model; builds the tiny one when asked for."""
-    if cfg.model.name_or_path == "tiny":
-        from qlora_pipeline.tiny import ensure_tiny_base
-
-        return str(ensure_tiny_base(cfg.tiny, log=log))
-    path = Path(cfg.model.name_or_path).expanduser()
-    if path.exists():
-        if not (path / "config.json").is_file():
-            raise ModelError(f"{path} has no config.json; point model.name_or_path at a saved model folder")
-        if not (path / "tokenizer.model").is_file():  # found now, not after hours of training
-            raise ModelError(
-                f"{path} has no tokenizer.model; llama.cpp's Phi-3 converter needs this SentencePiece "
-                "file: copy it from the base model's repository into the folder"
-            )
-        return str(path)
-    return cfg.model.name_or_path
-
-
 def load_tokenizer(base: str, revision: str | None = None):
     from transformers import AutoTokenizer
 
@@ -383,3 +364,69 @@ def format_lora_report(report: dict) -> str:
     share = 100 * report["trainable_params"] / max(1, report["total_params"])
     lines.append(f"  trainable {report['trainable_params']:,} of {report['total_params']:,} parameters ({share:.2f}%)")
     return "\n".join(lines)
+
+
+def merge_dtype(cfg: PipelineConfig, base: str):
+    """The dtype to merge in: the configured one, else the base's own (fp32 for tiny, bf16 for Phi-3.5)."""
+    import torch
+    from transformers import AutoConfig
+
+    if cfg.merge.dtype != "auto":
+        return getattr(torch, cfg.merge.dtype)
+    config = AutoConfig.from_pretrained(base, revision=cfg.model.revision, trust_remote_code=False)
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    return dtype or torch.float32
+
+
+def check_adapter_files(adapter_dir: Path) -> None:
+    """The adapter's weights are a complete safetensors file (never a pickle checkpoint)."""
+    weights = Path(adapter_dir) / "adapter_model.safetensors"
+    if not weights.is_file():
+        pickle = (Path(adapter_dir) / "adapter_model.bin").is_file()
+        raise ModelError(
+            f"{adapter_dir} has "
+            + ("only a pickle checkpoint (adapter_model.bin)" if pickle else "no adapter_model.safetensors")
+            + "; the pipeline loads only safetensors: save the adapter "
+            "with save_pretrained(safe_serialization=True)"
+        )
+    check_safetensors(weights)
+
+
+def load_adapter(model, adapter_dir: Path):
+    """Base + adapter; a clear error when the adapter was made for another model."""
+    from peft import PeftModel
+
+    check_adapter_files(adapter_dir)
+    try:
+        return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False)
+    except RuntimeError as exc:  # size mismatch in load_state_dict
+        first = str(exc).splitlines()
+        detail = next((line.strip() for line in first if "size mismatch" in line), first[0] if first else "")
+        raise ModelError(
+            f"the adapter in {adapter_dir} does not fit this base model ({detail[:200]}); "
+            "merge with the base it was trained on (model.name_or_path)"
+        ) from None
+
+
+def model_logits(model, examples: list[dict], device: str = "cpu") -> list:
+    """Logits (on the CPU, fp32) of ``model`` for each example's input ids."""
+    import torch
+
+    out = []
+    with torch.no_grad():
+        for ex in examples:
+            ids = torch.tensor([ex["input_ids"]], device=device)
+            out.append(model(input_ids=ids).logits.float().cpu())
+    return out
+
+
+def compare_logits(reference: list, candidate: list) -> dict:
+    """Max |logit difference| and argmax agreement of two lists of logits for the same ids."""
+    max_abs, agree, total = 0.0, 0, 0
+    for a, b in zip(reference, candidate):
+        max_abs = max(max_abs, float((a - b).abs().max()))
+        agree += int((a.argmax(-1) == b.argmax(-1)).sum())
+        total += a.shape[-2]
+    return {"max_abs_logit_diff": max_abs, "argmax_agreement": agree / max(1, total), "tokens": total}

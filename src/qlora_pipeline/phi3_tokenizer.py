@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from qlora_pipeline.llamacpp import ensure_llama_cpp
+from qlora_pipeline.gguf.llamacpp import ensure_llama_cpp
 
 # Phi-3.5-mini-instruct's special tokens as in its tokenizer_config.json.
 BOS, EOS_TEXT, UNK = "<s>", "<|endoftext|>", "<unk>"

@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from qlora_pipeline.config import PipelineConfig, config_from_dict
+from qlora_pipeline.config import TRAINING_SECTIONS, PipelineConfig, config_from_dict
 from qlora_pipeline.errors import PipelineError, StageOrderError
 from qlora_pipeline.layout import SPLITS, RunLayout
 from qlora_pipeline.paths import file_manifest, manifest_difference, write_json_atomic
@@ -42,14 +42,13 @@ class Stage:
         return importlib.import_module(f"qlora_pipeline.{self.module}").run(cfg, run_dir, log=log, resume=resume)
 
 
-_TRAINED = ("data", "tiny", "model", "lora", "train")
 STAGES = (
     Stage("prepare", "prepare", (), ("data",), ("data",), (*(f"data/{n}.jsonl" for n in SPLITS), "data/stats.json")),
     Stage(
         "train",
         "train",
         ("prepare",),
-        _TRAINED,
+        TRAINING_SECTIONS,
         ("adapter", "train_log.jsonl", "loss.png"),
         ("adapter/adapter_config.json",),
     ),
@@ -57,16 +56,16 @@ STAGES = (
         "merge",
         "merge",
         ("train",),
-        (*_TRAINED, "merge"),
+        (*TRAINING_SECTIONS, "merge"),
         ("merged", "merge_check.json"),
         ("merged/config.json", "merge_check.json"),
     ),
-    Stage("export", "export", ("merge",), (*_TRAINED, "merge", "export"), ("gguf",), ("gguf/manifest.json",)),
+    Stage("export", "export", ("merge",), (*TRAINING_SECTIONS, "merge", "export"), ("gguf",), ("gguf/manifest.json",)),
     Stage(
         "evaluate",
         "evaluate",
         ("prepare", "train", "merge", "export"),
-        (*_TRAINED, "merge", "export", "eval"),
+        (*TRAINING_SECTIONS, "merge", "export", "eval"),
         ("report.json", "report.md", "scorecard.png"),
         ("report.json", "scorecard.png"),
     ),
@@ -193,7 +192,7 @@ def _train_resume(cfg: PipelineConfig, run_dir: Path, resume: bool, forced: bool
     """Whether ``run`` resumes training: with --resume when a checkpoint of this configuration
     exists (else it starts from step 0 and says so). Without --resume, an interrupted run's
     checkpoint is not thrown away silently: the user picks --resume or --force train."""
-    from qlora_pipeline.train import checkpoint_finished, find_resumable, training_fingerprint
+    from qlora_pipeline.checkpoints import checkpoint_finished, find_resumable, training_fingerprint
 
     if forced:
         return False
@@ -234,7 +233,7 @@ def continue_run(run_dir: Path, parts: dict[str, str | None], log=print) -> Pipe
 def resume_training(cfg: PipelineConfig, run_dir: Path, fresh: bool = False, log=print) -> bool:
     """For a notebook: whether its train step continues from ``run_dir``'s newest checkpoint of
     this configuration (a Colab VM that disconnected mid-training), unless ``fresh``."""
-    from qlora_pipeline.train import find_resumable, training_fingerprint
+    from qlora_pipeline.checkpoints import find_resumable, training_fingerprint
 
     if fresh:
         log("[train] starting from step 0 (START_FRESH); older checkpoints are replaced")

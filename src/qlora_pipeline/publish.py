@@ -17,8 +17,9 @@ import json
 from pathlib import Path
 
 from qlora_pipeline.errors import ConfigError, PipelineError
+from qlora_pipeline.hub import RUN_CONFIG_IN_REPO, CourseRepos, hub_token, hub_url
 from qlora_pipeline.layout import RunLayout
-from qlora_pipeline.serve.chat_app import MODELS_MANIFEST
+from qlora_pipeline.serve.sources import MODELS_MANIFEST
 
 KINDS = ("adapter", "merged", "gguf")
 RELATION = {"adapter": "adapter", "merged": "merge", "gguf": "quantized"}
@@ -135,8 +136,8 @@ def _settings_section(config: dict) -> list[str]:
 
 
 def _scorecard_section(report: dict) -> list[str]:
-    from qlora_pipeline.evaluate import scorecard_table
-    from qlora_pipeline.export import split_variant
+    from qlora_pipeline.evaluation.report import scorecard_table
+    from qlora_pipeline.gguf.variants import split_variant
 
     gguf = report.get("gguf")
     if not gguf:
@@ -218,8 +219,6 @@ def push(run_dir: Path, repo: str, what: str, private: bool = False, api=None, i
 
     from huggingface_hub import CommitOperationAdd
 
-    from qlora_pipeline.hub import RUN_CONFIG_IN_REPO, hub_token, hub_url
-
     if what not in KINDS:
         raise ConfigError(f"--what {what!r} is invalid: use one of {', '.join(KINDS)}")
     files = files_to_push(run_dir, what, include)
@@ -240,3 +239,14 @@ def push(run_dir: Path, repo: str, what: str, private: bool = False, api=None, i
         repo_id=repo, repo_type="model", operations=operations, commit_message=f"Upload {what} from qlora-pipeline"
     )
     return hub_url(repo)
+
+
+def push_run_part(run_dir: Path, part: str, repos: CourseRepos) -> str | None:
+    """The notebooks' push cell: ``qlora-pipeline push`` of the adapter (notebook 1), the merged
+    model (2) or the GGUF files (3, what the Space loads), with a model card and the run's config."""
+    if not repos.push:
+        print(f"not pushing the {part} (no token, or PUSH_TO_HUB = False)")
+        return None
+    url = push(Path(run_dir), getattr(repos, part), part, private=repos.private)
+    print(f"pushed the {part} to {url}")
+    return url

@@ -33,14 +33,16 @@ def _imported_modules(path: Path) -> set[str]:
     return found
 
 
-def serving_modules(package_dir: Path | None = None) -> list[Path]:
-    """Every file the Space needs, relative to the package: ``serve/`` whole, then each module it
-    imports, and theirs (``__init__.py`` of each package on the way)."""
+def serving_modules(package_dir: Path | None = None, app_file: Path = APP_DIR / "app.py") -> list[Path]:
+    """Every file the Space needs, relative to the package: ``serve/`` whole and what the Space's
+    ``app.py`` imports, then each module those import, and theirs (``__init__.py`` of each package
+    on the way)."""
     package_dir = package_dir or Path(__file__).resolve().parent
     wanted = {p.relative_to(package_dir) for p in (package_dir / "serve").rglob("*.py")}
-    queue = list(wanted)
+    queue: list[Path | None] = [*wanted, None]  # None: the Space's app.py itself
     while queue:
-        for module in _imported_modules(package_dir / queue.pop()):
+        current = queue.pop()
+        for module in _imported_modules(app_file if current is None else package_dir / current):
             parts = module.split(".")[1:]
             for candidate in (Path(*parts).with_suffix(".py") if parts else None, Path(*parts, "__init__.py")):
                 if candidate and (package_dir / candidate).is_file() and candidate not in wanted:

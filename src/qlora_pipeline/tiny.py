@@ -38,7 +38,7 @@ def base_corpus_path() -> Path:
 
 
 def recipe_hash(cfg: TinyConfig) -> str:
-    from qlora_pipeline.llamacpp import installed_version
+    from qlora_pipeline.gguf.llamacpp import installed_version
 
     payload = {
         "config": dataclasses.asdict(cfg),

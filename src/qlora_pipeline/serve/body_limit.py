@@ -1,6 +1,6 @@
 """A request-body size limit for the chat app, enforced before the body is read.
 
-The app's per-field caps (``chat_app.Limits``) run after Gradio has parsed the request, and a
+The app's per-field caps (``settings.Limits``) run after Gradio has parsed the request, and a
 100 MB JSON body costs about a gigabyte and seconds to parse first. Written by hand because
 nothing in the stack limits a body: Starlette, FastAPI and uvicorn have no such setting, and
 Gradio's ``max_file_size`` covers uploads only. An ASGI middleware, passed to Gradio's FastAPI
@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import logging
 
-log = logging.getLogger("qlora_pipeline.serve.chat_app")  # the app's own log
+log = logging.getLogger(__name__)
 
 
 class BodyTooLarge(Exception):

@@ -1,6 +1,6 @@
 """The student's journey as one rehearsed story: Colab → three notebooks on three VMs → Hub → a Space that answers.
 
-    python -m qlora_pipeline.journey runs/journey --twin-hub runs/twin-hub --preset phi35-colab-t4 \\
+    python -m qlora_pipeline.course.journey runs/journey --twin-hub runs/twin-hub --preset phi35-colab-t4 \\
         --override train.max_steps=4 ...                                    # `make journey`
 
 The one thing the student gives is a Hugging Face write token, stored as the Colab secret
@@ -34,9 +34,9 @@ import sys
 import time
 from pathlib import Path
 
+from qlora_pipeline.course.rehearsal import S29
 from qlora_pipeline.errors import PipelineError
 from qlora_pipeline.paths import write_json_atomic
-from qlora_pipeline.rehearsal import S29
 
 STANDIN = Path("tests") / "helpers" / "colab_standin"  # in the checkout (--repo)
 STUDENT = "student"
@@ -51,7 +51,15 @@ def start_hub(out: Path) -> tuple[subprocess.Popen, str]:
     port_file = out / "hub.port"
     port_file.unlink(missing_ok=True)
     log = open(out / "hub.log", "w")  # noqa: SIM115 (the server's whole life)
-    command = [sys.executable, "-m", "qlora_pipeline.hub_standin", "--user", STUDENT, "--port-file", str(port_file)]
+    command = [
+        sys.executable,
+        "-m",
+        "qlora_pipeline.course.hub_standin",
+        "--user",
+        STUDENT,
+        "--port-file",
+        str(port_file),
+    ]
     proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
     deadline = time.time() + 30
     while not port_file.is_file():
@@ -116,7 +124,7 @@ def vm_environment(out: Path, vm: Path, hub_url: str, drive: bool, block: str, r
 
 def run_vm(out: Path, repo: Path, name: str, vm_name: str, env: dict, parameters: dict, timeout: int) -> float:
     """One notebook on a fresh VM (its own working directory and kernel); its seconds."""
-    from qlora_pipeline.notebook import run_notebook
+    from qlora_pipeline.course.notebook import run_notebook
 
     vm = out / vm_name
     saved = dict(os.environ)
@@ -255,7 +263,7 @@ def ask_space(out: Path, folder: Path, hub_url: str, variables: dict) -> dict:
     question through gradio_client; the start time and the answer."""
     from gradio_client import Client
 
-    from qlora_pipeline.app_check import served
+    from qlora_pipeline.course.app_check import served
 
     python = str(out / "space-venv" / "bin" / "python")
     env = {

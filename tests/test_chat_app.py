@@ -11,21 +11,13 @@ from pathlib import Path
 import pytest
 
 from qlora_pipeline.errors import ConfigError, ModelError
-from qlora_pipeline.export import gguf_path
+from qlora_pipeline.gguf.variants import gguf_path
+from qlora_pipeline.serve.backends import LocalBackend, message_text, to_messages
 from qlora_pipeline.serve.chat import SamplingParams
-from qlora_pipeline.serve.chat_app import (
-    AppSettings,
-    LocalBackend,
-    ModelChoice,
-    build_app,
-    fetch_model,
-    hub_choices,
-    local_choices,
-    make_respond,
-    message_text,
-    status_line,
-    to_messages,
-)
+from qlora_pipeline.serve.page import build_app
+from qlora_pipeline.serve.requests import make_respond, status_line
+from qlora_pipeline.serve.settings import AppSettings, ModelChoice
+from qlora_pipeline.serve.sources import fetch_model, hub_choices, local_choices
 
 REPO = Path(__file__).resolve().parents[1]
 UI_DEFAULTS = dict(system="", model=None, temperature=0.0, top_p=1.0, top_k=1, repeat_penalty=1.0, max_tokens=32)
@@ -295,11 +287,12 @@ for heavy in ("torch", "transformers", "peft", "accelerate", "bitsandbytes", "da
     sys.modules[heavy] = None  # importing any of them now fails
 sys.path.insert(0, {str(folder)!r})
 import qlora_pipeline.serve.chat_app as app
+from qlora_pipeline.serve import page, requests, settings as app_settings, sources
 assert app.__file__.startswith({str(folder)!r}), app.__file__
-models, default = app.local_choices(__import__("pathlib").Path({str(gguf_path(memorized_run, "Q8_0"))!r}), None)
-settings = app.AppSettings(models=models, default_model=default, n_ctx=256)
-demo, backend = app.build_app(settings)
-respond = app.make_respond(backend, settings)
+models, default = sources.local_choices(__import__("pathlib").Path({str(gguf_path(memorized_run, "Q8_0"))!r}), None)
+settings = app_settings.AppSettings(models=models, default_model=default, n_ctx=256)
+demo, backend = page.build_app(settings)
+respond = requests.make_respond(backend, settings)
 print(list(respond("Say hello number 1", [], "", None, 0.0, 1.0, 1, 1.0, 32))[-1][0])
 backend.close()
 """
@@ -355,7 +348,7 @@ def test_the_space_offers_only_models_that_fit_its_memory(monkeypatch, tmp_path)
     was read when it was pushed), and on a CPU only files that fit twice in its memory."""
     import json
 
-    from qlora_pipeline.serve import chat_app
+    from qlora_pipeline.serve import sources
 
     listing = {
         "models": {
@@ -366,15 +359,15 @@ def test_the_space_offers_only_models_that_fit_its_memory(monkeypatch, tmp_path)
     }
     (tmp_path / "gguf_models.json").write_text(json.dumps(listing))
     monkeypatch.setattr("huggingface_hub.hf_hub_download", lambda repo_id, filename: str(tmp_path / filename))
-    choices, default = chat_app.hub_choices("you/gguf", [], memory=16_000_000_000)  # "CPU basic"
+    choices, default = sources.hub_choices("you/gguf", [], memory=16_000_000_000)  # "CPU basic"
     assert [c.name for c in choices] == ["model-Q4_K_M.gguf", "model-Q8_0.gguf"] and default == "model-Q4_K_M.gguf"
-    on_gpu, _ = chat_app.hub_choices("you/gguf", [], memory=16_000_000_000, on_gpu=True)
+    on_gpu, _ = sources.hub_choices("you/gguf", [], memory=16_000_000_000, on_gpu=True)
     assert len(on_gpu) == 3
     with pytest.raises(ModelError, match="no GGUF model that fits this machine's memory"):
-        chat_app.hub_choices("you/gguf", [], memory=4_000_000_000)
+        sources.hub_choices("you/gguf", [], memory=4_000_000_000)
     (tmp_path / "gguf_models.json").unlink()
     with pytest.raises(ModelError, match="cannot read gguf_models.json of you/gguf"):
-        chat_app.hub_choices("you/gguf", [], memory=16_000_000_000)
+        sources.hub_choices("you/gguf", [], memory=16_000_000_000)
 
 
 def test_stop_ends_the_answer_and_frees_the_model_for_the_next_one(hello_backend):
@@ -453,7 +446,7 @@ def test_the_picker_lists_only_model_files_and_skips_a_dangling_link(memorized_r
 
 
 def test_page_errors_name_model_files_relative_to_their_folder(memorized_run):
-    from qlora_pipeline.serve.chat_app import public_message
+    from qlora_pipeline.serve.requests import public_message
 
     settings = settings_for(gguf_path(memorized_run, "Q8_0"))
     folder = gguf_path(memorized_run, "Q8_0").parent

@@ -1,6 +1,6 @@
 """A local stand-in for the Hugging Face Hub's far end, for the rehearsed journey (``make journey``).
 
-    python -m qlora_pipeline.hub_standin --user student --port-file runs/journey/hub.port
+    python -m qlora_pipeline.course.hub_standin --user student --port-file runs/journey/hub.port
 
 No Hub can be reached here, so the journey keeps the real client (huggingface_hub's ``HfApi``,
 ``snapshot_download``, ``hf_hub_download``, as the notebooks and the Space call them) and replaces

@@ -1,6 +1,6 @@
 """llama.cpp's converter, vocab and chat template, taken from the llama-cpp-python sources.
 
-    python -m qlora_pipeline.llamacpp          # fetch once (make setup does this); prints the folder
+    python -m qlora_pipeline.gguf.llamacpp          # fetch once (make setup does this); prints the folder
 
 The original course ran ``git clone llama.cpp``. We need the converter at the *same commit*
 as the runtime that will load its output, and no network beyond the package registry; the

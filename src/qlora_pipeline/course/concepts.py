@@ -1,6 +1,6 @@
 """From-scratch versions of the ideas the course teaches, small enough to read in a notebook.
 
-    from qlora_pipeline.concepts import LoRALinear, nf4_levels, quantize_blockwise
+    from qlora_pipeline.course.concepts import LoRALinear, nf4_levels, quantize_blockwise
 
 These are for understanding, not for training: the pipeline itself uses peft and bitsandbytes.
 Each one is checked against the library it explains (tests/test_concepts.py), so the notebooks

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from qlora_pipeline.llamacpp import ensure_llama_cpp, read_vocab_tests
+from qlora_pipeline.gguf.llamacpp import ensure_llama_cpp, read_vocab_tests
 
 
 @pytest.fixture(scope="module")
@@ -168,7 +168,7 @@ def test_resampled_factors_keep_the_curve():
 
 def test_llama_cpp_reproduces_its_vectors_on_the_exported_gguf(trained_run, vocab_tests):
     """The GGUF converted from the twin's files tokenizes as llama.cpp's own Phi-3 vocabulary does."""
-    from qlora_pipeline.export import gguf_path
+    from qlora_pipeline.gguf.variants import gguf_path
     from qlora_pipeline.serve.chat import LlamaChat
 
     with LlamaChat(gguf_path(trained_run, "F16"), n_ctx=256) as chat:

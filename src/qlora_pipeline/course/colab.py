@@ -1,6 +1,6 @@
 """Colab's side of the course: llama-cpp-python's prebuilt wheel, and the run folder on Google Drive.
 
-    from qlora_pipeline.colab import install_llama_cpp, course_run_dir, flush_drive
+    from qlora_pipeline.course.colab import install_llama_cpp, course_run_dir, flush_drive
     install_llama_cpp()          # notebook 3's set-up cell (notebooks 1 and 2 never load a GGUF)
     RUN_DIR = course_run_dir(RUN_DIR, USE_DRIVE)
     flush_drive()                # each notebook's last cell: Drive's pending writes, before the VM goes

@@ -1,6 +1,6 @@
 """What the course notebooks show, as functions (so tests reach them), and the notebook runner.
 
-    from qlora_pipeline.notebook import run_notebook
+    from qlora_pipeline.course.notebook import run_notebook
     run_notebook("S29_finetuning_llm.ipynb", "runs/notebooks/S29_finetuning_llm.ipynb",
                  parameters={"RUN_DIR": "runs/notebooks/s29"})
 
@@ -205,8 +205,7 @@ def forward_tokens_per_s(model, input_ids, position_ids, device) -> float:
 
 def load_for_answers(cfg, base: str, adapter_dir: str | None = None):
     """The 16-bit base (with an adapter, if given) where evaluation runs: the GPU when there is one."""
-    from qlora_pipeline.merge import load_adapter, merge_dtype
-    from qlora_pipeline.model import eval_placement, load_base_full_precision
+    from qlora_pipeline.model import eval_placement, load_adapter, load_base_full_precision, merge_dtype
 
     device, dtype = eval_placement(merge_dtype(cfg, base))
     model = load_base_full_precision(base, cfg.model, dtype=dtype, device=device)
@@ -229,7 +228,7 @@ def pick_branching_tree(rows: list[dict], languages=("en",)) -> str:
 
 def memory_table(n_params: int) -> list[dict]:
     """Bytes of the base weights at each precision the course compares (scales included for NF4)."""
-    from qlora_pipeline.concepts import bits_per_parameter
+    from qlora_pipeline.course.concepts import bits_per_parameter
 
     rows = [
         ("fp32", 32.0),
@@ -251,7 +250,7 @@ def hf_answers(model, tokenizer, prompts: list[str], max_new_tokens: int = 48, s
     """Greedy answers of a transformers model through the chat template (stops at <|end|>):
     the held-out scoring's own answerer."""
     from qlora_pipeline.chat_format import ChatEncoder
-    from qlora_pipeline.heldout import hf_answerer
+    from qlora_pipeline.evaluation.heldout import hf_answerer
 
     answer = hf_answerer(model, ChatEncoder.from_hf(tokenizer), tokenizer, max_new_tokens)
     head = [{"role": "system", "content": system}] if system else []
@@ -260,7 +259,7 @@ def hf_answers(model, tokenizer, prompts: list[str], max_new_tokens: int = 48, s
 
 def gguf_answers(run_dir: Path, quants: list[str], messages: list[dict], params, n_ctx: int = 2048) -> dict:
     """The same messages through several GGUF variants: {quant: (answer, tokens/s)}."""
-    from qlora_pipeline.export import gguf_path
+    from qlora_pipeline.gguf.variants import gguf_path
     from qlora_pipeline.serve.chat import LlamaChat
 
     out = {}
@@ -273,22 +272,6 @@ def gguf_answers(run_dir: Path, quants: list[str], messages: list[dict], params,
 
 
 # ---------------------------------------------------------------------------- running notebooks
-
-
-def strip_outputs(path: Path) -> bool:
-    """Remove outputs and execution counts in place; True if the file changed."""
-    import nbformat
-
-    nb = nbformat.read(str(path), as_version=4)
-    changed = False
-    for cell in nb.cells:
-        if cell.cell_type == "code":
-            if cell.outputs or cell.execution_count is not None:
-                changed = True
-            cell.outputs, cell.execution_count = [], None
-    if changed:
-        nbformat.write(nb, str(path))
-    return changed
 
 
 def run_notebook(
@@ -325,7 +308,7 @@ def run_notebook(
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m qlora_pipeline.notebook OUT_DIR NB...``: execute notebooks into OUT_DIR with outputs."""
+    """``python -m qlora_pipeline.course.notebook OUT_DIR NB...``: execute notebooks into OUT_DIR with outputs."""
     argv = list(sys.argv[1:] if argv is None else argv)
     out_dir, notebooks = Path(argv[0]), [Path(p) for p in argv[1:]]
     params = (

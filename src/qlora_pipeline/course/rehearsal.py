@@ -1,6 +1,6 @@
 """The Colab path rehearsed: the three S29 notebooks, each on its own "VM", sharing only "Drive".
 
-    python -m qlora_pipeline.rehearsal OUT --preset phi35-colab-t4 [--override KEY=VALUE ...]
+    python -m qlora_pipeline.course.rehearsal OUT --preset phi35-colab-t4 [--override KEY=VALUE ...]
 
 On Colab every notebook gets a fresh VM: its working directory and kernel are new, and only Google
 Drive (and the Hub) outlive it. Here each notebook runs with papermill in a kernel of its own, in
@@ -43,7 +43,7 @@ def drive_run_dir(out: Path) -> Path:
 
 def run_sequence(out: Path, repo: Path, parameters: dict, timeout: int = 3600, log=print) -> dict:
     """The three S29 notebooks in order, each in a fresh working directory and kernel."""
-    from qlora_pipeline.notebook import run_notebook
+    from qlora_pipeline.course.notebook import run_notebook
 
     out = Path(out).resolve()
     run_dir = drive_run_dir(out)

@@ -16,7 +16,7 @@ import os
 import sys
 from pathlib import Path
 
-from qlora_pipeline.llamacpp import ensure_llama_cpp
+from qlora_pipeline.gguf.llamacpp import ensure_llama_cpp
 from qlora_pipeline.paths import require_free_space
 
 LORA_CONVERTER = "convert_lora_to_gguf.py"
@@ -39,13 +39,13 @@ def lora_converter_command(adapter: Path, base: Path, out: Path) -> list[str]:
 
 def convert_lora(adapter: Path, base: Path, out: Path) -> None:
     """``adapter`` (a peft folder) -> a LoRA GGUF at ``out``, renamed into place when complete."""
-    from qlora_pipeline.export import _run
+    from qlora_pipeline.gguf.convert import run_tool
 
     size = sum(f.stat().st_size for f in adapter.glob("*.safetensors"))
     require_free_space(out, size)
     tmp = out.with_name(f".{out.name}.tmp")
     try:
-        _run(lora_converter_command(adapter, base, tmp), f"converting {adapter} to a LoRA GGUF", out, size)
+        run_tool(lora_converter_command(adapter, base, tmp), f"converting {adapter} to a LoRA GGUF", out, size)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, out)

@@ -2,7 +2,7 @@
 
 Used by the tests and by ``make screenshot``:
 
-    python -m qlora_pipeline.app_check screenshot --model runs/demo/gguf/model-Q4_K_M.gguf --out S29-gradio.png
+    python -m qlora_pipeline.course.app_check screenshot --model runs/demo/gguf/model-Q4_K_M.gguf --out S29-gradio.png
 
 The browser is Debian's Chromium (``apt-get install chromium``) driven by Playwright's Python
 package; Playwright's own browser download is never used (the machine has no internet).

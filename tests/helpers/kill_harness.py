@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 import qlora_pipeline.batches as batches_module
+import qlora_pipeline.checkpoints as checkpoints_module
 import qlora_pipeline.train as train_module
 from qlora_pipeline.cli import main
 
@@ -46,7 +47,7 @@ def counted_token_losses(model, *args, **kwargs):
     return result
 
 
-write_json_atomic = train_module.write_json_atomic
+write_json_atomic = checkpoints_module.write_json_atomic
 
 
 def counted_write_json_atomic(path, data):
@@ -57,5 +58,5 @@ def counted_write_json_atomic(path, data):
 
 train_module.token_losses = counted_token_losses  # the training step's
 batches_module.token_losses = counted_token_losses  # evaluation's (batches.evaluate_loss)
-train_module.write_json_atomic = counted_write_json_atomic
+checkpoints_module.write_json_atomic = counted_write_json_atomic  # save_checkpoint's
 sys.exit(main(argv))

@@ -303,7 +303,7 @@ Image(f"{RUN_DIR}/loss.png")"""),
 scores = evaluate_hf(cfg, RUN_DIR, with_merged=False)  # on the GPU when there is one, capped by the preset
 pd.DataFrame({"validation loss": [scores["base_val_loss"], scores["adapter_val_loss"]],
               "test perplexity": [scores["base_ppl"], scores["adapter_ppl"]]}, index=["base", "base + adapter"])"""),
-    code("""from qlora_pipeline.merge import load_adapter
+    code("""from qlora_pipeline.model import load_adapter
 from qlora_pipeline.course.notebook import hf_answers, load_for_answers
 
 prompts = [c["messages"][0]["content"] for c in read_split(RUN_DIR, "test")[:4]]

@@ -126,7 +126,7 @@ def _importance_matrix(cfg: PipelineConfig, run_dir: Path, manifest: dict, log) 
 
 
 def _export_lora(cfg: PipelineConfig, run_dir: Path, manifest: dict, name: str, say) -> set[str]:
-    """The base as F16 and the adapter as a LoRA GGUF (``lora_gguf``); their manifest keys."""
+    """The base as F16 and the adapter as a LoRA GGUF (``gguf.lora``); their manifest keys."""
     from qlora_pipeline.base import resolve_base
     from qlora_pipeline.gguf.lora import convert_lora
 

@@ -1,6 +1,6 @@
 """Run the qlora-pipeline command and SIGKILL this process at a chosen moment (test_kill.py's helper).
 
-    python tests/kill_harness.py KIND N run --run-dir RUN ...
+    python tests/helpers/kill_harness.py KIND N run --run-dir RUN ...
 
 KIND picks the moment, N its occurrence in this process (1 = the first):
   step        the N-th training micro-batch, after its forward pass and before its backward pass

@@ -41,7 +41,7 @@ from qlora_pipeline.paths import write_json_atomic
 STANDIN = Path("tests") / "helpers" / "colab_standin"  # in the checkout (--repo)
 STUDENT = "student"
 TOKEN = "hf_journey_student_write_token"  # the student's one input: the Colab secret HF_TOKEN
-RUN_DIR = "runs/notebooks/s29"  # the notebooks' own default, as the student leaves it
+
 QUESTION = "What is the capital of France?"
 
 

@@ -1,6 +1,6 @@
 """Held-out questions: does the fine-tuned model answer what it was never fine-tuned on?
 
-    from qlora_pipeline.evaluation.heldout import load_questions, exact_match_rate
+    from qlora_pipeline.evaluation.heldout import load_questions, exact_match
     questions = load_questions("sample")            # the bundled sample_data/heldout_questions.jsonl
 
 The bundled questions ask about facts that the tiny base's pre-training corpus states and that

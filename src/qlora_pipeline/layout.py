@@ -36,6 +36,7 @@ LARGE_FILES_POINTER = "large_files.json"
 @dataclass(frozen=True)
 class RunLayout:
     root: Path
+    follow_pointer: bool = True  # False: the names alone, relative to ``root`` (``NAMES``)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "root", Path(self.root))
@@ -45,6 +46,8 @@ class RunLayout:
     def large_root(self) -> Path:
         """The folder holding ``merged/`` and ``gguf/``: the run folder unless ``large_files.json``
         names another (read on every use: a notebook may set it after the layout was made)."""
+        if not self.follow_pointer:
+            return self.root
         try:
             return Path(json.loads((self.root / LARGE_FILES_POINTER).read_text(encoding="utf-8"))["folder"])
         except (FileNotFoundError, KeyError, TypeError, ValueError):
@@ -74,6 +77,11 @@ class RunLayout:
 
     def split(self, name: str) -> Path:
         return self.data / f"{name}.jsonl"
+
+    @property
+    def data_stats(self) -> Path:
+        """What every filter dropped, and the split sizes."""
+        return self.data / "stats.json"
 
     # -- train
     @property
@@ -171,3 +179,11 @@ def place_large_files(run_dir: Path, folder: Path | None) -> None:
         return
     Path(folder).mkdir(parents=True, exist_ok=True)
     write_json_atomic(pointer, {"folder": str(Path(folder).resolve())})
+
+
+NAMES = RunLayout(Path(), follow_pointer=False)  # every path as a name relative to the run folder
+
+
+def names(*paths: Path) -> tuple[str, ...]:
+    """``NAMES`` paths as the run-relative strings the stage records use (``merged/config.json``)."""
+    return tuple(Path(p).as_posix() for p in paths)

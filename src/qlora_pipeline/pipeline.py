@@ -21,7 +21,7 @@ from pathlib import Path
 
 from qlora_pipeline.config import TRAINING_SECTIONS, PipelineConfig, config_from_dict
 from qlora_pipeline.errors import PipelineError, StageOrderError
-from qlora_pipeline.layout import SPLITS, RunLayout
+from qlora_pipeline.layout import NAMES, SPLITS, RunLayout, names
 from qlora_pipeline.paths import file_manifest, manifest_difference, write_json_atomic
 
 
@@ -43,31 +43,45 @@ class Stage:
 
 
 STAGES = (
-    Stage("prepare", "prepare", (), ("data",), ("data",), (*(f"data/{n}.jsonl" for n in SPLITS), "data/stats.json")),
+    Stage(
+        "prepare",
+        "prepare",
+        (),
+        ("data",),
+        names(NAMES.data),
+        names(*(NAMES.split(n) for n in SPLITS), NAMES.data_stats),
+    ),
     Stage(
         "train",
         "train",
         ("prepare",),
         TRAINING_SECTIONS,
-        ("adapter", "train_log.jsonl", "loss.png"),
-        ("adapter/adapter_config.json",),
+        names(NAMES.adapter, NAMES.train_log, NAMES.loss_plot),
+        names(NAMES.adapter / "adapter_config.json"),
     ),
     Stage(
         "merge",
         "merge",
         ("train",),
         (*TRAINING_SECTIONS, "merge"),
-        ("merged", "merge_check.json"),
-        ("merged/config.json", "merge_check.json"),
+        names(NAMES.merged, NAMES.merge_check),
+        names(NAMES.merged / "config.json", NAMES.merge_check),
     ),
-    Stage("export", "export", ("merge",), (*TRAINING_SECTIONS, "merge", "export"), ("gguf",), ("gguf/manifest.json",)),
+    Stage(
+        "export",
+        "export",
+        ("merge",),
+        (*TRAINING_SECTIONS, "merge", "export"),
+        names(NAMES.gguf_dir),
+        names(NAMES.gguf_manifest),
+    ),
     Stage(
         "evaluate",
         "evaluate",
         ("prepare", "train", "merge", "export"),
         (*TRAINING_SECTIONS, "merge", "export", "eval"),
-        ("report.json", "report.md", "scorecard.png"),
-        ("report.json", "scorecard.png"),
+        names(NAMES.report_json, NAMES.report_md, NAMES.scorecard_plot),
+        names(NAMES.report_json, NAMES.scorecard_plot),
     ),
 )
 STAGE_NAMES = tuple(s.name for s in STAGES)

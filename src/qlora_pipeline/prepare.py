@@ -17,7 +17,7 @@ from pathlib import Path
 from qlora_pipeline.config import DataConfig, PipelineConfig
 from qlora_pipeline.data import build_conversations, load_rows, split_conversations
 from qlora_pipeline.errors import DataError
-from qlora_pipeline.layout import RunLayout
+from qlora_pipeline.layout import NAMES, RunLayout
 from qlora_pipeline.paths import atomic_dir, write_json_atomic
 
 
@@ -65,5 +65,5 @@ def prepare(cfg: DataConfig, run_dir: Path) -> dict:
             with open(tmp / f"{name}.jsonl", "w", encoding="utf-8") as f:
                 for conv in convs:
                     f.write(json.dumps(conv, ensure_ascii=False) + "\n")
-        write_json_atomic(tmp / "stats.json", stats)
+        write_json_atomic(tmp / NAMES.data_stats.name, stats)
     return stats

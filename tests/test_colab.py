@@ -13,12 +13,16 @@ from qlora_pipeline.course.colab import install_llama_cpp, pinned_llama_cpp_vers
 VERSION = pinned_llama_cpp_version(REPO / "requirements.txt")
 
 
-def recorder(wheel_found: bool):
+def recorder(wheel_found: bool = False, index: str | None = None):
+    """A stand-in for subprocess.run: a compile always succeeds; a binary-only install succeeds
+    when ``wheel_found``, or when it asks the wheel index ``index`` (``cpu``, ``cu124``, ...)."""
     calls = []
 
     def run(command, **kwargs):
         calls.append((command, kwargs.get("env")))
-        found = wheel_found or not any(str(part).startswith("--only-binary") for part in command)
+        binary_only = any(str(part).startswith("--only-binary") for part in command)
+        on_index = index is not None and any(str(part).endswith(f"/whl/{index}") for part in command)
+        found = wheel_found or on_index or not binary_only
         return subprocess.CompletedProcess(command, 0 if found else 1)
 
     return calls, run
@@ -74,12 +78,7 @@ def test_no_wheel_falls_back_to_a_cuda_compile_and_says_how_long():
 
 
 def test_a_cuda_runtime_without_a_cuda_wheel_takes_the_cpu_wheel_before_compiling():
-    calls = []
-
-    def run(command, **kwargs):
-        calls.append(command)
-        return subprocess.CompletedProcess(command, 0 if any(str(p).endswith("/whl/cpu") for p in command) else 1)
-
+    calls, run = recorder(index="cpu")
     said = []
     assert install_llama_cpp(REPO / "requirements.txt", cuda_version="11.7", run=run, log=said.append) == "wheel"
     assert len(calls) == 1 and said == [f"llama-cpp-python {VERSION}: prebuilt CPU wheel (cpu)"]

@@ -149,3 +149,19 @@ print("CHOICES", [c.name for c in choices], default)
     space = state["spaces/student/phi35-oasst1-s29-space"]
     assert space["private"] and space["secrets"] == ["HF_TOKEN"]
     assert "model-F16.gguf" not in state["student/phi35-oasst1-s29-gguf"]["files"]
+
+
+def test_the_drive_estimate_counts_lora_parameters_as_peft_makes_them(trained_run):
+    """The journey scales the adapter and checkpoints by LoRA parameters (Phi-3.5 against the
+    twin): the count from config.json must be what peft actually saved for the run."""
+    import math
+
+    from safetensors import safe_open
+
+    from qlora_pipeline.course.journey import lora_parameters
+
+    run_config = json.loads((trained_run / "config.json").read_text())
+    with safe_open(str(trained_run / "adapter" / "adapter_model.safetensors"), framework="pt") as f:
+        saved = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
+    base_config = json.loads((trained_run / "merged" / "config.json").read_text())
+    assert lora_parameters(base_config, run_config["lora"]["r"]) == saved

@@ -82,7 +82,7 @@ def course_repos(
     unknown = set(given) - set(REPO_KINDS)
     if unknown:
         raise PipelineError(f"unknown repo kind {sorted(unknown)[0]!r}; use one of {', '.join(REPO_KINDS)}")
-    token = hub_token("PUSH_TO_HUB = True" if push else None) if push is not False else hub_token()
+    token = hub_token("PUSH_TO_HUB = True" if push else None)
     if token and (user is None or push is not False):  # about to push: check the token now
         user = _token_user(token, user)
     names = {k: given.get(k) or (repo_name(user, run_dir, k) if user else None) for k in REPO_KINDS}

@@ -17,16 +17,15 @@ import json
 from pathlib import Path
 
 from qlora_pipeline.errors import ConfigError, PipelineError
-from qlora_pipeline.hub import RUN_CONFIG_IN_REPO, CourseRepos, hub_token, hub_url
+from qlora_pipeline.hub import MODEL_CARD, RUN_CONFIG_IN_REPO, CourseRepos, hub_token, hub_url
 from qlora_pipeline.layout import RunLayout
-from qlora_pipeline.serve.sources import MODELS_MANIFEST
+from qlora_pipeline.serve.sources import MODELS_MANIFEST, default_model
 
 KINDS = ("adapter", "merged", "gguf")
 RELATION = {"adapter": "adapter", "merged": "merge", "gguf": "quantized"}
 LIBRARY = {"adapter": "peft", "merged": "transformers", "gguf": "gguf"}
 DATASET = "OpenAssistant/oasst1"
 LICENSE = "mit"  # Phi-3.5-mini-instruct's license; a fine-tune inherits it
-MODEL_CARD_NAME = "README.md"
 
 
 # What `push --what gguf` leaves out unless asked (--include): files the Space cannot or should not
@@ -59,7 +58,7 @@ def files_to_push(run_dir: Path, what: str, include: tuple[str, ...] = ()) -> di
             {
                 f.name: f
                 for f in sorted(folder.iterdir())
-                if f.is_file() and not f.name.startswith(".") and f.name != "README.md"
+                if f.is_file() and not f.name.startswith(".") and f.name != MODEL_CARD
             }
             if folder.is_dir()
             else {}
@@ -95,10 +94,9 @@ def models_manifest(files: dict[str, Path]) -> dict:
 
 
 def served_file(files: dict[str, Path]) -> str | None:
-    """The GGUF the Space opens first: Q4_K_M where pushed, else the smallest model."""
-    names = [n for n in files if n.endswith(".gguf")]
-    q4 = [n for n in names if n.startswith("model-Q4_K_M")]
-    return q4[0] if q4 else min(names, key=lambda n: files[n].stat().st_size, default=None)
+    """The GGUF the Space opens first, by the Space's own rule over the models it lists."""
+    models = sorted(models_manifest(files)["models"])
+    return default_model(models) if models else None
 
 
 def _hub_base(model: str) -> str | None:
@@ -228,7 +226,7 @@ def push(run_dir: Path, repo: str, what: str, private: bool = False, api=None, i
 
         api = HfApi(token=hub_token(f"pushing the {what} to {repo}"))
     api.create_repo(repo, private=private, exist_ok=True, repo_type="model")
-    extra = {MODEL_CARD_NAME: card.encode("utf-8")}
+    extra = {MODEL_CARD: card.encode("utf-8")}
     if what == "gguf":
         extra[MODELS_MANIFEST] = json.dumps(models_manifest(files), indent=1).encode("utf-8")
     # The run's configuration travels with its files: the next notebook pulls both (hub.pull_run_part).

@@ -36,6 +36,7 @@ from pathlib import Path
 
 from qlora_pipeline.course.rehearsal import S29
 from qlora_pipeline.errors import PipelineError
+from qlora_pipeline.layout import LARGE_FILES_POINTER, NAMES
 from qlora_pipeline.paths import write_json_atomic
 
 STANDIN = Path("tests") / "helpers" / "colab_standin"  # in the checkout (--repo)
@@ -149,20 +150,18 @@ def fresh_vm(out: Path, vm_name: str) -> Path:
 
 
 # ---------------------------------------------------------------------------- what Drive holds
-DRIVE_KINDS = {  # the first folder (or file) under RUN_DIR -> what it is
-    "data": "data splits",
-    "checkpoints": "checkpoints",
-    "adapter": "adapter",
-    "stages": "run records",
-    "config.json": "run records",
-    "large_files.json": "run records",
-    "merge_check.json": "run records",
-    "time_estimate.json": "run records",
-    "report.json": "reports",
-    "report.md": "reports",
-    "scorecard.png": "reports",
-    "loss.png": "reports",
-    "train_log.jsonl": "logs",
+DRIVE_KINDS = {  # the first folder (or file) under RUN_DIR -> what it is (names from RunLayout)
+    NAMES.data.name: "data splits",
+    NAMES.checkpoints.name: "checkpoints",
+    NAMES.adapter.name: "adapter",
+    **dict.fromkeys(
+        (NAMES.stages.name, NAMES.config.name, LARGE_FILES_POINTER, NAMES.merge_check.name, NAMES.time_estimate.name),
+        "run records",
+    ),
+    **dict.fromkeys(
+        (NAMES.report_json.name, NAMES.report_md.name, NAMES.scorecard_plot.name, NAMES.loss_plot.name), "reports"
+    ),
+    NAMES.train_log.name: "logs",
 }
 
 
@@ -173,12 +172,12 @@ def drive_usage(drive: Path, lora_scale: float, data_scale: float) -> dict[str, 
     """Bytes on the student's Drive by kind, each with its full-size estimate: LoRA weights and
     optimizer state grow with the LoRA's parameters, the data splits with oasst1's messages;
     tokenizer files, records, reports and logs stay as they are."""
+    runs = {p.parent for p in drive.rglob(NAMES.config.name) if (p.parent / NAMES.stages.name).is_dir()}
     usage: dict[str, list[int]] = {}
     for path in sorted(drive.rglob("*")):
         if path.is_file() and not path.is_symlink():
-            parts = path.relative_to(drive).parts
-            run_parts = parts[parts.index("s29") + 1 :] if "s29" in parts else parts
-            kind = DRIVE_KINDS.get(run_parts[0], "other") if run_parts else "other"
+            run = next((r for r in runs if path.is_relative_to(r)), None)
+            kind = DRIVE_KINDS.get(path.relative_to(run).parts[0], "other") if run else "other"
             size = path.stat().st_size
             scale = lora_scale if path.name.endswith(WEIGHT_FILES) else data_scale if kind == "data splits" else 1
             measured, estimated = usage.setdefault(kind, [0, 0])
@@ -186,35 +185,31 @@ def drive_usage(drive: Path, lora_scale: float, data_scale: float) -> dict[str, 
     return dict(sorted(usage.items()))
 
 
-def lora_parameters(hidden: int, ffn: int, layers: int, r: int, heads: int, kv_heads: int) -> int:
-    """LoRA parameters of r on Phi-3's four projections (qkv fused, o, gate_up fused, down)."""
-    head = hidden // heads
-    shapes = [(hidden, hidden + 2 * kv_heads * head), (hidden, hidden), (hidden, 2 * ffn), (ffn, hidden)]
-    return layers * r * sum(i + o for i, o in shapes)
+def lora_parameters(config: dict, r: int) -> int:
+    """LoRA parameters of rank r on Phi-3's four projections (qkv fused, o, gate_up fused, down),
+    from a transformers ``config.json``: A is r x in, B is out x r."""
+    hidden, ffn = config["hidden_size"], config["intermediate_size"]
+    heads = config["num_attention_heads"]
+    kv = (config.get("num_key_value_heads") or heads) * (hidden // heads)
+    shapes = [(hidden, hidden + 2 * kv), (hidden, hidden), (hidden, 2 * ffn), (ffn, hidden)]
+    return config["num_hidden_layers"] * r * sum(i + o for i, o in shapes)
 
 
 # The real data set's size, from OpenAssistant/oasst1's dataset card (datasets' num_bytes of train +
 # validation, all columns). The bundled sample's own num_bytes (the twin hub's prepared cache,
 # the same features) gives the scale: by bytes, not messages, as the sample's messages are shorter.
 OASST1_BYTES = 100_367_999 + 5_243_405
-PHI35 = {"hidden": 3072, "ffn": 8192, "layers": 32, "heads": 32, "kv_heads": 32}  # DESIGN.md / shared/reference
 
 
 def scales(twin_hub: Path, parameters: dict) -> tuple[float, float]:
     """How much larger the LoRA and the data are at full size than in this rehearsal."""
     from qlora_pipeline.config import load_config
     from qlora_pipeline.hub_twin import MODEL_ID
+    from qlora_pipeline.phi3_tokenizer import phi35_reference
 
     twin = json.loads((_snapshot(twin_hub, "model", MODEL_ID) / "config.json").read_text())
-    twin_shape = dict(
-        hidden=twin["hidden_size"],
-        ffn=twin["intermediate_size"],
-        layers=twin["num_hidden_layers"],
-        heads=twin["num_attention_heads"],
-        kv_heads=twin.get("num_key_value_heads") or twin["num_attention_heads"],
-    )
     r = load_config(parameters["PRESET"], parameters["OVERRIDES"]).lora.r
-    lora = lora_parameters(**PHI35, r=r) / lora_parameters(**twin_shape, r=r)
+    lora = lora_parameters(phi35_reference()["config"], r) / lora_parameters(twin, r)
     return lora, oasst1_scale(twin_hub)
 
 

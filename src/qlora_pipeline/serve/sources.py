@@ -40,12 +40,14 @@ def local_choices(model: Path | None, model_dir: Path | None) -> tuple[list[Mode
             f"no .gguf files in {folder}; give one with --model FILE.gguf (make demo writes "
             "runs/demo/gguf/model-Q4_K_M.gguf)"
         )
-    if model is not None:
-        default = Path(model).name
-    else:
-        q4 = [c.name for c in choices if "Q4_K_M" in c.name]
-        default = q4[0] if q4 else choices[0].name
+    default = Path(model).name if model is not None else default_model([c.name for c in choices])
     return choices, default
+
+
+def default_model(names: list[str]) -> str:
+    """The model the app opens first: the course's Q4_K_M where offered, else the first offered."""
+    q4 = [n for n in names if "Q4_K_M" in n]
+    return q4[0] if q4 else names[0]
 
 
 def _model_files(folder: Path) -> list[Path]:
@@ -85,9 +87,7 @@ def hub_choices(
                 f"the Hub repo {repo} has no GGUF model that fits this machine's memory; push a smaller "
                 "quantization (qlora-pipeline push --what gguf) or name a file with MODEL_FILE"
             )
-    choices = [ModelChoice(n, hub_repo=repo, hub_file=n) for n in names]
-    q4 = [n for n in names if "Q4_K_M" in n]
-    return choices, q4[0] if q4 else names[0]
+    return [ModelChoice(n, hub_repo=repo, hub_file=n) for n in names], default_model(names)
 
 
 MEMORY_SHARE_FOR_MODELS = 0.85  # the rest: Python, Gradio, the KV cache and the page cache's working set

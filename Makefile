@@ -38,7 +38,8 @@ REHEARSAL_OVERRIDES := model.compute_dtype=float32 train.mixed_precision=no trai
 	eval.parity_tokens=1000
 Q4 := $(RUN_DIR)/gguf/model-Q4_K_M.gguf
 NOTEBOOKS := S29_finetuning_llm.ipynb S29_phi3_inference.ipynb S29_phi3_QuantizeLLMs_checkpoint.ipynb \
-             notebooks/lora_from_scratch.ipynb notebooks/nf4_from_scratch.ipynb notebooks/oasst1_trees.ipynb
+             notebooks/lora_from_scratch.ipynb notebooks/nf4_from_scratch.ipynb notebooks/oasst1_trees.ipynb \
+             notebooks/preference_from_ranks.ipynb
 
 setup: $(STAMP)
 

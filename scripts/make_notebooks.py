@@ -295,6 +295,8 @@ if torch.cuda.is_available():
     torch.cuda.reset_peak_memory_stats()  # the peak below is training's, not the cells' before it
 summary = run_stage("train", cfg, RUN_DIR, resume=resume_training(cfg, RUN_DIR, fresh=START_FRESH))
 free_memory()
+run_stage("prefer", cfg, RUN_DIR, resume=not START_FRESH)  # DPO when prefer.enabled (see below), else nothing
+free_memory()
 Image(f"{RUN_DIR}/loss.png")"""),
     code("""print(f"peak GPU memory during training: {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")""", "gpu"),
     md("## Did it help? Perplexity and answers before and after"),
@@ -317,8 +319,10 @@ pd.DataFrame({"prompt": prompts, "base": before, "fine-tuned": after})"""),
         "The adapter is saved in `RUN_DIR/adapter` (PEFT format, safetensors). With your token it is pushed "
         "(with the run's configuration and a model card: `qlora-pipeline push --what adapter`), so that the "
         "next notebooks can start from the Hub as well as from Drive.\n\n"
-        "*Next lesson, optional:* preference tuning (DPO) teaches the model which of two ranked oasst1 "
-        "replies people preferred; it is not part of these three notebooks."
+        "*Preference tuning, optional:* with `prefer.enabled=true` in `OVERRIDES`, the training cell also runs "
+        "DPO (TRL) on this adapter from oasst1's ranked sibling replies, and notebooks 2 and 3 merge, "
+        "quantize and serve that adapter (`notebooks/preference_from_ranks.ipynb` explains it; the "
+        "README gives its T4 time). The tiny preset has it on; the Phi-3.5 presets leave it off."
     ),
     code("""from qlora_pipeline.publish import push_run_part
 
@@ -577,6 +581,98 @@ plt.xlabel("count"); plt.title("what the filters dropped (stats.json)"); plt.sho
 print(json.dumps(stats["conversations"]))"""),
 ]
 
+PREFERENCE_FROM_RANKS = [
+    md("""# Preference from ranks: DPO on oasst1's sibling replies
+
+SFT learns from one reply per prompt. oasst1's volunteers ranked *all* the replies to a prompt:
+the best against the worst is a preference pair. DPO (Rafailov et al., 2023) teaches the model
+to move probability from the rejected reply to the chosen one, measured against a frozen
+reference (here the SFT adapter), with no reward model and no sampling. This notebook shows one
+sibling group and its pair, writes DPO's loss out in plain torch, checks it against TRL's on the
+same batch, then runs the `prefer` stage through the package."""),
+    params(run_dir="runs/notebooks/preference-from-ranks"),
+    code(BOOTSTRAP),
+    code("""from qlora_pipeline.config import load_config
+from qlora_pipeline.data import load_rows
+from qlora_pipeline.pairs import build_pairs
+from qlora_pipeline.course.notebook import tree_text
+
+cfg = load_config(PRESET, OVERRIDES)
+rows = load_rows(cfg.data)["train"]
+pairs = build_pairs(rows, cfg.data.languages).pairs
+pair = next(p for p in pairs if p["rejected_rank"] >= 2)  # a group of three ranked replies
+print(tree_text(rows, pair["tree_id"]))
+print(f"\\n{len(pairs)} pairs in the sample; this one:")
+pair"""),
+    md("""## The SFT adapter DPO starts from
+
+DPO needs a policy to train and a reference to measure it against: both start as the SFT adapter.
+`prepare` writes the pairs beside the conversations (same tree split), `train` makes the adapter."""),
+    code("""from qlora_pipeline.pipeline import check_run_dir, run_stage
+
+check_run_dir(RUN_DIR)
+stats = run_stage("prepare", cfg, RUN_DIR)
+run_stage("train", cfg, RUN_DIR)
+stats["pairs"]"""),
+    md("""## DPO's loss, written out
+
+For a prompt x, chosen reply y_w and rejected reply y_l, with log-probabilities summed over the
+reply's tokens:
+
+margin = (log π(y_w|x) − log π_ref(y_w|x)) − (log π(y_l|x) − log π_ref(y_l|x)),
+loss = −log σ(β · margin).
+
+Here the policy π is the trainable adapter and π_ref the frozen SFT adapter, both on the same 4-bit
+base: TRL copies the adapter it is given into a second one named "ref" and switches to it for the
+reference. `dpo_batch` builds TRL's trainer as the stage does and collates the pair the way TRL
+does (row 0: prompt + chosen, row 1: prompt + rejected)."""),
+    code("""import torch
+import torch.nn.functional as F
+from trl.trainer.utils import use_adapter
+from qlora_pipeline.course.concepts import dpo_batch
+
+def completion_logps(model, batch):
+    \"\"\"log p of each row's reply: the sum over its tokens (completion_mask) of log softmax.\"\"\"
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+    token_logps = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, batch["input_ids"][:, 1:, None]).squeeze(-1)
+    return (token_logps * batch["completion_mask"][:, 1:]).sum(dim=1)
+
+def dpo_loss_by_hand(model, batch, beta):
+    with torch.no_grad():
+        policy_chosen, policy_rejected = completion_logps(model, batch)
+        with use_adapter(model, "ref"):  # the reference: the frozen copy
+            ref_chosen, ref_rejected = completion_logps(model, batch)
+    margin = (policy_chosen - ref_chosen) - (policy_rejected - ref_rejected)
+    return margin, -F.logsigmoid(beta * margin)
+
+def check_against_trl(policy_adapter):
+    model, trainer, batch = dpo_batch(cfg, pair, policy_adapter, f"{RUN_DIR}/adapter")
+    margin, ours = dpo_loss_by_hand(model, batch, cfg.prefer.beta)
+    with torch.no_grad():
+        theirs = trainer.compute_loss(model, batch)
+    difference = abs(float(ours) - float(theirs))
+    print(f"margin {float(margin):+.4f}: DPO loss by hand {float(ours):.6f}, TRL {float(theirs):.6f}, "
+          f"|difference| {difference:.1e}")
+    assert difference < 1e-4, "the written-out loss must equal TRL's"
+
+check_against_trl(f"{RUN_DIR}/adapter")  # policy = reference: margin ~0, loss ~log 2"""),
+    md("""At the start the policy *is* the reference, so the margin is about zero and the loss is
+log 2 ≈ 0.693 (not exactly: TRL keeps a 4-bit model's trainable adapter in bf16, the reference
+copy stays in fp32).
+
+## The stage: DPO over every training pair
+
+`run_stage("prefer")` trains with TRL's `DPOTrainer`, then measures base, SFT and DPO on the
+test pairs and writes `adapter-dpo/` (merge, export and the app take it from there)."""),
+    code("""import json
+from IPython.display import Image
+
+result = run_stage("prefer", cfg, RUN_DIR)
+check_against_trl(f"{RUN_DIR}/adapter-dpo")  # the trained policy against the SFT reference
+print(json.dumps({k: result[k] for k in ("base", "sft", "dpo", "sft_val_loss")}, indent=1))
+Image(f"{RUN_DIR}/preference.png")"""),
+]
+
 NOTEBOOKS = {
     "S29_finetuning_llm.ipynb": (S29_FINETUNING, "QLoRA on oasst1: NF4 base, LoRA check, data, training, before/after"),
     "S29_phi3_inference.ipynb": (S29_INFERENCE, "chat with base + adapter, merge into the 16-bit base, check it"),
@@ -584,6 +680,10 @@ NOTEBOOKS = {
     "notebooks/lora_from_scratch.ipynb": (LORA_FROM_SCRATCH, "a LoRA layer in torch vs peft, rank/alpha, merging"),
     "notebooks/nf4_from_scratch.ipynb": (NF4_FROM_SCRATCH, "NF4 levels, block-wise quantization vs bitsandbytes"),
     "notebooks/oasst1_trees.ipynb": (OASST1_TREES, "oasst1 trees, ranked paths, what the filters drop"),
+    "notebooks/preference_from_ranks.ipynb": (
+        PREFERENCE_FROM_RANKS,
+        "a ranked sibling group, DPO's loss by hand vs TRL's, the prefer stage",
+    ),
 }
 
 

@@ -16,6 +16,7 @@ ORDER = [
     "notebooks/lora_from_scratch.ipynb",
     "notebooks/nf4_from_scratch.ipynb",
     "notebooks/oasst1_trees.ipynb",
+    "notebooks/preference_from_ranks.ipynb",
 ]
 
 
@@ -130,6 +131,10 @@ def test_concept_notebooks_show_their_comparisons(executed):
     nf4 = executed["notebooks/nf4_from_scratch.ipynb"]
     assert "100.000% of codes identical to bitsandbytes" in nf4 and "4.127" in nf4
     assert '"train": ' in executed["notebooks/oasst1_trees.ipynb"]  # the split sizes printed after the drop chart
+    preference = executed["notebooks/preference_from_ranks.ipynb"]
+    # the written-out DPO loss printed beside TRL's, before and after the stage (a cell asserts the equality)
+    assert preference.count("DPO loss by hand") == 2 and "TRL " in preference
+    assert '"sft_val_loss"' in preference and "<<image/png>>" in preference
 
 
 def test_a_failing_cell_fails_the_run(tmp_path):

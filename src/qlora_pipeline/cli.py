@@ -2,7 +2,7 @@
 
     qlora-pipeline run --preset tiny --run-dir runs/demo          # every stage, skipping done ones
     qlora-pipeline run --preset phi35-colab-t4 train.epochs=2     # key=value overrides
-    qlora-pipeline prepare|train|merge|export|evaluate --run-dir runs/demo
+    qlora-pipeline prepare|train|prefer|merge|export|evaluate --run-dir runs/demo
     qlora-pipeline run --run-dir runs/demo --resume              # continue after an interruption
     qlora-pipeline run --run-dir runs/demo --force export         # re-run one stage
     qlora-pipeline chat --model runs/demo/gguf/model-Q4_K_M.gguf  # talk to a GGUF (llama-cpp-python)
@@ -91,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, text in (
         ("prepare", "oasst1 trees -> conversations"),
         ("train", "QLoRA fine-tuning"),
+        ("prefer", "DPO on the adapter from oasst1's ranked pairs (prefer.enabled)"),
         ("merge", "merge the adapter into the base"),
         ("export", "GGUF F16 and quantized files (llama.cpp)"),
         ("evaluate", "scorecard: base, adapter, merged and every GGUF variant"),
@@ -99,6 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
         _common(stage, None)
         if name == "train":
             stage.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+        if name == "prefer":
+            stage.add_argument("--fresh", action="store_true", help="start over instead of continuing")
     chat = sub.add_parser("chat", help="chat with a GGUF model in the terminal")
     defaults = _sampling_defaults()
     chat.add_argument("--model", required=True, type=Path, help="a .gguf file")
@@ -244,7 +247,8 @@ def _dispatch(args) -> int:
         return 0
     check_run_dir(run_dir)
     save_run_config(cfg, run_dir)
-    result = run_stage(args.command, cfg, run_dir, resume=getattr(args, "resume", False))
+    resume = False if getattr(args, "fresh", False) else getattr(args, "resume", None)
+    result = run_stage(args.command, cfg, run_dir, resume=resume)
     if isinstance(result, dict) and result.get("interrupted"):
         return 130
     print(f"{args.command} done in {time.time() - started:.1f} s ({run_dir})")
@@ -260,6 +264,10 @@ def print_summary(run_dir: Path, timings: dict, seconds: float) -> None:
     print("stage times: " + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()) + f"; total {seconds:.0f}s")
     if hf:
         print(loss_line(hf))
+    if report.get("preference"):
+        from qlora_pipeline.preference import preference_line
+
+        print(preference_line(report["preference"]))
     if report.get("gguf"):
         from qlora_pipeline.evaluation.report import scorecard_table
 
@@ -279,7 +287,8 @@ def print_summary(run_dir: Path, timings: dict, seconds: float) -> None:
         print(
             f"held-out questions ({heldout['questions']}), exact match: " + format_exact_match(heldout["exact_match"])
         )
-    print(f"outputs in {run_dir}: adapter/, merged/, gguf/, report.md, loss.png, scorecard.png")
+    dpo = ", adapter-dpo/, preference.png" if report.get("preference") else ""
+    print(f"outputs in {run_dir}: adapter/{dpo}, merged/, gguf/, report.md, loss.png, scorecard.png")
     q4 = RunLayout(run_dir).gguf("Q4_K_M")
     if q4.is_file():
         print(f"chat with it: qlora-pipeline chat --model {q4}")

@@ -37,6 +37,7 @@ from qlora_pipeline.evaluation.scoring import (
 )
 from qlora_pipeline.layout import RunLayout
 from qlora_pipeline.paths import write_json_atomic
+from qlora_pipeline.preference import read_preference
 from qlora_pipeline.runtime import usable_cpus
 
 
@@ -97,7 +98,7 @@ def evaluate_hf(cfg: PipelineConfig, run_dir: Path, log=print, with_merged: bool
     results: dict = {}
     model = load_base_full_precision(base, cfg.model, dtype=dtype, device=device)
     results.update(measure(model, "base"))
-    results.update(measure(load_adapter(model, RunLayout(run_dir).adapter), "adapter"))
+    results.update(measure(load_adapter(model, RunLayout(run_dir).final_adapter), "adapter"))
     del model
     free_memory()  # the base + adapter goes before the merged model comes: one model at a time
     if with_merged:
@@ -310,7 +311,10 @@ def evaluate_gguf(cfg: PipelineConfig, run_dir: Path, log=print) -> dict:
 
 def evaluate(cfg: PipelineConfig, run_dir: Path, log=print) -> dict:
     """The whole evaluate stage: transformers models first, then every GGUF variant."""
-    write_json_atomic(RunLayout(run_dir).report_json, {})  # no section of an older run survives
+    layout = RunLayout(run_dir)
+    write_json_atomic(layout.report_json, {})  # no section of an older run survives
+    if layout.final_adapter == layout.adapter_dpo:  # measured by the prefer stage, which had the models
+        update_report(run_dir, "preference", read_preference(layout.adapter_dpo))
     evaluate_hf(cfg, run_dir, log=log)
     return evaluate_gguf(cfg, run_dir, log=log)
 

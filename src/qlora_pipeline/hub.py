@@ -122,6 +122,7 @@ RUN_CONFIG_IN_REPO = "qlora_run_config.json"
 PART_MARKERS = {"adapter": "adapter_config.json", "merged": "config.json"}
 PART_PARAMETERS = {"adapter": "ADAPTER_REPO", "merged": "MERGED_REPO"}  # the notebooks' names for them
 MODEL_CARD = "README.md"  # the repo's card (qlora-pipeline push), not a file of the part
+DPO_SUBFOLDER = "dpo"  # in the adapter repo: the preference-tuned adapter (RUN/adapter-dpo)
 
 
 def push_space(folder: Path, space: str, model_repo: str | None = None, private: bool = False) -> str:
@@ -165,19 +166,30 @@ def pull_run_part(run_dir: Path, part: str, repo_id: str | None, cache_dir: str 
         )
     layout.root.mkdir(parents=True, exist_ok=True)
     extras = {RUN_CONFIG_IN_REPO: layout.config, layout.merge_check.name: layout.merge_check}
+    # the adapter repo's dpo/ is the preference-tuned adapter: RUN/adapter-dpo, beside RUN/adapter
+    subfolders = {DPO_SUBFOLDER: layout.adapter_dpo} if part == "adapter" else {}
+    for name, dest in subfolders.items():
+        if (snapshot / name / PART_MARKERS[part]).is_file() and not (dest / PART_MARKERS[part]).is_file():
+            with atomic_dir(dest) as tmp:
+                _place_tree(snapshot / name, tmp, skip=())
     with atomic_dir(folder) as tmp:
-        for file in snapshot.rglob("*"):
-            inside = file.relative_to(snapshot)
-            # (the Hub cache itself may sit under a .cache folder: only the snapshot's own parts count)
-            if file.is_file() and file.name not in (*extras, MODEL_CARD) and ".cache" not in inside.parts:
-                dest = tmp / inside
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                _place(file, dest)
+        _place_tree(snapshot, tmp, skip=(*extras, MODEL_CARD), skip_dirs=tuple(subfolders))
         if not (tmp / PART_MARKERS[part]).is_file():  # never leave an empty part behind a "pulled"
             raise PipelineError(f"pulling {repo_id!r} gave no {PART_MARKERS[part]}; nothing was written to {folder}")
     _restore_extras(snapshot, extras)
     log(f"pulled the {part} from {hub_url(repo_id)} into {folder}")
     return True
+
+
+def _place_tree(snapshot: Path, dest: Path, skip: tuple[str, ...], skip_dirs: tuple[str, ...] = ()) -> None:
+    """The snapshot's files under ``dest`` (but files named in ``skip`` and folders in ``skip_dirs``)."""
+    for file in snapshot.rglob("*"):
+        inside = file.relative_to(snapshot)
+        # (the Hub cache itself may sit under a .cache folder: only the snapshot's own parts count)
+        if not file.is_file() or file.name in skip or ".cache" in inside.parts or inside.parts[0] in skip_dirs:
+            continue
+        (dest / inside).parent.mkdir(parents=True, exist_ok=True)
+        _place(file, dest / inside)
 
 
 def _place(cached: Path, dest: Path) -> None:

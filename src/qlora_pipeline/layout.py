@@ -4,8 +4,10 @@
       config.json            the run's configuration (pipeline.save_run_config)
       stages/<stage>.json    what each finished stage was run with (pipeline)
       data/{train,val,test}.jsonl, data/stats.json          prepare
+      data/pairs-{train,val,test}.jsonl                      prepare (preference pairs)
       checkpoints/step-NNNNNN/, train_log.jsonl, loss.png    train
       adapter/               the LoRA adapter and training_summary.json           train
+      adapter-dpo/, checkpoints-dpo/, prefer_log.jsonl, preference.png        prefer (DPO)
       merged/, merge_check.json                              merge
       gguf/model-<TYPE>.gguf, gguf/manifest.json             export
       report.json, report.md, scorecard.png                  evaluate
@@ -78,6 +80,10 @@ class RunLayout:
     def split(self, name: str) -> Path:
         return self.data / f"{name}.jsonl"
 
+    def pairs(self, name: str) -> Path:
+        """Preference pairs of one split (TRL's conversational format)."""
+        return self.data / f"pairs-{name}.jsonl"
+
     @property
     def data_stats(self) -> Path:
         """What every filter dropped, and the split sizes."""
@@ -99,6 +105,32 @@ class RunLayout:
     @property
     def adapter(self) -> Path:
         return self.root / "adapter"
+
+    # -- prefer (DPO on the SFT adapter)
+    @property
+    def adapter_dpo(self) -> Path:
+        """The preference-tuned adapter and preference.json (its measurements)."""
+        return self.root / "adapter-dpo"
+
+    @property
+    def prefer_checkpoints(self) -> Path:
+        """TRL's own checkpoints of the DPO run (``checkpoint-N/``), for resuming."""
+        return self.root / "checkpoints-dpo"
+
+    @property
+    def prefer_log(self) -> Path:
+        return self.root / "prefer_log.jsonl"
+
+    @property
+    def preference_plot(self) -> Path:
+        return self.root / "preference.png"
+
+    @property
+    def final_adapter(self) -> Path:
+        """The adapter that merge, export and evaluate use: the DPO one when the ``prefer`` stage
+        left it, else the SFT one."""
+        dpo = self.adapter_dpo
+        return dpo if (dpo / "adapter_config.json").is_file() else self.adapter
 
     # -- merge
     @property

@@ -41,14 +41,15 @@ def copy_sentencepiece_model(base: str, dest: Path, revision: str | None = None)
 
 
 def merge(cfg: PipelineConfig, run_dir: Path, log=print) -> dict:
-    """Merge RUN/adapter into the full-precision base; write RUN/merged and RUN/merge_check.json."""
+    """Merge RUN/adapter (RUN/adapter-dpo when the prefer stage left one) into the full-precision
+    base; write RUN/merged and RUN/merge_check.json (which names the adapter merged)."""
     from qlora_pipeline.base import resolve_base
     from qlora_pipeline.chat_format import ChatEncoder
     from qlora_pipeline.data import read_split, tokenize_conversations
     from qlora_pipeline.model import load_base_full_precision, load_tokenizer
 
     run_dir = Path(run_dir)
-    adapter_dir = RunLayout(run_dir).adapter
+    adapter_dir = RunLayout(run_dir).final_adapter
     check_adapter_files(adapter_dir)  # before a base of gigabytes is loaded
     base = resolve_base(cfg, log=log)
     dtype = merge_dtype(cfg, base)
@@ -69,7 +70,7 @@ def merge(cfg: PipelineConfig, run_dir: Path, log=print) -> dict:
     merged = with_adapter.merge_and_unload()
     check = compare_logits(reference, model_logits(merged, check_examples, device=device))
     del reference
-    _report_check(check, dtype, len(check_examples), log, device=device)
+    _report_check(check, dtype, len(check_examples), log, device=device, adapter=adapter_dir.name)
 
     with atomic_dir(RunLayout(run_dir).merged) as tmp:
         merged.save_pretrained(tmp, safe_serialization=True)
@@ -129,12 +130,12 @@ def _merge_streaming(cfg: PipelineConfig, run_dir: Path, base: str, dtype, token
 
     base_dir = local_base_dir(base, cfg.model.revision)
     with atomic_dir(RunLayout(run_dir).merged) as tmp:
-        info = stream_merge(base_dir, RunLayout(run_dir).adapter, tmp, dtype=dtype, log=log)
+        info = stream_merge(base_dir, RunLayout(run_dir).final_adapter, tmp, dtype=dtype, log=log)
         tokenizer.save_pretrained(tmp)
         if not copy_sentencepiece_model(str(base_dir), tmp, cfg.model.revision):
             raise ModelError(f"the base {base!r} has no tokenizer.model; llama.cpp's Phi-3 converter needs it")
         reference = model_logits(
-            load_adapter(load_base_full_precision(base, cfg.model, dtype=dtype), RunLayout(run_dir).adapter),
+            load_adapter(load_base_full_precision(base, cfg.model, dtype=dtype), RunLayout(run_dir).final_adapter),
             check_examples,
         )
         free_memory()  # base + adapter is gone before the merged model loads: one model in RAM at a time
@@ -142,7 +143,8 @@ def _merge_streaming(cfg: PipelineConfig, run_dir: Path, base: str, dtype, token
         check = compare_logits(reference, model_logits(merged, check_examples))
         del merged, reference
         free_memory()
-    _report_check(check, dtype, len(check_examples), log, streaming=True, **info)
+    adapter = RunLayout(run_dir).final_adapter.name
+    _report_check(check, dtype, len(check_examples), log, streaming=True, adapter=adapter, **info)
     write_json_atomic(RunLayout(run_dir).merge_check, check)
     return check
 

@@ -37,9 +37,11 @@ class Stage:
     outputs: tuple[str, ...]  # files and folders under RUN it writes (its manifest covers them)
     required: tuple[str, ...]  # files under RUN that must exist when it is done
 
-    def run(self, cfg: PipelineConfig, run_dir: Path, *, log=print, resume: bool = False):
+    def run(self, cfg: PipelineConfig, run_dir: Path, *, log=print, resume: bool | None = None):
+        """``resume`` None: the stage's own default (train starts over, prefer continues)."""
         # imported when run: the stage modules bring torch, transformers and llama.cpp with them
-        return importlib.import_module(f"qlora_pipeline.{self.module}").run(cfg, run_dir, log=log, resume=resume)
+        stage_run = importlib.import_module(f"qlora_pipeline.{self.module}").run
+        return stage_run(cfg, run_dir, log=log, **({} if resume is None else {"resume": resume}))
 
 
 STAGES = (
@@ -49,7 +51,7 @@ STAGES = (
         (),
         ("data",),
         names(NAMES.data),
-        names(*(NAMES.split(n) for n in SPLITS), NAMES.data_stats),
+        names(*(NAMES.split(n) for n in SPLITS), *(NAMES.pairs(n) for n in SPLITS), NAMES.data_stats),
     ),
     Stage(
         "train",
@@ -60,10 +62,18 @@ STAGES = (
         names(NAMES.adapter / "adapter_config.json"),
     ),
     Stage(
+        "prefer",
+        "prefer",
+        ("prepare", "train"),
+        (*TRAINING_SECTIONS, "prefer"),
+        names(NAMES.adapter_dpo, NAMES.prefer_log, NAMES.preference_plot),
+        (),  # nothing when prefer.enabled is off; merge takes RunLayout.final_adapter
+    ),
+    Stage(
         "merge",
         "merge",
         ("train",),
-        (*TRAINING_SECTIONS, "merge"),
+        (*TRAINING_SECTIONS, "prefer", "merge"),
         names(NAMES.merged, NAMES.merge_check),
         names(NAMES.merged / "config.json", NAMES.merge_check),
     ),
@@ -71,7 +81,7 @@ STAGES = (
         "export",
         "export",
         ("merge",),
-        (*TRAINING_SECTIONS, "merge", "export"),
+        (*TRAINING_SECTIONS, "prefer", "merge", "export"),
         names(NAMES.gguf_dir),
         names(NAMES.gguf_manifest),
     ),
@@ -79,7 +89,7 @@ STAGES = (
         "evaluate",
         "evaluate",
         ("prepare", "train", "merge", "export"),
-        (*TRAINING_SECTIONS, "merge", "export", "eval"),
+        (*TRAINING_SECTIONS, "prefer", "merge", "export", "eval"),
         names(NAMES.report_json, NAMES.report_md, NAMES.scorecard_plot),
         names(NAMES.report_json, NAMES.scorecard_plot),
     ),
@@ -188,7 +198,7 @@ def mark_done(cfg: PipelineConfig, run_dir: Path, stage: Stage, seconds: float) 
     )
 
 
-def run_stage(name: str, cfg: PipelineConfig, run_dir: Path, log=print, resume: bool = False):
+def run_stage(name: str, cfg: PipelineConfig, run_dir: Path, log=print, resume: bool | None = None):
     stage = STAGE_BY_NAME[name]
     check_prerequisites(stage, run_dir)
     # This stage's outputs are about to change: it does not count as done until it finishes
@@ -219,6 +229,16 @@ def _train_resume(cfg: PipelineConfig, run_dir: Path, resume: bool, forced: bool
             "continue, or --force train to start over"
         )
     return resume and checkpoint is not None
+
+
+def _stage_resume(name: str, cfg: PipelineConfig, run_dir: Path, resume: bool, forced: bool, log) -> bool | None:
+    """What ``run`` tells a stage about resuming: train continues only with --resume; prefer
+    continues from its own checkpoints unless forced; the others have nothing to resume."""
+    if name == "train":
+        return _train_resume(cfg, run_dir, resume, forced, log)
+    if name == "prefer":
+        return not forced
+    return None
 
 
 def continue_run(run_dir: Path, parts: dict[str, str | None], log=print) -> PipelineConfig:
@@ -281,7 +301,7 @@ def run_pipeline(
             elif status != "missing":
                 log(f"[{stage.name}] {reason}; running it again")
             log(f"[{stage.name}] running")
-            resume_this = stage.name == "train" and _train_resume(cfg, run_dir, resume, stage.name in force, log)
+            resume_this = _stage_resume(stage.name, cfg, run_dir, resume, stage.name in force, log)
             started = time.time()
             result = run_stage(stage.name, cfg, run_dir, log=log, resume=resume_this)
             timings[stage.name] = round(time.time() - started, 1)

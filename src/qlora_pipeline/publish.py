@@ -17,7 +17,7 @@ import json
 from pathlib import Path
 
 from qlora_pipeline.errors import ConfigError, PipelineError
-from qlora_pipeline.hub import MODEL_CARD, RUN_CONFIG_IN_REPO, CourseRepos, hub_token, hub_url
+from qlora_pipeline.hub import DPO_SUBFOLDER, MODEL_CARD, RUN_CONFIG_IN_REPO, CourseRepos, hub_token, hub_url
 from qlora_pipeline.layout import RunLayout
 from qlora_pipeline.serve.sources import MODELS_MANIFEST, default_model
 
@@ -44,6 +44,17 @@ def _optional_gguf_files(layout: RunLayout) -> dict[str, Path]:
     }
 
 
+def _folder_files(folder: Path) -> dict[str, Path]:
+    """A part's own files by name (peft writes a README.md of its own: the generated card replaces it)."""
+    if not folder.is_dir():
+        return {}
+    return {
+        f.name: f
+        for f in sorted(folder.iterdir())
+        if f.is_file() and not f.name.startswith(".") and f.name != MODEL_CARD
+    }
+
+
 def files_to_push(run_dir: Path, what: str, include: tuple[str, ...] = ()) -> dict[str, Path]:
     """Path in the repo -> file in the run, for one kind of output (``include``: the GGUFs of
     ``OPTIONAL_GGUF`` to push as well)."""
@@ -52,17 +63,10 @@ def files_to_push(run_dir: Path, what: str, include: tuple[str, ...] = ()) -> di
     if unknown:
         raise ConfigError(f"--include {sorted(unknown)[0]!r} is invalid: use any of {', '.join(OPTIONAL_GGUF)}")
     if what in ("adapter", "merged"):
-        folder = layout.adapter if what == "adapter" else layout.merged
-        # peft writes a README.md of its own into the adapter: the generated card replaces it.
-        files = (
-            {
-                f.name: f
-                for f in sorted(folder.iterdir())
-                if f.is_file() and not f.name.startswith(".") and f.name != MODEL_CARD
-            }
-            if folder.is_dir()
-            else {}
-        )
+        files = _folder_files(layout.adapter if what == "adapter" else layout.merged)
+        if what == "adapter" and files and layout.final_adapter == layout.adapter_dpo:
+            # the preference-tuned adapter travels in the same repo, under DPO_SUBFOLDER
+            files.update({f"{DPO_SUBFOLDER}/{name}": f for name, f in _folder_files(layout.adapter_dpo).items()})
         if what == "merged" and files and layout.merge_check.is_file():
             files[layout.merge_check.name] = layout.merge_check  # export requires it (the merge's own check)
     else:
@@ -155,13 +159,19 @@ def _scorecard_section(report: dict) -> list[str]:
 
 def _usage_section(repo: str, what: str, files: dict[str, Path]) -> list[str]:
     if what == "adapter":
+        dpo = any(name.startswith(f"{DPO_SUBFOLDER}/") for name in files)
         return [
             "## Use",
             "",
             "```python",
             "from peft import AutoPeftModelForCausalLM",
             "",
-            f'model = AutoPeftModelForCausalLM.from_pretrained("{repo}")',
+            f'model = AutoPeftModelForCausalLM.from_pretrained("{repo}")  # the SFT adapter',
+            *(
+                [f'model = AutoPeftModelForCausalLM.from_pretrained("{repo}", subfolder="{DPO_SUBFOLDER}")  # + DPO']
+                if dpo
+                else []
+            ),
             "```",
             "",
         ]

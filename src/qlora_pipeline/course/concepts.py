@@ -11,6 +11,7 @@ cannot drift into teaching something the libraries do not do.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -228,3 +229,35 @@ def first_layer_qkv(base: str) -> tuple[str, torch.Tensor]:
             if name:
                 return name, f.get_tensor(name).float()
     raise ValueError(f"{base} has no tensor ending in {QKV_0}: not a Phi-3 model")
+
+
+# ---------------------------------------------------------------------------- preference_from_ranks
+
+
+def dpo_batch(cfg, pair: dict, policy_adapter: Path, reference_adapter: Path):
+    """(model, trainer, batch) for one preference pair: TRL's DPOTrainer built as the prefer stage
+    builds it (``prefer.dpo_trainer``), its policy (the "default" adapter) loaded from
+    ``policy_adapter`` and its reference (the "ref" adapter TRL adds) from ``reference_adapter``,
+    and TRL's collated batch of the pair (row 0: prompt + chosen, row 1: prompt + rejected)."""
+    import tempfile
+
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    from qlora_pipeline.base import resolve_base
+    from qlora_pipeline.chat_format import ChatEncoder
+    from qlora_pipeline.model import load_tokenizer, pick_device
+    from qlora_pipeline.pairs import encode_pairs
+    from qlora_pipeline.prefer import dpo_trainer, policy_model
+
+    base = resolve_base(cfg)
+    tokenizer = load_tokenizer(base, cfg.model.revision)
+    device = pick_device(cfg.model.compute_dtype, cfg.train.mixed_precision)
+    [example], _ = encode_pairs(ChatEncoder.from_hf(tokenizer), [pair], max_len=1 << 20)
+    model = policy_model(cfg, base, Path(policy_adapter), device)
+    scratch = Path(tempfile.mkdtemp(prefix="dpo-batch-"))  # the trainer's output folder: nothing is saved
+    trainer = dpo_trainer(cfg, scratch, model, tokenizer, {"train": [example], "val": [example]}, device)
+    reference = load_file(str(Path(reference_adapter) / "adapter_model.safetensors"))
+    set_peft_model_state_dict(trainer.model, reference, adapter_name="ref")
+    batch = {k: v.to(device.name) for k, v in trainer.data_collator([example]).items()}
+    return trainer.model, trainer, batch

@@ -153,15 +153,25 @@ def fresh_vm(out: Path, vm_name: str) -> Path:
 DRIVE_KINDS = {  # the first folder (or file) under RUN_DIR -> what it is (names from RunLayout)
     NAMES.data.name: "data splits",
     NAMES.checkpoints.name: "checkpoints",
+    NAMES.prefer_checkpoints.name: "checkpoints",
     NAMES.adapter.name: "adapter",
+    NAMES.adapter_dpo.name: "adapter",
     **dict.fromkeys(
         (NAMES.stages.name, NAMES.config.name, LARGE_FILES_POINTER, NAMES.merge_check.name, NAMES.time_estimate.name),
         "run records",
     ),
     **dict.fromkeys(
-        (NAMES.report_json.name, NAMES.report_md.name, NAMES.scorecard_plot.name, NAMES.loss_plot.name), "reports"
+        (
+            NAMES.report_json.name,
+            NAMES.report_md.name,
+            NAMES.scorecard_plot.name,
+            NAMES.loss_plot.name,
+            NAMES.preference_plot.name,
+        ),
+        "reports",
     ),
     NAMES.train_log.name: "logs",
+    NAMES.prefer_log.name: "logs",
 }
 
 

@@ -44,13 +44,46 @@ def step_counts(cfg: PipelineConfig, run_dir: Path, encoder) -> dict[str, int]:
         "validation_tokens_during_training": evals * val_per_eval,
         "hf_tokens_per_model": _tokens(splits["val"]) + _tokens(splits["test"]),
         "merge_check_tokens": _tokens(check),
+        **(dpo_counts(cfg, run_dir, encoder, val_per_eval) if cfg.prefer.enabled else {}),
+    }
+
+
+def _pair_tokens(examples: list[dict]) -> int:
+    """Tokens of a pair's two sequences: the prompt with the chosen reply, and with the rejected one."""
+    return sum(2 * len(e["prompt_ids"]) + len(e["chosen_ids"]) + len(e["rejected_ids"]) for e in examples)
+
+
+def dpo_counts(cfg: PipelineConfig, run_dir: Path, encoder, sft_val_tokens: int) -> dict[str, int]:
+    """Token counts of the prefer stage: the policy trains on every pair's two sequences and the
+    reference reads them once more (a forward pass); validation pairs are read by both at every
+    evaluation; at the end base, SFT and DPO read the test pairs and the SFT validation loss is
+    taken twice."""
+    import math
+
+    from qlora_pipeline.pairs import encode_pairs, read_pairs
+
+    p = cfg.prefer
+    max_len = p.max_length or cfg.data.max_seq_len
+    pairs = {split: encode_pairs(encoder, read_pairs(run_dir, split), max_len)[0] for split in ("train", "val", "test")}
+    if p.eval_max_pairs is not None:
+        pairs["val"], pairs["test"] = pairs["val"][: p.eval_max_pairs], pairs["test"][: p.eval_max_pairs]
+    per_step = p.batch_size * p.gradient_accumulation_steps
+    steps = p.max_steps or math.ceil(p.epochs * len(pairs["train"]) / per_step)
+    train_tokens = _pair_tokens(pairs["train"]) * steps * per_step / max(1, len(pairs["train"]))
+    evals = steps // p.eval_every + 1
+    return {
+        "dpo_steps": steps,
+        "dpo_train_tokens": int(train_tokens),
+        "dpo_forward_tokens": int(
+            train_tokens + 2 * evals * _pair_tokens(pairs["val"]) + 3 * _pair_tokens(pairs["test"]) + 2 * sft_val_tokens
+        ),
     }
 
 
 def estimate(counts: dict[str, int], train_tokens_per_s: float, forward_tokens_per_s: float) -> dict:
     """Seconds per long step of each notebook (transformers steps only; GGUF steps are timed as they run)."""
     fwd = forward_tokens_per_s
-    return {
+    table = {
         "rates": {"train_tokens_per_s": train_tokens_per_s, "forward_tokens_per_s": fwd},
         "S29_finetuning_llm": {
             "training": counts["train_tokens"] / train_tokens_per_s + counts["validation_tokens_during_training"] / fwd,
@@ -61,6 +94,15 @@ def estimate(counts: dict[str, int], train_tokens_per_s: float, forward_tokens_p
             "base, adapter and merged scores": 3 * counts["hf_tokens_per_model"] / fwd
         },
     }
+    if "dpo_train_tokens" in counts:  # prefer.enabled: the prefer stage runs in notebook 1, after training
+        table["S29_finetuning_llm"]["preference tuning (DPO)"] = dpo_seconds(counts, train_tokens_per_s, fwd)
+    return table
+
+
+def dpo_seconds(counts: dict[str, int], train_tokens_per_s: float, forward_tokens_per_s: float) -> float:
+    """The prefer stage: the policy's training tokens, plus every forward-only token (reference,
+    evaluations, final measurements)."""
+    return counts["dpo_train_tokens"] / train_tokens_per_s + counts["dpo_forward_tokens"] / forward_tokens_per_s
 
 
 def save_estimate(run_dir: Path, table: dict) -> None:

@@ -92,6 +92,8 @@ def render_markdown(report: dict) -> str:
                 "Chat prompt ids against llama-cpp-python's chat handler: " + format_routes(parity["chat_prompt_ids"]),
             ]
         lines.append("")
+    if report.get("preference"):
+        lines += _preference_markdown(report["preference"])
     heldout = report.get("heldout")
     if heldout:
         lines += [
@@ -113,6 +115,35 @@ def render_markdown(report: dict) -> str:
                 lines.append(f"- {name}: {answer}")
             lines.append("")
     return "\n".join(lines) + "\n"
+
+
+def _preference_markdown(pref: dict) -> list[str]:
+    """The DPO section: each model on the test pairs, and what DPO cost in SFT validation loss."""
+    lines = [
+        f"## Preference tuning (DPO, beta {pref['beta']}; {pref['pairs']} test pairs)",
+        "",
+        "| model | likelihood preference | mean log-prob gap | implicit reward accuracy | mean margin | reference |",
+        "| --- | ---: | ---: | ---: | ---: | --- |",
+    ]
+    for name, label in (("base", "base"), ("sft", "SFT adapter"), ("dpo", "DPO adapter")):
+        row = pref[name]
+        reward = (
+            f"{100 * row['reward_accuracy']:.1f}% | {row['mean_margin']:+.4f} | {row['reference']}"
+            if "reward_accuracy" in row
+            else "– | – | –"
+        )
+        like = f"{100 * row['likelihood_preference']:.1f}% | {row['mean_logp_gap']:+.3f}"
+        lines.append(f"| {label} | {like} | {reward} |")
+    loss = pref["sft_val_loss"]
+    lines += [
+        "",
+        f"SFT validation loss {loss['before']:.4f} with the SFT adapter, {loss['after']:.4f} with the DPO "
+        f"adapter ({100 * loss['rise']:+.2f}%). Likelihood preference: the share of pairs where the model "
+        "alone gives the chosen reply the higher log-probability per token; the gap is its mean difference. "
+        "Curves over the DPO steps: preference.png.",
+        "",
+    ]
+    return lines
 
 
 def heldout_section(questions: list[dict], results: dict[str, dict]) -> dict:

@@ -43,7 +43,7 @@ def full_size_counts(run: Path, preset: str, twin_hub: Path) -> tuple[dict, dict
     """Counts of the preset as it ships (no CPU overrides) on the rehearsed run's splits, and the
     same for the real oasst1: the data-dependent counts scaled by size, then the preset's
     caps applied (a capped validation pass, capped scoring)."""
-    cfg = load_config(preset)
+    cfg = load_config(preset, ["prefer.enabled=true"])  # the prefer stage's cost too, as if turned on
     counts = step_counts(cfg, run, ChatEncoder.from_hf(load_tokenizer(resolve_base(cfg))))
     scale = oasst1_scale(twin_hub)
     tcfg = cfg.train
@@ -59,8 +59,24 @@ def full_size_counts(run: Path, preset: str, twin_hub: Path) -> tuple[dict, dict
         "validation_tokens_during_training": int(evals * val_pass),
         "hf_tokens_per_model": int(min(hf, 2 * cfg.eval.hf_max_tokens) if cfg.eval.hf_max_tokens else hf),
         "merge_check_tokens": counts["merge_check_tokens"],  # merge.check_samples conversations either way
+        **_dpo_full_size(cfg, counts, scale),
     }
     return counts, full
+
+
+def _dpo_full_size(cfg, counts: dict, scale: float) -> dict:
+    """The prefer stage at full size: its training tokens grow with the pairs; evaluations are
+    capped by prefer.eval_max_pairs (already applied to the counts) and grow with the steps."""
+    steps = int(counts["dpo_steps"] * scale)
+    train = counts["dpo_train_tokens"] * scale
+    per_eval = (counts["dpo_forward_tokens"] - counts["dpo_train_tokens"]) / (
+        counts["dpo_steps"] // cfg.prefer.eval_every + 1
+    )
+    return {
+        "dpo_steps": steps,
+        "dpo_train_tokens": int(train),
+        "dpo_forward_tokens": int(train + per_eval * (steps // cfg.prefer.eval_every + 1)),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:

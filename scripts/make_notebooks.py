@@ -306,12 +306,14 @@ scores = evaluate_hf(cfg, RUN_DIR, with_merged=False)  # on the GPU when there i
 pd.DataFrame({"validation loss": [scores["base_val_loss"], scores["adapter_val_loss"]],
               "test perplexity": [scores["base_ppl"], scores["adapter_ppl"]]}, index=["base", "base + adapter"])"""),
     code("""from qlora_pipeline.model import load_adapter
+from qlora_pipeline.layout import RunLayout
 from qlora_pipeline.course.notebook import hf_answers, load_for_answers
 
 prompts = [c["messages"][0]["content"] for c in read_split(RUN_DIR, "test")[:4]]
 base_model = load_for_answers(cfg, base)
 before = hf_answers(base_model, tokenizer, prompts, max_new_tokens=ANSWER_TOKENS)
-after = hf_answers(load_adapter(base_model, f"{RUN_DIR}/adapter"), tokenizer, prompts, max_new_tokens=ANSWER_TOKENS)
+adapter = RunLayout(RUN_DIR).adapter_for(cfg.prefer.enabled)  # RUN_DIR/adapter, or adapter-dpo after DPO
+after = hf_answers(load_adapter(base_model, adapter), tokenizer, prompts, max_new_tokens=ANSWER_TOKENS)
 del base_model
 free_memory()
 pd.DataFrame({"prompt": prompts, "base": before, "fine-tuned": after})"""),
@@ -344,6 +346,7 @@ the merged model computes what base + adapter computed."""),
 from qlora_pipeline.model import free_memory, load_tokenizer
 from qlora_pipeline.base import resolve_base
 from qlora_pipeline.course.notebook import hf_answers, load_for_answers
+from qlora_pipeline.layout import RunLayout
 from qlora_pipeline.pipeline import continue_run, run_stage
 from qlora_pipeline.course.timing import print_estimate
 
@@ -351,7 +354,8 @@ cfg = continue_run(RUN_DIR, {"adapter": repos.adapter})  # from Drive, or pulled
 print_estimate(RUN_DIR, "S29_phi3_inference")
 base = resolve_base(cfg)
 tokenizer = load_tokenizer(base)
-model = load_for_answers(cfg, base, f"{RUN_DIR}/adapter")  # base + adapter, on the GPU when there is one
+adapter = RunLayout(RUN_DIR).adapter_for(cfg.prefer.enabled)  # the one merge takes (adapter-dpo after DPO)
+model = load_for_answers(cfg, base, adapter)  # base + adapter, on the GPU when there is one
 questions = ["What is the capital of France?", "What sound does a cow make?", "What is the opposite of hot?"]
 answers = hf_answers(model, tokenizer, questions, max_new_tokens=ANSWER_TOKENS, system=SYSTEM_PROMPT)
 pd.DataFrame({"question": questions, "answer": answers})"""),
@@ -597,7 +601,9 @@ from qlora_pipeline.data import load_rows
 from qlora_pipeline.pairs import build_pairs
 from qlora_pipeline.course.notebook import tree_text
 
-cfg = load_config(PRESET, OVERRIDES)
+# This lesson trains SFT and then DPO: the tiny model shows both in about a minute on any machine
+# (on Colab's T4 the phi35 preset's SFT alone takes notebook 1's time).
+cfg = load_config("tiny", OVERRIDES + ["prefer.enabled=true"])
 rows = load_rows(cfg.data)["train"]
 pairs = build_pairs(rows, cfg.data.languages).pairs
 pair = next(p for p in pairs if p["rejected_rank"] >= 2)  # a group of three ranked replies

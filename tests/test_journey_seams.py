@@ -111,13 +111,14 @@ assert pull_run_part(fresh, "adapter", repos.adapter, log=print)
 assert pull_run_part(fresh, "merged", repos.merged, log=print)
 check_prerequisites(STAGE_BY_NAME["export"], fresh)
 trained = Path({str(trained_run)!r})
-for name in ("merge_check.json", "merged/config.json", "merged/model.safetensors", "adapter/adapter_config.json"):
+for name in ("merge_check.json", "merged/config.json", "merged/model.safetensors", "adapter/adapter_config.json",
+             "adapter-dpo/adapter_model.safetensors"):
     assert filecmp.cmp(trained / name, fresh / name, shallow=False), name
 print("pulled", sorted(p.name for p in fresh.iterdir()))
 """
     result = as_colab(code, tmp_path, hub, {"HF_TOKEN": TOKEN})
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "pulled ['adapter', 'config.json', 'merge_check.json', 'merged']" in result.stdout
+    assert "pulled ['adapter', 'adapter-dpo', 'config.json', 'merge_check.json', 'merged']" in result.stdout
 
 
 def test_notebook_3_publishes_a_space_that_serves_the_pushed_models(tmp_path, hub, trained_run):

@@ -29,6 +29,9 @@ def test_the_layout_matches_what_the_stages_declare():
         layout.relative(p)
         for p in (
             layout.adapter,
+            layout.adapter_dpo,
+            layout.prefer_log,
+            layout.preference_plot,
             layout.merged,
             layout.gguf_dir,
             layout.data,

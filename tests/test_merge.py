@@ -27,8 +27,8 @@ def test_merged_model_matches_adapter_model_independently(trained_run, tiny_base
     ids = torch.tensor([[1, 32010, 1724, 338, 278, 7483, 310, 3444, 29973, 32007, 32001]])
     fp32 = {"dtype": torch.float32}  # the twin is stored in bf16, like Phi-3.5; the merge is fp32
     with_adapter = PeftModel.from_pretrained(
-        AutoModelForCausalLM.from_pretrained(str(tiny_base), **fp32), str(trained_run / "adapter")
-    ).eval()
+        AutoModelForCausalLM.from_pretrained(str(tiny_base), **fp32), str(trained_run / "adapter-dpo")
+    ).eval()  # the tiny preset runs the prefer stage: merge takes its adapter
     base = AutoModelForCausalLM.from_pretrained(str(tiny_base), **fp32).eval()
     merged = AutoModelForCausalLM.from_pretrained(str(trained_run / "merged"), **fp32).eval()
     with torch.no_grad():

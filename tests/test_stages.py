@@ -26,7 +26,7 @@ def test_records_hold_a_manifest_of_every_output(trained_run):
     files = sorted(p.relative_to(trained_run).as_posix() for p in (trained_run / "gguf").iterdir())
     assert sorted(record["outputs"]) == files
     assert all(len(v["sha256"]) == 64 and v["bytes"] > 0 for v in record["outputs"].values())
-    assert set(record["config"]) == {"data", "tiny", "model", "lora", "train", "merge", "export"}
+    assert set(record["config"]) == {"data", "tiny", "model", "lora", "train", "prefer", "merge", "export"}
 
 
 def test_a_changed_output_reruns_its_stage_and_same_files_leave_the_rest_skipped(trained_run, tmp_path, test_config):
@@ -43,7 +43,7 @@ def test_a_changed_output_reruns_its_stage_and_same_files_leave_the_rest_skipped
     )
     assert q8.read_bytes() == original  # llama.cpp's quantizer is deterministic
     # export wrote the same files again, so evaluate's inputs did not change
-    assert skipped(lines) == ["prepare", "train", "merge", "evaluate"]
+    assert skipped(lines) == ["prepare", "train", "prefer", "merge", "evaluate"]
 
 
 def test_a_gguf_damaged_in_place_is_exported_again_not_kept(trained_run, tmp_path, test_config):
@@ -55,14 +55,14 @@ def test_a_gguf_damaged_in_place_is_exported_again_not_kept(trained_run, tmp_pat
     q8.write_bytes(original[:middle] + bytes(64) + original[middle + 64 :])
     lines = run_and_log(test_config, run)
     assert q8.read_bytes() == original
-    assert skipped(lines) == ["prepare", "train", "merge", "evaluate"]
+    assert skipped(lines) == ["prepare", "train", "prefer", "merge", "evaluate"]
 
 
 def test_force_reruns_one_stage(trained_run, tmp_path, test_config):
     run = copy_run(trained_run, tmp_path / "run")
     lines = run_and_log(test_config, run, force=("prepare",))
     assert "[prepare] forced to run again" in lines
-    assert skipped(lines) == ["train", "merge", "export", "evaluate"]  # the same data came out
+    assert skipped(lines) == ["train", "prefer", "merge", "export", "evaluate"]  # the same data came out
 
 
 def test_changed_data_reruns_the_stages_that_read_it(trained_run, tmp_path, test_config):

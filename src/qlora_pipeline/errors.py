@@ -25,3 +25,9 @@ class StageOrderError(PipelineError):
 
 class DiskFullError(PipelineError):
     """Not enough free disk space for an artifact; the previous complete version is kept."""
+
+
+def check_setting(condition: bool, key: str, value, allowed: str) -> None:
+    """A config value that fails ``condition``: one line naming the key, the value and what to use."""
+    if not condition:
+        raise ConfigError(f"{key}={value!r} is invalid: {allowed}")

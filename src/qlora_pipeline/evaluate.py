@@ -98,7 +98,7 @@ def evaluate_hf(cfg: PipelineConfig, run_dir: Path, log=print, with_merged: bool
     results: dict = {}
     model = load_base_full_precision(base, cfg.model, dtype=dtype, device=device)
     results.update(measure(model, "base"))
-    results.update(measure(load_adapter(model, RunLayout(run_dir).final_adapter), "adapter"))
+    results.update(measure(load_adapter(model, RunLayout(run_dir).adapter_for(cfg.prefer.enabled)), "adapter"))
     del model
     free_memory()  # the base + adapter goes before the merged model comes: one model at a time
     if with_merged:
@@ -313,7 +313,7 @@ def evaluate(cfg: PipelineConfig, run_dir: Path, log=print) -> dict:
     """The whole evaluate stage: transformers models first, then every GGUF variant."""
     layout = RunLayout(run_dir)
     write_json_atomic(layout.report_json, {})  # no section of an older run survives
-    if layout.final_adapter == layout.adapter_dpo:  # measured by the prefer stage, which had the models
+    if cfg.prefer.enabled:  # measured by the prefer stage, which had the three models loaded
         update_report(run_dir, "preference", read_preference(layout.adapter_dpo))
     evaluate_hf(cfg, run_dir, log=log)
     return evaluate_gguf(cfg, run_dir, log=log)

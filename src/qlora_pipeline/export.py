@@ -139,7 +139,7 @@ def _export_lora(cfg: PipelineConfig, run_dir: Path, manifest: dict, name: str, 
         if key == "base-F16":
             convert_to_gguf(base, path, name, end_of_turn_id(base))
         else:
-            convert_lora(layout.final_adapter, base, path)
+            convert_lora(layout.adapter_for(cfg.prefer.enabled), base, path)
         _record(manifest, run_dir, key, path, {})
     return {"base-F16", "adapter-F16"}
 

@@ -132,6 +132,21 @@ class RunLayout:
         dpo = self.adapter_dpo
         return dpo if (dpo / "adapter_config.json").is_file() else self.adapter
 
+    def adapter_for(self, prefer_enabled: bool) -> Path:
+        """The adapter merge, export and evaluate take under a configuration: the DPO one when
+        ``prefer.enabled`` (an error when the prefer stage has not left it), else the SFT one (a
+        DPO adapter left from another configuration is not used)."""
+        if not prefer_enabled:
+            return self.adapter
+        if not (self.adapter_dpo / "adapter_config.json").is_file():
+            from qlora_pipeline.errors import StageOrderError
+
+            raise StageOrderError(
+                f"{self.adapter_dpo} is missing and prefer.enabled is on; run `qlora-pipeline prefer "
+                f"--run-dir {self.root}` first, or set prefer.enabled=false"
+            )
+        return self.adapter_dpo
+
     # -- merge
     @property
     def merged(self) -> Path:

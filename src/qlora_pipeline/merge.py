@@ -49,7 +49,7 @@ def merge(cfg: PipelineConfig, run_dir: Path, log=print) -> dict:
     from qlora_pipeline.model import load_base_full_precision, load_tokenizer
 
     run_dir = Path(run_dir)
-    adapter_dir = RunLayout(run_dir).final_adapter
+    adapter_dir = RunLayout(run_dir).adapter_for(cfg.prefer.enabled)
     check_adapter_files(adapter_dir)  # before a base of gigabytes is loaded
     base = resolve_base(cfg, log=log)
     dtype = merge_dtype(cfg, base)
@@ -130,12 +130,15 @@ def _merge_streaming(cfg: PipelineConfig, run_dir: Path, base: str, dtype, token
 
     base_dir = local_base_dir(base, cfg.model.revision)
     with atomic_dir(RunLayout(run_dir).merged) as tmp:
-        info = stream_merge(base_dir, RunLayout(run_dir).final_adapter, tmp, dtype=dtype, log=log)
+        info = stream_merge(base_dir, RunLayout(run_dir).adapter_for(cfg.prefer.enabled), tmp, dtype=dtype, log=log)
         tokenizer.save_pretrained(tmp)
         if not copy_sentencepiece_model(str(base_dir), tmp, cfg.model.revision):
             raise ModelError(f"the base {base!r} has no tokenizer.model; llama.cpp's Phi-3 converter needs it")
         reference = model_logits(
-            load_adapter(load_base_full_precision(base, cfg.model, dtype=dtype), RunLayout(run_dir).final_adapter),
+            load_adapter(
+                load_base_full_precision(base, cfg.model, dtype=dtype),
+                RunLayout(run_dir).adapter_for(cfg.prefer.enabled),
+            ),
             check_examples,
         )
         free_memory()  # base + adapter is gone before the merged model loads: one model in RAM at a time
@@ -143,7 +146,7 @@ def _merge_streaming(cfg: PipelineConfig, run_dir: Path, base: str, dtype, token
         check = compare_logits(reference, model_logits(merged, check_examples))
         del merged, reference
         free_memory()
-    adapter = RunLayout(run_dir).final_adapter.name
+    adapter = RunLayout(run_dir).adapter_for(cfg.prefer.enabled).name
     _report_check(check, dtype, len(check_examples), log, streaming=True, adapter=adapter, **info)
     write_json_atomic(RunLayout(run_dir).merge_check, check)
     return check

@@ -67,7 +67,7 @@ STAGES = (
         ("prepare", "train"),
         (*TRAINING_SECTIONS, "prefer"),
         names(NAMES.adapter_dpo, NAMES.prefer_log, NAMES.preference_plot),
-        (),  # nothing when prefer.enabled is off; merge takes RunLayout.final_adapter
+        (),  # nothing when prefer.enabled is off; merge takes RunLayout.adapter_for(enabled)
     ),
     Stage(
         "merge",
@@ -204,6 +204,10 @@ def run_stage(name: str, cfg: PipelineConfig, run_dir: Path, log=print, resume: 
     # This stage's outputs are about to change: it does not count as done until it finishes
     # again, even if this run is interrupted (the stages after it see their inputs change).
     _record_path(run_dir, stage).unlink(missing_ok=True)
+    if name == "train":  # a DPO adapter made from the adapter about to be replaced must not outlive it
+        from qlora_pipeline.prefer import remove_outputs
+
+        remove_outputs(RunLayout(run_dir))
     started = time.time()
     result = stage.run(cfg, run_dir, log=log, resume=resume)
     if isinstance(result, dict) and result.get("interrupted"):
@@ -256,8 +260,8 @@ def continue_run(run_dir: Path, parts: dict[str, str | None], log=print) -> Pipe
     cfg = read_run_config(run_dir)
     if cfg is None:
         raise PipelineError(f"{run_dir} has no config.json: run S29_finetuning_llm.ipynb with this RUN_DIR first")
-    if not all(layout.split(name).is_file() for name in SPLITS):
-        run_stage("prepare", cfg, run_dir, log=log)
+    if not all(layout.resolve(name).is_file() for name in STAGE_BY_NAME["prepare"].required):
+        run_stage("prepare", cfg, run_dir, log=log)  # (a run from before the pairs existed gets them too)
     if "merged" in parts and not (layout.merged / "config.json").is_file():
         log("[merge] no merged model here or on the Hub (MERGED_REPO): merging the adapter into the base again")
         run_stage("merge", cfg, run_dir, log=log)

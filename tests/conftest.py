@@ -170,6 +170,7 @@ def make_memorized_run(root: Path) -> None:
         "train.eval_every=40",
         "train.checkpoint_every=40",
         "export.quant_types=[Q8_0]",
+        "prefer.enabled=false",  # no ranked siblings: nothing to prefer
     )
     run_pipeline(cfg, root / "run", log=lambda *a: None, until="export")
 

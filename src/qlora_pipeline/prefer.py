@@ -102,7 +102,13 @@ def _encoded_pairs(cfg: PipelineConfig, run_dir: Path, encoder, log) -> dict[str
     max_len = cfg.prefer.max_length or cfg.data.max_seq_len
     encoded = {}
     for split in SPLITS:
-        examples, counts = encode_pairs(encoder, read_pairs(run_dir, split), max_len)
+        pairs = read_pairs(run_dir, split)
+        if not pairs:
+            raise DataError(
+                f"{RunLayout(run_dir).pairs(split)} holds no preference pairs (no prompt in the {split} split "
+                "has two differently ranked replies); use ranked data, or set prefer.enabled=false"
+            )
+        examples, counts = encode_pairs(encoder, pairs, max_len)
         if split != "train" and cfg.prefer.eval_max_pairs is not None:
             examples = examples[: cfg.prefer.eval_max_pairs]
         if counts["dropped_too_long"]:

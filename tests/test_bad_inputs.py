@@ -130,7 +130,7 @@ def merge_foreign_adapter(env: Env) -> tuple[list[str], Path]:
 def merge_truncated_adapter(env: Env) -> tuple[list[str], Path]:
     run = env.run_copy("trained_run")
     shutil.rmtree(run / "merged")
-    truncate(run / "adapter" / "adapter_model.safetensors")
+    truncate(run / "adapter-dpo" / "adapter_model.safetensors")  # the adapter merge takes (prefer is on)
     return ["merge", "--run-dir", str(run)], run / "merged"
 
 
@@ -140,8 +140,8 @@ def merge_pickle_adapter(env: Env) -> tuple[list[str], Path]:
 
     run = env.run_copy("trained_run")
     shutil.rmtree(run / "merged")
-    weights = run / "adapter" / "adapter_model.safetensors"
-    torch.save(load_file(str(weights)), run / "adapter" / "adapter_model.bin")
+    weights = run / "adapter-dpo" / "adapter_model.safetensors"  # the adapter merge takes (prefer is on)
+    torch.save(load_file(str(weights)), run / "adapter-dpo" / "adapter_model.bin")
     weights.unlink()
     return ["merge", "--run-dir", str(run)], run / "merged"
 

@@ -144,6 +144,7 @@ def _dpo_args(cfg: PipelineConfig, run_dir: Path, device):
         optim="paged_adamw_8bit" if device.name == "cuda" else "adamw_torch",
         eval_strategy="steps",
         eval_steps=p.eval_every,
+        eval_on_start=True,  # step 0: policy = reference, so the curves start from no preference at all
         save_strategy="steps",
         save_steps=p.checkpoint_every,
         save_total_limit=cfg.train.keep_checkpoints,

@@ -39,6 +39,29 @@ PREFER_CAPS = [
 ]
 
 
+def long_pairs(run: Path, words: int = 90) -> int:
+    """Every split's pairs replaced by one pair whose two sequences are each near the 256-token cap
+    (the sample's own pairs are a few dozen tokens: a DPO step on them measures little but the
+    model). Returns the longer sequence's length in tokens, as the stage's encoder counts it."""
+    import json
+
+    from qlora_pipeline.chat_format import ChatEncoder
+    from qlora_pipeline.layout import SPLITS, RunLayout
+    from qlora_pipeline.model import load_tokenizer
+    from qlora_pipeline.pairs import encode_pairs
+
+    pair = {
+        "prompt": [{"role": "user", "content": "Tell me about the river. " + "The river runs on. " * (words // 4)}],
+        "chosen": [{"role": "assistant", "content": "It flows north to the sea. " * (words // 6)}],
+        "rejected": [{"role": "assistant", "content": "Rivers are wet and long. " * (words // 5)}],
+    }
+    for split in SPLITS:
+        RunLayout(run).pairs(split).write_text(json.dumps(pair) + "\n")
+    encoder = ChatEncoder.from_hf(load_tokenizer(str(CACHE / "base")))
+    [example], _ = encode_pairs(encoder, [pair], max_len=1 << 20)
+    return len(example["prompt_ids"]) + max(len(example["chosen_ids"]), len(example["rejected_ids"]))
+
+
 def stage_command(stage: str, run: Path, overrides: list[str]) -> list[str]:
     return [sys.executable, "-m", "qlora_pipeline.cli", stage, "--run-dir", str(run), *overrides]
 
@@ -56,6 +79,8 @@ def main() -> int:
     shutil.rmtree(run, ignore_errors=True)
     overrides = ["--preset", "phi35-colab-t4", f"model.name_or_path={base}", *CAPS, *PREFER_CAPS]
     subprocess.run(stage_command("prepare", run, overrides), check=True, env={**os.environ, **env})
+    pair_tokens = long_pairs(run)
+    print(f"one pair of two sequences of up to {pair_tokens} tokens", flush=True)
     measured = {}
     for stage in ("train", "prefer"):
         print(f"{stage} on the full-size shape ...", flush=True)
@@ -67,7 +92,13 @@ def main() -> int:
     ratio = measured["prefer"]["peak_anon_bytes"] / measured["train"]["peak_anon_bytes"]
     save(
         "dpo_memory",
-        {"machine": machine(), "model_bytes": model_bytes, "caps": CAPS + PREFER_CAPS, "stages": measured},
+        {
+            "machine": machine(),
+            "model_bytes": model_bytes,
+            "caps": CAPS + PREFER_CAPS,
+            "dpo_sequence_tokens": pair_tokens,
+            "stages": measured,
+        },
         [
             [stage, gb(m["peak_rss_bytes"]), gb(m["peak_anon_bytes"]), f"{m['seconds'] / 60:.1f} min"]
             for stage, m in measured.items()
@@ -76,8 +107,9 @@ def main() -> int:
         "SFT and DPO on Phi-3.5-mini's full shape (4-bit base, LoRA r16), CPU, capped",
         notes=f"One full-size model is {model_bytes / 1e9:.2f} GB in bf16. The prefer stage holds "
         f"{ratio:.2f}x the anonymous memory of the train stage under the same caps (one 256-token SFT "
-        "step; one DPO step of one pair: policy forward and backward on both replies, the reference "
-        "adapter's forward, then base, SFT and DPO scored). RSS counts mapped safetensors pages the "
+        f"step; one DPO step of one pair, each of its two sequences up to {pair_tokens} tokens: policy forward "
+        "and backward on both, the reference adapter's forward, then base, SFT and DPO scored on it). "
+        "RSS counts mapped safetensors pages the "
         "kernel can drop; anonymous memory is what the process holds. Caps: " + ", ".join(CAPS + PREFER_CAPS),
     )
     return 0

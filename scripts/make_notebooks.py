@@ -298,7 +298,10 @@ free_memory()
 run_stage("prefer", cfg, RUN_DIR, resume=not START_FRESH)  # DPO when prefer.enabled (see below), else nothing
 free_memory()
 Image(f"{RUN_DIR}/loss.png")"""),
-    code("""print(f"peak GPU memory during training: {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")""", "gpu"),
+    code(
+        """print(f"peak GPU memory during training (and DPO, when on): {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")""",
+        "gpu",
+    ),
     md("## Did it help? Perplexity and answers before and after"),
     code("""from qlora_pipeline.evaluate import evaluate_hf
 
@@ -593,7 +596,9 @@ the best against the worst is a preference pair. DPO (Rafailov et al., 2023) tea
 to move probability from the rejected reply to the chosen one, measured against a frozen
 reference (here the SFT adapter), with no reward model and no sampling. This notebook shows one
 sibling group and its pair, writes DPO's loss out in plain torch, checks it against TRL's on the
-same batch, then runs the `prefer` stage through the package."""),
+same batch, then runs the `prefer` stage through the package. The data is the course's bundled
+sample in oasst1's exact format (written for this project: the real oasst1 needs the Hub), whose
+ranks follow one clear rule: a complete sentence beats a bare name or a hedge."""),
     params(run_dir="runs/notebooks/preference-from-ranks"),
     code(BOOTSTRAP),
     code("""from qlora_pipeline.config import load_config
@@ -601,12 +606,12 @@ from qlora_pipeline.data import load_rows
 from qlora_pipeline.pairs import build_pairs
 from qlora_pipeline.course.notebook import tree_text
 
-# This lesson trains SFT and then DPO: the tiny model shows both in about a minute on any machine
-# (on Colab's T4 the phi35 preset's SFT alone takes notebook 1's time).
-cfg = load_config("tiny", OVERRIDES + ["prefer.enabled=true"])
+# This lesson trains SFT and then DPO, so it always uses the tiny model (PRESET is not read): fp32
+# everywhere, so the loss written out below can equal TRL's to the last digits on a GPU too.
+cfg = load_config("tiny", OVERRIDES + ["prefer.enabled=true", "model.compute_dtype=float32", "train.mixed_precision=no"])
 rows = load_rows(cfg.data)["train"]
 pairs = build_pairs(rows, cfg.data.languages).pairs
-pair = next(p for p in pairs if p["rejected_rank"] >= 2)  # a group of three ranked replies
+pair = next(p for p in pairs if p["rejected_rank"] >= 2)  # a group of three or more ranked replies
 print(tree_text(rows, pair["tree_id"]))
 print(f"\\n{len(pairs)} pairs in the sample; this one:")
 pair"""),
@@ -661,10 +666,9 @@ def check_against_trl(policy_adapter):
           f"|difference| {difference:.1e}")
     assert difference < 1e-4, "the written-out loss must equal TRL's"
 
-check_against_trl(f"{RUN_DIR}/adapter")  # policy = reference: margin ~0, loss ~log 2"""),
-    md("""At the start the policy *is* the reference, so the margin is about zero and the loss is
-log 2 ≈ 0.693 (not exactly: TRL keeps a 4-bit model's trainable adapter in bf16, the reference
-copy stays in fp32).
+check_against_trl(f"{RUN_DIR}/adapter")  # policy = reference: margin 0, loss log 2"""),
+    md("""At the start the policy *is* the reference, so the margin is zero and the loss is
+log 2 ≈ 0.693: DPO has not preferred anything yet.
 
 ## The stage: DPO over every training pair
 

@@ -157,3 +157,12 @@ def test_a_kill_during_the_stage_resumes_from_its_newest_checkpoint(trained_run,
     assert json.loads((layout.adapter_dpo / "preference.json").read_text())["steps"] == 6
     fresh = subprocess.run(_prefer_command(run, "--fresh"), cwd=REPO, capture_output=True, text=True, timeout=300)
     assert fresh.returncode == 0 and "continuing from" not in fresh.stdout
+
+
+def test_the_cards_say_the_models_carry_the_dpo_adapter(trained_run):
+    from qlora_pipeline import publish
+
+    gguf = publish.render_card(trained_run, "you/tiny-gguf", "gguf", publish.files_to_push(trained_run, "gguf"))
+    assert "Then preference tuning: DPO (TRL, loss sigmoid, beta 0.1)" in gguf
+    adapter = publish.render_card(trained_run, "you/a", "adapter", publish.files_to_push(trained_run, "adapter"))
+    assert 'from_pretrained("you/a", subfolder="dpo")' in adapter

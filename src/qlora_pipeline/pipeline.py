@@ -207,7 +207,9 @@ def run_stage(name: str, cfg: PipelineConfig, run_dir: Path, log=print, resume: 
     if name == "train":  # a DPO adapter made from the adapter about to be replaced must not outlive it
         from qlora_pipeline.prefer import remove_outputs
 
-        remove_outputs(RunLayout(run_dir))
+        # its checkpoints stay: a notebook re-run after a disconnect finishes train again with the
+        # same adapter, and DPO then continues where it stopped (prefer.fingerprint decides)
+        remove_outputs(RunLayout(run_dir), keep_checkpoints=True)
     started = time.time()
     result = stage.run(cfg, run_dir, log=log, resume=resume)
     if isinstance(result, dict) and result.get("interrupted"):

@@ -42,8 +42,11 @@ def run(cfg: PipelineConfig, run_dir: Path, *, log=print, resume: bool = True) -
     return prefer(cfg, Path(run_dir), resume=resume, log=log)
 
 
-def remove_outputs(layout: RunLayout) -> None:
-    for folder in (layout.adapter_dpo, layout.prefer_checkpoints):
+def remove_outputs(layout: RunLayout, keep_checkpoints: bool = False) -> None:
+    """The stage's results (and its checkpoints, unless kept: they carry the fingerprint of the
+    SFT adapter they started from, so a retrained adapter never resumes them)."""
+    folders = (layout.adapter_dpo,) if keep_checkpoints else (layout.adapter_dpo, layout.prefer_checkpoints)
+    for folder in folders:
         shutil.rmtree(folder, ignore_errors=True)
     for file in (layout.prefer_log, layout.preference_plot):
         file.unlink(missing_ok=True)
@@ -173,13 +176,23 @@ def dpo_trainer(cfg: PipelineConfig, run_dir: Path, model, tokenizer, pairs: dic
         def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
             return dataset
 
-    return EncodedPairsDPOTrainer(
+    sft_weights = {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+    trainer = EncodedPairsDPOTrainer(
         model=model,
         args=_dpo_args(cfg, run_dir, device),
         train_dataset=Dataset.from_list(pairs["train"]),
         eval_dataset=Dataset.from_list(pairs["val"]),
         processing_class=tokenizer,
     )
+    # TRL casts the trainable adapter of a 4-bit model to bf16 (its __init__). SFT trained it in fp32
+    # and the reference copy stays fp32: in bf16 the policy would differ from the reference before
+    # any step, and an AdamW step of DPO's size (lr 5e-6: about 5e-6 per weight) is below bf16's
+    # spacing for LoRA weights near 1e-2 (about 6e-5), so it would round away. The SFT weights as
+    # they were, then; the optimizer is created later, by train(), on these tensors.
+    for name, param in trainer.model.named_parameters():
+        if name in sft_weights:
+            param.data = sft_weights[name]
+    return trainer
 
 
 def _measure(cfg: PipelineConfig, model, test_pairs: list[dict], val_examples: list[dict], device) -> dict:

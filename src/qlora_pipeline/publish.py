@@ -134,6 +134,20 @@ def _settings_section(config: dict) -> list[str]:
         f"tokens, seed {train['seed']}. Data: {DATASET} ({data['source']}), languages {', '.join(data['languages'])}; "
         "the loss counts assistant tokens only, in Phi-3.5's chat template.",
         "",
+        *_preference_settings(config.get("prefer", {})),
+    ]
+
+
+def _preference_settings(prefer: dict) -> list[str]:
+    """Then DPO (the prefer stage), when it ran: what the merged model and GGUFs were made from."""
+    if not prefer.get("enabled"):
+        return []
+    steps = f"{prefer['max_steps']} steps" if prefer.get("max_steps") else f"{prefer['epochs']} epochs"
+    return [
+        f"Then preference tuning: DPO (TRL, loss {', '.join(prefer['loss_type'])}, beta {prefer['beta']}) on the "
+        f"adapter against its frozen SFT copy, on oasst1's best- against worst-ranked sibling replies; learning rate "
+        f"{prefer['learning_rate']}, {steps}. The merged model and the GGUFs carry the DPO adapter.",
+        "",
     ]
 
 

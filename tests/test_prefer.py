@@ -43,7 +43,7 @@ MODULE = "layers.0.self_attn.qkv_proj"
 
 def test_the_merged_model_carries_the_dpo_adapter_when_the_stage_ran(trained_run, tiny_base):
     layout = RunLayout(trained_run)
-    assert layout.final_adapter == layout.adapter_dpo
+    assert layout.has_dpo_adapter
     merged = merged_delta(trained_run, tiny_base, MODULE)
     dpo, sft = lora_delta(layout.adapter_dpo, MODULE), lora_delta(layout.adapter, MODULE)
     assert (dpo - sft).abs().max() > 1e-5  # DPO moved the adapter, so the two merges differ
@@ -65,7 +65,7 @@ def test_without_the_stage_merge_takes_the_sft_adapter(trained_run, tiny_base, t
     run_pipeline(make_config("prefer.enabled=false"), run, log=lambda *a: None, until="merge")
     layout = RunLayout(run)
     assert not layout.adapter_dpo.exists() and not layout.preference_plot.exists()
-    assert layout.final_adapter == layout.adapter
+    assert not layout.has_dpo_adapter
     assert json.loads(layout.merge_check.read_text())["adapter"] == "adapter"
     merged = merged_delta(run, tiny_base, MODULE)
     assert (merged - lora_delta(layout.adapter, MODULE)).abs().max() < 1e-3
@@ -107,7 +107,7 @@ def test_the_adapter_repo_carries_the_dpo_adapter_to_the_next_notebook(trained_r
     run = tmp_path / "drive" / "s29"
     pull_run_part(run, "adapter", "student/a", cache_dir=str(tmp_path / "hub"), log=lambda *a: None)
     layout, source = RunLayout(run), RunLayout(trained_run)
-    assert layout.final_adapter == layout.adapter_dpo
+    assert layout.has_dpo_adapter
     for folder, original in ((layout.adapter, source.adapter), (layout.adapter_dpo, source.adapter_dpo)):
         weights = folder / "adapter_model.safetensors"
         assert weights.read_bytes() == (original / "adapter_model.safetensors").read_bytes()

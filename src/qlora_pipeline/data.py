@@ -185,19 +185,24 @@ def _check_no_cycles(by_id: dict[str, dict]) -> None:
             state[visited] = 2
 
 
-def build_conversations(
-    rows: Iterable[dict], languages: tuple[str, ...], system_prompt: str | None = None
-) -> ForestResult:
-    """Turn oasst1 message rows into best-path conversations, counting everything dropped."""
-    drops: Counter = Counter()
+@dataclass
+class MessageTree:
+    """oasst1 rows indexed as trees: each message by id, its children, the roots."""
+
+    by_id: dict[str, dict]
+    children: dict[str, list[dict]]
+    roots: list[dict]
+
+
+def message_tree(rows: Iterable[dict], drops: Counter) -> MessageTree:
+    """Rows as trees; a repeated message id (the first one is kept) and a reply whose parent is
+    not in the data are counted in ``drops``. Roots come oldest first (then by id)."""
     by_id: dict[str, dict] = {}
     for row in rows:
         if row["message_id"] in by_id:
             drops["duplicate_message_ids"] += 1
             continue
         by_id[row["message_id"]] = row
-    _check_no_cycles(by_id)
-
     children: dict[str, list[dict]] = defaultdict(list)
     roots = []
     for row in by_id.values():
@@ -208,20 +213,39 @@ def build_conversations(
             children[parent].append(row)
         else:
             drops["orphan_messages"] += 1
+    roots.sort(key=lambda r: (str(r.get("created_date") or ""), r["message_id"]))
+    return MessageTree(by_id, children, roots)
+
+
+def is_removed(message: dict) -> bool:
+    """Deleted, or rejected by review: dropped with everything under it."""
+    return bool(message["deleted"]) or message["review_result"] is False
+
+
+def as_message(row: dict) -> dict:
+    """An oasst1 row as a chat message (prompter -> user)."""
+    return {"role": ROLE_MAP[row["role"]], "content": row["text"]}
+
+
+def build_conversations(
+    rows: Iterable[dict], languages: tuple[str, ...], system_prompt: str | None = None
+) -> ForestResult:
+    """Turn oasst1 message rows into best-path conversations, counting everything dropped."""
+    drops: Counter = Counter()
+    tree = message_tree(rows, drops)
+    _check_no_cycles(tree.by_id)
+    children = tree.children
 
     def removed(message: dict) -> bool:
-        if message["deleted"]:
-            drops["deleted_messages"] += 1
-            return True
-        if message["review_result"] is False:
-            drops["rejected_messages"] += 1
+        if is_removed(message):
+            drops["deleted_messages" if message["deleted"] else "rejected_messages"] += 1
             return True
         return False
 
     wanted = set(languages)
     conversations = []
     seen: set[str] = set()
-    for root in sorted(roots, key=lambda r: (str(r.get("created_date") or ""), r["message_id"])):
+    for root in tree.roots:
         if root["lang"] not in wanted:
             drops["other_language_trees"] += 1
             continue
@@ -246,7 +270,7 @@ def build_conversations(
         if len(path) < 2:
             drops["trees_without_reply"] += 1
             continue
-        messages = [{"role": ROLE_MAP[m["role"]], "content": m["text"]} for m in path]
+        messages = [as_message(m) for m in path]
         if system_prompt:
             messages.insert(0, {"role": "system", "content": system_prompt})
         key = json.dumps(messages, ensure_ascii=False)

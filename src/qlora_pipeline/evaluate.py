@@ -314,7 +314,7 @@ def evaluate(cfg: PipelineConfig, run_dir: Path, log=print) -> dict:
     layout = RunLayout(run_dir)
     write_json_atomic(layout.report_json, {})  # no section of an older run survives
     if cfg.prefer.enabled:  # measured by the prefer stage, which had the three models loaded
-        update_report(run_dir, "preference", read_preference(layout.adapter_dpo))
+        update_report(run_dir, "preference", read_preference(layout.adapter_for(True)))
     evaluate_hf(cfg, run_dir, log=log)
     return evaluate_gguf(cfg, run_dir, log=log)
 

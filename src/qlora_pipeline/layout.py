@@ -126,11 +126,9 @@ class RunLayout:
         return self.root / "preference.png"
 
     @property
-    def final_adapter(self) -> Path:
-        """The adapter that merge, export and evaluate use: the DPO one when the ``prefer`` stage
-        left it, else the SFT one."""
-        dpo = self.adapter_dpo
-        return dpo if (dpo / "adapter_config.json").is_file() else self.adapter
+    def has_dpo_adapter(self) -> bool:
+        """Whether the ``prefer`` stage has left its adapter (what the Hub push carries along)."""
+        return (self.adapter_dpo / "adapter_config.json").is_file()
 
     def adapter_for(self, prefer_enabled: bool) -> Path:
         """The adapter merge, export and evaluate take under a configuration: the DPO one when
@@ -138,7 +136,7 @@ class RunLayout:
         DPO adapter left from another configuration is not used)."""
         if not prefer_enabled:
             return self.adapter
-        if not (self.adapter_dpo / "adapter_config.json").is_file():
+        if not self.has_dpo_adapter:
             from qlora_pipeline.errors import StageOrderError
 
             raise StageOrderError(

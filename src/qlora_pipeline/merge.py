@@ -61,7 +61,7 @@ def merge(cfg: PipelineConfig, run_dir: Path, log=print) -> dict:
 
     device = merge_device(cfg, base, log)
     if use_streaming(cfg, base, log, device):
-        return _merge_streaming(cfg, run_dir, base, dtype, tokenizer, check_examples, log)
+        return _merge_streaming(cfg, run_dir, adapter_dir, base, dtype, tokenizer, check_examples, log)
     model = load_base_full_precision(base, cfg.model, dtype=dtype, device=device)
     with_adapter = load_adapter(model, adapter_dir)
     # Reference logits of base + adapter, taken before merge_and_unload folds the weights in place
@@ -123,22 +123,21 @@ def use_streaming(cfg: PipelineConfig, base: str, log=print, device: str = "cpu"
     return streaming
 
 
-def _merge_streaming(cfg: PipelineConfig, run_dir: Path, base: str, dtype, tokenizer, check_examples, log) -> dict:
+def _merge_streaming(
+    cfg: PipelineConfig, run_dir: Path, adapter_dir: Path, base: str, dtype, tokenizer, check_examples, log
+) -> dict:
     """Shard-by-shard merge; the check then loads one model at a time (base + adapter, then merged)."""
     from qlora_pipeline.merge_streaming import stream_merge
     from qlora_pipeline.model import free_memory, load_base_full_precision
 
     base_dir = local_base_dir(base, cfg.model.revision)
     with atomic_dir(RunLayout(run_dir).merged) as tmp:
-        info = stream_merge(base_dir, RunLayout(run_dir).adapter_for(cfg.prefer.enabled), tmp, dtype=dtype, log=log)
+        info = stream_merge(base_dir, adapter_dir, tmp, dtype=dtype, log=log)
         tokenizer.save_pretrained(tmp)
         if not copy_sentencepiece_model(str(base_dir), tmp, cfg.model.revision):
             raise ModelError(f"the base {base!r} has no tokenizer.model; llama.cpp's Phi-3 converter needs it")
         reference = model_logits(
-            load_adapter(
-                load_base_full_precision(base, cfg.model, dtype=dtype),
-                RunLayout(run_dir).adapter_for(cfg.prefer.enabled),
-            ),
+            load_adapter(load_base_full_precision(base, cfg.model, dtype=dtype), adapter_dir),
             check_examples,
         )
         free_memory()  # base + adapter is gone before the merged model loads: one model in RAM at a time
@@ -146,8 +145,7 @@ def _merge_streaming(cfg: PipelineConfig, run_dir: Path, base: str, dtype, token
         check = compare_logits(reference, model_logits(merged, check_examples))
         del merged, reference
         free_memory()
-    adapter = RunLayout(run_dir).adapter_for(cfg.prefer.enabled).name
-    _report_check(check, dtype, len(check_examples), log, streaming=True, adapter=adapter, **info)
+    _report_check(check, dtype, len(check_examples), log, streaming=True, adapter=adapter_dir.name, **info)
     write_json_atomic(RunLayout(run_dir).merge_check, check)
     return check
 

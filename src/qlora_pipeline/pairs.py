@@ -19,12 +19,13 @@ tokens, so it is applied when the pairs are encoded (``encode_pairs``), like SFT
 from __future__ import annotations
 
 import json
-from collections import Counter, defaultdict
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 from qlora_pipeline.chat_format import IGNORE_INDEX, ChatFormatError
+from qlora_pipeline.data import as_message, is_removed, message_tree
 from qlora_pipeline.errors import DataError
 from qlora_pipeline.layout import RunLayout
 
@@ -37,19 +38,9 @@ class PairsResult:
     drops: Counter
 
 
-def _removed(message: dict) -> bool:
-    return bool(message["deleted"]) or message["review_result"] is False
-
-
 def _rank_order(message: dict) -> tuple:
     """Best first: lowest rank, then the earlier reply, then the id (deterministic)."""
     return (message["rank"], str(message.get("created_date") or ""), message["message_id"])
-
-
-def _as_message(row: dict) -> dict:
-    from qlora_pipeline.data import ROLE_MAP
-
-    return {"role": ROLE_MAP[row["role"]], "content": row["text"]}
 
 
 def _pair_under(parent_path: list[dict], replies: list[dict], drops: Counter) -> dict | None:
@@ -63,9 +54,9 @@ def _pair_under(parent_path: list[dict], replies: list[dict], drops: Counter) ->
         drops["tied_ranks"] += 1
         return None
     return {
-        "prompt": [_as_message(m) for m in parent_path],
-        "chosen": [_as_message(chosen)],
-        "rejected": [_as_message(rejected)],
+        "prompt": [as_message(m) for m in parent_path],
+        "chosen": [as_message(chosen)],
+        "rejected": [as_message(rejected)],
         "chosen_rank": chosen["rank"],
         "rejected_rank": rejected["rank"],
     }
@@ -74,27 +65,19 @@ def _pair_under(parent_path: list[dict], replies: list[dict], drops: Counter) ->
 def build_pairs(rows: Iterable[dict], languages: tuple[str, ...], system_prompt: str | None = None) -> PairsResult:
     """Every preference pair in the trees of ``rows``, with what was skipped and why."""
     drops: Counter = Counter()
-    by_id: dict[str, dict] = {}
-    for row in rows:
-        by_id.setdefault(row["message_id"], row)
-    children: dict[str, list[dict]] = defaultdict(list)
-    roots = []
-    for row in by_id.values():
-        if row["parent_id"] is None:
-            roots.append(row)
-        elif row["parent_id"] in by_id:
-            children[row["parent_id"]].append(row)
+    tree = message_tree(rows, Counter())  # (its own counts are the conversations': prepare keeps those)
     wanted = set(languages)
     pairs = []
-    for root in sorted(roots, key=lambda r: (str(r.get("created_date") or ""), r["message_id"])):
-        if root["lang"] not in wanted or _removed(root) or root["role"] != "prompter":
+    for root in tree.roots:
+        if root["lang"] not in wanted or is_removed(root) or root["role"] != "prompter":
             continue
         # depth first through kept messages only: a reply under a removed message is never reached
         stack = [[root]]
         while stack:
             path = stack.pop()
             node = path[-1]
-            kept = [c for c in children.get(node["message_id"], []) if not _removed(c) and c["role"] != node["role"]]
+            replies = tree.children.get(node["message_id"], [])
+            kept = [c for c in replies if not is_removed(c) and c["role"] != node["role"]]
             if node["role"] == "prompter" and kept:
                 pair = _pair_under(path, kept, drops)
                 if pair is not None:
@@ -156,6 +139,11 @@ def _completion(encoder, prompt: list[dict], reply: list[dict], prompt_ids: list
         raise ChatFormatError("the chat template renders a prompt differently before a reply; pairs cannot share it")
     stop = max(i for i, label in enumerate(labels) if label != IGNORE_INDEX) + 1
     return ids[len(prompt_ids) : stop]
+
+
+def pair_length_limit(cfg) -> int:
+    """Longest prompt + reply in tokens a pair may have: ``prefer.max_length``, else ``data.max_seq_len``."""
+    return cfg.prefer.max_length or cfg.data.max_seq_len
 
 
 def encode_pairs(encoder, pairs: list[dict], max_len: int) -> tuple[list[dict], Counter]:

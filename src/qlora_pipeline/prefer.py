@@ -100,34 +100,35 @@ def resume_point(cfg: PipelineConfig, run_dir: Path, resume: bool, log) -> Path 
 
 
 def _encoded_pairs(cfg: PipelineConfig, run_dir: Path, encoder, log) -> dict[str, list[dict]]:
-    from qlora_pipeline.pairs import encode_pairs, read_pairs
+    from qlora_pipeline.pairs import encode_pairs, pair_length_limit, read_pairs
 
-    max_len = cfg.prefer.max_length or cfg.data.max_seq_len
+    max_len = pair_length_limit(cfg)
     encoded = {}
     for split in SPLITS:
+        path = RunLayout(run_dir).pairs(split)
         pairs = read_pairs(run_dir, split)
         if not pairs:
             raise DataError(
-                f"{RunLayout(run_dir).pairs(split)} holds no preference pairs (no prompt in the {split} split "
-                "has two differently ranked replies); use ranked data, or set prefer.enabled=false"
+                f"{path} holds no preference pairs (no prompt in the {split} split has two differently "
+                "ranked replies); use ranked data, or set prefer.enabled=false"
             )
         examples, counts = encode_pairs(encoder, pairs, max_len)
-        if split != "train" and cfg.prefer.eval_max_pairs is not None:
-            examples = examples[: cfg.prefer.eval_max_pairs]
-        if counts["dropped_too_long"]:
-            log(f"[prefer] {split}: {counts['dropped_too_long']} pairs longer than {max_len} tokens dropped")
-        encoded[split] = examples
-    for split in SPLITS:
-        if not encoded[split]:
+        if not examples:
             raise DataError(
-                f"no {split} preference pairs fit prefer.max_length={max_len} in {RunLayout(run_dir).pairs(split)}; "
+                f"no {split} preference pairs fit prefer.max_length={max_len} in {path}; "
                 "raise the limit, add ranked data, or set prefer.enabled=false"
             )
+        if counts["dropped_too_long"]:
+            log(f"[prefer] {split}: {counts['dropped_too_long']} pairs longer than {max_len} tokens dropped")
+        cap = cfg.prefer.eval_max_pairs if split != "train" else None
+        encoded[split] = examples[:cap]
     return encoded
 
 
 def _dpo_args(cfg: PipelineConfig, run_dir: Path, device):
     from trl import DPOConfig
+
+    from qlora_pipeline.pairs import pair_length_limit
 
     p = cfg.prefer
     return DPOConfig(
@@ -137,7 +138,7 @@ def _dpo_args(cfg: PipelineConfig, run_dir: Path, device):
         learning_rate=p.learning_rate,
         num_train_epochs=p.epochs,
         max_steps=p.max_steps if p.max_steps is not None else -1,
-        max_length=p.max_length or cfg.data.max_seq_len,
+        max_length=pair_length_limit(cfg),
         per_device_train_batch_size=p.batch_size,
         per_device_eval_batch_size=p.batch_size,
         gradient_accumulation_steps=p.gradient_accumulation_steps,

@@ -64,7 +64,7 @@ def files_to_push(run_dir: Path, what: str, include: tuple[str, ...] = ()) -> di
         raise ConfigError(f"--include {sorted(unknown)[0]!r} is invalid: use any of {', '.join(OPTIONAL_GGUF)}")
     if what in ("adapter", "merged"):
         files = _folder_files(layout.adapter if what == "adapter" else layout.merged)
-        if what == "adapter" and files and layout.final_adapter == layout.adapter_dpo:
+        if what == "adapter" and files and layout.has_dpo_adapter:
             # the preference-tuned adapter travels in the same repo, under DPO_SUBFOLDER
             files.update({f"{DPO_SUBFOLDER}/{name}": f for name, f in _folder_files(layout.adapter_dpo).items()})
         if what == "merged" and files and layout.merge_check.is_file():

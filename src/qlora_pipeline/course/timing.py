@@ -60,10 +60,10 @@ def dpo_counts(cfg: PipelineConfig, run_dir: Path, encoder, sft_val_tokens: int)
     taken twice."""
     import math
 
-    from qlora_pipeline.pairs import encode_pairs, read_pairs
+    from qlora_pipeline.pairs import encode_pairs, pair_length_limit, read_pairs
 
     p = cfg.prefer
-    max_len = p.max_length or cfg.data.max_seq_len
+    max_len = pair_length_limit(cfg)
     pairs = {split: encode_pairs(encoder, read_pairs(run_dir, split), max_len)[0] for split in ("train", "val", "test")}
     if p.eval_max_pairs is not None:
         pairs["val"], pairs["test"] = pairs["val"][: p.eval_max_pairs], pairs["test"][: p.eval_max_pairs]

@@ -13,8 +13,8 @@
 # make course-repo REPO=OWNER/NAME - the course's GitHub repository in COURSE_REPO, the notebooks'
 #                  set-up cells, the README's Colab badges and the Space README
 # make bench  - benchmarks on the tiny model (a few minutes): bench/results/*.json, *.md, speed_vs_size.png
-# make mutation - mutmut over the functions behind the correctness claims (slow: hours on 2 cores;
-#                 resumable): bench/results/mutation.{json,md} with the survivors
+# make mutation - mutmut over the functions behind the correctness claims (wall time in its report;
+#                 resumable; --recheck after adding tests): bench/results/mutation.{json,md}
 # make bench-imatrix - KL with and without the importance matrix at five types (bench/results/imatrix.md)
 # make bench-full - the full-size Phi-3.5-mini shape (random weights; ~25 GB disk, up to about an hour)
 PYTHON ?= python3
@@ -58,12 +58,15 @@ $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	$(PY) -m qlora_pipeline.gguf.llamacpp
 	# Debian's Chromium for the browser test (apt; skipped when present)
 	scripts/install_chromium.sh
+	# Debian's Go for the Modelfile test (Go's text/template renders its TEMPLATE, as Ollama does)
+	scripts/install_go.sh
 	@touch $(STAMP)
 
 demo: setup
 	$(VENV)/bin/qlora-pipeline run --preset tiny --run-dir $(RUN_DIR)
 
 test: setup
+	@scripts/install_go.sh  # a .venv from before Go joined the set-up gets it too (nothing when present)
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 	# what may import what ([tool.importlinter] in pyproject.toml), and no import cycle in src/

@@ -196,3 +196,23 @@ def tmpfs(tmp_path):
     yield mount
     for where in mounted:
         subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under ``make mutation`` (QLORA_MUTATION_STATS set): the fastest tests first, from the durations
+    mutmut recorded, so that a mutant stops at the quickest test that notices it (mutmut runs -x)."""
+    stats = os.environ.get("QLORA_MUTATION_STATS")
+    if not stats or not Path(stats).is_file():
+        return
+    import json
+
+    durations = json.loads(Path(stats).read_text(encoding="utf-8")).get("duration_by_test", {})
+    items.sort(key=lambda item: durations.get(item.nodeid, float("inf")))
+
+
+def pytest_configure(config):
+    """mutmut's instrumented run (MUTANT_UNDER_TEST=stats) counts the calls in this process; a test's
+    subprocess (the Space, a training rank) that inherited it would look for mutmut's settings in its
+    own folder and fail. mutmut keeps the value in-process too, so this process still counts."""
+    if os.environ.get("MUTANT_UNDER_TEST") == "stats":
+        del os.environ["MUTANT_UNDER_TEST"]

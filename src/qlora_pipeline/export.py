@@ -26,7 +26,7 @@ from qlora_pipeline.gguf.convert import (
     end_of_turn_id,
     quantize_gguf,
 )
-from qlora_pipeline.gguf.modelfile import default_variant
+from qlora_pipeline.gguf.modelfile import check_system_prompt, default_variant
 from qlora_pipeline.gguf.modelfile import write as write_modelfile
 from qlora_pipeline.gguf.variants import (
     F16,
@@ -151,6 +151,7 @@ def export(cfg: PipelineConfig, run_dir: Path, log=print) -> dict:
 
     run_dir, merged = Path(run_dir), RunLayout(run_dir).merged
     check_quant_types(cfg.export.quant_types)
+    check_system_prompt(cfg.data.system_prompt)  # the Modelfile carries it
     types = TensorTypes.from_config(cfg.export)
     name = cfg.export.model_name or default_model_name(cfg)
     eot = check_before_export(merged, name)  # before anything is written
@@ -188,7 +189,9 @@ def export(cfg: PipelineConfig, run_dir: Path, log=print) -> dict:
         (out_dir / orphan).unlink(missing_ok=True)  # written for another merged model
     write_json_atomic(RunLayout(run_dir).gguf_manifest, manifest)
     chosen = cfg.export.modelfile_variant or default_variant(tuple(todo[1:]) or (F16,))
-    write_modelfile(RunLayout(run_dir).modelfile, gguf_path(run_dir, chosen).name, cfg.eval.n_ctx)
+    write_modelfile(
+        RunLayout(run_dir).modelfile, gguf_path(run_dir, chosen).name, cfg.eval.n_ctx, cfg.data.system_prompt
+    )
     shown = [key for key in (*todo, "base-F16", "adapter-F16") if key in keep]
     sizes = ", ".join(f"{key} {manifest['files'][key]['bytes'] / 1e6:.1f} MB" for key in shown)
     log(f"GGUF files in {out_dir}: {sizes}")

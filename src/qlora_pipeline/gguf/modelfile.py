@@ -9,7 +9,9 @@ stop tokens nothing stops at the next ``<|user|>``. This one carries:
   ``tests/test_modelfile.py`` renders both for the same conversations and requires equal text;
 - ``PARAMETER stop`` for ``<|end|>``, ``<|user|>``, ``<|assistant|>``, ``<|system|>`` and
   ``<|endoftext|>``;
-- our chat's sampling defaults (``chat.SamplingParams``) and the evaluation context length.
+- our chat's sampling defaults (``chat.SamplingParams``) and the evaluation context length;
+- ``SYSTEM``: the system prompt the model was trained with (``data.system_prompt``), when set, so
+  that Ollama puts it in front of a conversation that brings none, as training did.
 
 LM Studio reads the chat template from the GGUF itself (the converter writes it there).
 """
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from qlora_pipeline.errors import ConfigError
 from qlora_pipeline.paths import write_text_atomic
 from qlora_pipeline.serve.chat import SamplingParams
 
@@ -40,12 +43,28 @@ def default_variant(quant_types: tuple[str, ...]) -> str:
     return quant_types[-1]
 
 
-def render(gguf_name: str, n_ctx: int, params: SamplingParams | None = None) -> str:
+def check_system_prompt(text: str | None) -> None:
+    """Refuse a system prompt a Modelfile cannot carry unchanged. Ollama's parser (parser/parser.go)
+    ends a triple-quoted value at the first \"\"\" that whitespace follows, and silently drops
+    every character Go's strconv.IsPrint rejects other than spaces, tabs and line breaks."""
+    if not text:
+        return
+    if '"""' in text:
+        raise ConfigError('data.system_prompt contains """, which an Ollama Modelfile cannot quote; remove it')
+    dropped = sorted({c for c in text if not c.isprintable() and c not in " \t\n\r"})
+    if dropped:
+        names = ", ".join(f"U+{ord(c):04X}" for c in dropped[:5])
+        raise ConfigError(f"data.system_prompt contains characters Ollama drops ({names}); remove them")
+
+
+def render(gguf_name: str, n_ctx: int, params: SamplingParams | None = None, system_prompt: str | None = None) -> str:
     params = params or SamplingParams()
+    check_system_prompt(system_prompt)
     lines = [
         "# Written by qlora-pipeline's export stage. Use: ollama create NAME -f Modelfile",
         f"FROM ./{gguf_name}",
         f'TEMPLATE """{TEMPLATE}"""',
+        *([f'SYSTEM """{system_prompt}"""'] if system_prompt else []),
         *(f'PARAMETER stop "{token}"' for token in STOP_TOKENS),
         f"PARAMETER temperature {params.temperature}",
         f"PARAMETER top_p {params.top_p}",
@@ -57,8 +76,8 @@ def render(gguf_name: str, n_ctx: int, params: SamplingParams | None = None) -> 
     return "\n".join(lines) + "\n"
 
 
-def write(path: Path, gguf_name: str, n_ctx: int) -> None:
-    write_text_atomic(path, render(gguf_name, n_ctx))
+def write(path: Path, gguf_name: str, n_ctx: int, system_prompt: str | None = None) -> None:
+    write_text_atomic(path, render(gguf_name, n_ctx, system_prompt=system_prompt))
 
 
 def template_of(modelfile_text: str) -> str:

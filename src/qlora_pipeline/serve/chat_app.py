@@ -32,6 +32,7 @@ from qlora_pipeline.serve.settings import (
     AppSettings,
     Limits,
     ModelChoice,
+    clip_text,
 )
 from qlora_pipeline.serve.sources import hub_choices, local_choices
 
@@ -76,7 +77,7 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
         default=[f for f in (env("MODEL_FILE") or "").split(",") if f],
         help="a GGUF file in --hub-repo (repeat for several; env MODEL_FILE, comma-separated)",
     )
-    parser.add_argument("--backend", choices=["local", "openai"], default=env("BACKEND", "local"))
+    parser.add_argument("--backend", choices=BACKENDS, default=None, help="local or openai (env BACKEND)")
     parser.add_argument(
         "--base-url",
         default=env("OPENAI_BASE_URL"),
@@ -88,18 +89,18 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
         default=[],
         help="model name(s) on the server (default: the server's /v1/models)",
     )
-    parser.add_argument("--n-ctx", type=int, default=int(env("N_CTX", "2048")))
+    parser.add_argument("--n-ctx", type=int, default=None, help="context length (default 2048; env N_CTX)")
     parser.add_argument(
         "--threads",
         type=int,
-        default=int(env("N_THREADS")) if env("N_THREADS") else None,
+        default=None,
         help="llama.cpp threads (default: the CPUs this process may use, affinity and cgroup "
         "quota counted; env N_THREADS)",
     )
     parser.add_argument(
         "--n-gpu-layers",
         type=int,
-        default=int(env("N_GPU_LAYERS", "0")),
+        default=None,
         help="layers to offload to a GPU (-1 = all; env N_GPU_LAYERS)",
     )
     parser.add_argument(
@@ -111,19 +112,18 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_server_arguments(parser: argparse.ArgumentParser) -> None:
-    env = os.environ.get
     parser.add_argument(
         "--host",
         default=None,
         help="address to bind (default 127.0.0.1: this machine only; 0.0.0.0 serves the network; "
         "env GRADIO_SERVER_NAME); any other than loopback prints a warning naming its source",
     )
-    parser.add_argument("--port", type=int, default=int(env("GRADIO_SERVER_PORT", "7860")))
+    parser.add_argument("--port", type=int, default=None, help="port (default 7860; env GRADIO_SERVER_PORT)")
     parser.add_argument(
         "--concurrency",
         type=int,
-        default=int(env("CONCURRENCY", "1")),
-        help="answers generated at once per event (a llama context runs one at a time)",
+        default=None,
+        help="answers generated at once per event (a llama context runs one at a time; env CONCURRENCY)",
     )
     parser.add_argument(
         "--auth-env",
@@ -139,20 +139,62 @@ def _add_server_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_limit_arguments(parser: argparse.ArgumentParser) -> None:
-    env = os.environ.get
     limits = Limits()
     for name, doc in LIMIT_FLAGS.items():
         flag, variable = name.replace("_", "-"), f"MAX_{name.upper()}"
         parser.add_argument(
             f"--max-{flag}",
             type=int,
-            default=int(env(variable, getattr(limits, name))),
+            default=None,
             help=f"most {doc} one request may carry, checked before tokenizing "
             f"(default {getattr(limits, name):,}; env {variable})",
         )
 
 
+BACKENDS = ["local", "openai"]
+# The options a Space sets through its variables: option -> (variable, default, smallest value).
+# They are read when the app starts (inside its one-line error handling), not when the parser is
+# built: a bad variable must not crash every qlora-pipeline command with a traceback.
+ENV_INTEGERS = {
+    "n_ctx": ("N_CTX", 2048, 64),
+    "threads": ("N_THREADS", None, 1),
+    "n_gpu_layers": ("N_GPU_LAYERS", 0, -1),
+    "port": ("GRADIO_SERVER_PORT", 7860, 1),
+    "concurrency": ("CONCURRENCY", 1, 1),
+    **{f"max_{name}": (f"MAX_{name.upper()}", getattr(Limits(), name), 1) for name in LIMIT_FLAGS},
+}
+
+
+def env_integer(variable: str, default: int | None, smallest: int) -> int | None:
+    """An integer environment variable, or ``default`` when unset or empty; anything else is one
+    line naming the variable."""
+    raw = os.environ.get(variable, "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        value = None
+    if value is None or value < smallest or (variable == "GRADIO_SERVER_PORT" and value > 65535):
+        allowed = "a port from 1 to 65535" if variable == "GRADIO_SERVER_PORT" else f"a whole number >= {smallest}"
+        raise ConfigError(f"environment variable {variable}={clip_text(raw)!r} is invalid: use {allowed}")
+    return value
+
+
+def apply_environment(args) -> None:
+    """Fill the options left unset on the command line from the environment (a Space's variables)."""
+    for option, (variable, default, smallest) in ENV_INTEGERS.items():
+        if getattr(args, option, None) is None:
+            setattr(args, option, env_integer(variable, default, smallest))
+    if getattr(args, "backend", None) is None:
+        backend = os.environ.get("BACKEND", "").strip() or "local"
+        if backend not in BACKENDS:
+            raise ConfigError(f"environment variable BACKEND={clip_text(backend)!r} is invalid: use local or openai")
+        args.backend = backend
+
+
 def settings_from_args(args) -> AppSettings:
+    apply_environment(args)
     if args.concurrency < 1:
         raise ConfigError(f"--concurrency={args.concurrency} is invalid: use 1 or more")
     if args.n_ctx < 64:

@@ -1,0 +1,3 @@
+module modelfile_render
+
+go 1.19

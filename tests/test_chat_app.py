@@ -452,3 +452,55 @@ def test_page_errors_name_model_files_relative_to_their_folder(memorized_run):
     folder = gguf_path(memorized_run, "Q8_0").parent
     text = public_message(f"llama.cpp could not load {folder}/model-Q8_0.gguf (bad magic)", settings)
     assert text == "llama.cpp could not load model-Q8_0.gguf (bad magic)"
+
+
+@pytest.mark.parametrize("server", ["refuses-with-400", "ends-the-stream-empty"])
+def test_openai_backend_drops_the_oldest_turns_until_the_server_takes_the_conversation(server):
+    """The history trim against a server (which counts the tokens itself): oldest user/assistant pair
+    first, the system prompt always kept, until the server takes it. llama-server refuses an
+    over-long prompt with a 400; llama-cpp-python's server ends the stream empty instead."""
+    from qlora_pipeline.errors import ModelError
+    from qlora_pipeline.serve import backends
+    from qlora_pipeline.serve.chat import SamplingParams
+    from qlora_pipeline.serve.settings import AppSettings
+
+    backend = backends.OpenAIBackend(AppSettings(backend="openai", base_url="http://127.0.0.1:9/v1"))
+    sent: list[list[dict]] = []
+    fits = 5  # messages the fake server's context holds
+
+    def fake_open(model, messages, params, stream):
+        sent.append(messages)
+        if len(messages) <= fits:
+            return iter(["first chunk", "more"])
+        if server == "refuses-with-400" or not stream:
+            raise backends._ContextExceeded()
+        return iter([])
+
+    backend._open = fake_open
+    system = {"role": "system", "content": "Be brief."}
+    turns = [{"role": ("user", "assistant")[i % 2], "content": f"m{i}"} for i in range(9)]
+    first, rest, dropped = backend._open_fitting([system, *turns], SamplingParams(), "m")
+    assert first == "first chunk" and list(rest) == ["more"]
+    assert sent[-1] == [system, *turns[6:]] and dropped == 6  # whole pairs, the newest message last
+    assert all(m[0] == system for m in sent)
+    assert backend._open_fitting(turns, SamplingParams(), "m")[2] == 4
+    assert sent[-1] == turns[4:]
+
+    fits = 0  # not even the new message fits: one line saying so
+    with pytest.raises(ModelError, match="too long for the server's context"):
+        backend._open_fitting([system, *turns], SamplingParams(max_tokens=64), "m")
+    assert sent[-1] == [system, turns[-1]]  # the last try still carried the new message
+    backend.close()
+
+
+def test_openai_backend_names_a_stream_that_ends_empty_for_another_reason():
+    from qlora_pipeline.errors import ModelError
+    from qlora_pipeline.serve import backends
+    from qlora_pipeline.serve.chat import SamplingParams
+    from qlora_pipeline.serve.settings import AppSettings
+
+    backend = backends.OpenAIBackend(AppSettings(backend="openai", base_url="http://127.0.0.1:9/v1"))
+    backend._open = lambda model, messages, params, stream: iter([]) if stream else None
+    with pytest.raises(ModelError, match="ended the answer without a word"):
+        backend._open_fitting([{"role": "user", "content": "hi"}], SamplingParams(), "m")
+    backend.close()

@@ -145,3 +145,43 @@ def test_per_tensor_overrides_set_the_types(trained_run, tmp_path):
         TensorTypes.from_config(ExportConfig(output_type="Q9"))
     with pytest.raises(ConfigError, match="export.tensor_types"):
         ExportConfig(tensor_types=("ffn_down",))
+
+
+def test_export_makes_the_runs_matrix_once_from_its_training_conversations(trained_run, tmp_path, merged_model):
+    """The export stage's own path (``<TYPE>-imat``): the matrix of the merged model over the training
+    split in the chat template, up to ``export.imatrix_tokens``; made once, made again when the
+    budget changes, and only the ``-imat`` file follows it."""
+    from conftest import copy_run, make_config
+
+    from qlora_pipeline.chat_format import ChatEncoder
+    from qlora_pipeline.data import read_split, tokenize_conversations
+    from qlora_pipeline.export import export
+    from qlora_pipeline.model import load_tokenizer
+
+    run = copy_run(trained_run, tmp_path / "run")
+    gguf = run / "gguf"
+
+    def export_with(tokens: int) -> None:
+        cfg = make_config("export.quant_types=[Q4_K_M,Q4_K_M-imat]", f"export.imatrix_tokens={tokens}")
+        export(cfg, run, log=lambda *a: None)
+
+    export_with(300)
+    matrix = imatrix.read(gguf / "imatrix.gguf")
+    encoder = ChatEncoder.from_hf(load_tokenizer(str(run / "merged")))
+    cfg = make_config()
+    examples, _ = tokenize_conversations(encoder, read_split(run, "train"), cfg.data.max_seq_len, cfg.data.overlong)
+    direct = imatrix.collect(merged_model, [e["input_ids"] for e in examples], 300)
+    assert sorted(matrix.sums) == sorted(direct.sums) and set(matrix.counts.values()) == {300}
+    for name in direct.sums:
+        np.testing.assert_allclose(matrix.sums[name], direct.sums[name], rtol=1e-4)
+    assert matrix.datasets == ["data/train.jsonl (chat template)"]
+    assert (gguf / "model-Q4_K_M-imat.gguf").read_bytes() != (gguf / "model-Q4_K_M.gguf").read_bytes()
+
+    stamps = {p.name: p.stat().st_mtime_ns for p in gguf.glob("*.gguf")}
+    export_with(300)  # nothing to do
+    assert {p.name: p.stat().st_mtime_ns for p in gguf.glob("*.gguf")} == stamps
+    export_with(200)  # a new budget: a new matrix, the -imat file again, the plain one kept
+    assert set(imatrix.read(gguf / "imatrix.gguf").counts.values()) == {200}
+    changed = {p.name for p in gguf.glob("*.gguf") if p.stat().st_mtime_ns != stamps.get(p.name)}
+    assert {"imatrix.gguf", "model-Q4_K_M-imat.gguf"} <= changed
+    assert "model-Q4_K_M.gguf" not in changed and "model-F16.gguf" not in changed

@@ -200,7 +200,9 @@ def tmpfs(tmp_path):
 
 def pytest_collection_modifyitems(config, items):
     """Under ``make mutation`` (QLORA_MUTATION_STATS set): the fastest tests first, from the durations
-    mutmut recorded, so that a mutant stops at the quickest test that notices it (mutmut runs -x)."""
+    mutmut recorded, so that a mutant stops at the quickest test that notices it (mutmut runs -x).
+    With QLORA_MUTATION_MAX_SECONDS, tests slower than that are left out of this pass; bench/mutation.py
+    runs every survivor of it again with all its tests, so no verdict rests on the shortcut."""
     stats = os.environ.get("QLORA_MUTATION_STATS")
     if not stats or not Path(stats).is_file():
         return
@@ -208,6 +210,13 @@ def pytest_collection_modifyitems(config, items):
 
     durations = json.loads(Path(stats).read_text(encoding="utf-8")).get("duration_by_test", {})
     items.sort(key=lambda item: durations.get(item.nodeid, float("inf")))
+    if "__mutmut_" not in os.environ.get("MUTANT_UNDER_TEST", ""):
+        return  # mutmut listing the tests or recording which test calls what: every test counts
+    cap = float(os.environ.get("QLORA_MUTATION_MAX_SECONDS") or "inf")
+    slow = [item for item in items if durations.get(item.nodeid, 0.0) > cap]
+    if slow and len(slow) < len(items):
+        config.hook.pytest_deselected(items=slow)
+        items[:] = [item for item in items if item not in slow]
 
 
 def pytest_configure(config):

@@ -219,3 +219,35 @@ def test_llama_cpp_evaluates_exactly_the_encoders_prompt_ids(trained_run):
         list(chat.stream(messages, SamplingParams(temperature=0.0, max_tokens=1)))
         assert list(chat.llm.input_ids[: len(ids)]) == ids
         assert ids.count(32007) == 1 and ids.count(32001) == 1  # only the template's own: the user's stayed text
+
+
+def test_an_over_long_new_message_after_a_history_is_still_an_error(hello_chat):
+    """Dropping the history never drops the new message itself: the prompt would then end without it."""
+    history = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Hello there."}]
+    with pytest.raises(ConfigError, match="too long for the context"):
+        hello_chat.prompt_ids([*history, {"role": "user", "content": "word " * 400}], max_new_tokens=40)
+
+
+def test_the_users_sampling_settings_reach_llama_cpp(hello_chat, monkeypatch):
+    """What a user sets in the app (or the CLI) is what llama.cpp samples with; an answer longer than
+    the context allows is capped to fit instead of refused."""
+    calls = []
+    real = hello_chat.llm.create_completion
+
+    def recording(**kwargs):
+        calls.append(kwargs)
+        return real(**kwargs)
+
+    monkeypatch.setattr(hello_chat.llm, "create_completion", recording)
+    params = SamplingParams(temperature=0.3, top_p=0.8, top_k=7, repeat_penalty=1.3, max_tokens=5)
+    hello_chat.answer([{"role": "user", "content": "Say hello"}], params)
+    sent = calls[-1]
+    assert {k: sent[k] for k in ("temperature", "top_p", "top_k", "repeat_penalty", "max_tokens")} == {
+        "temperature": 0.3,
+        "top_p": 0.8,
+        "top_k": 7,
+        "repeat_penalty": 1.3,
+        "max_tokens": 5,
+    }
+    hello_chat.answer([{"role": "user", "content": "Say hello"}], SamplingParams(max_tokens=1000))
+    assert calls[-1]["max_tokens"] == hello_chat.n_ctx - 16

@@ -271,3 +271,17 @@ def test_the_split_is_the_same_in_every_process():
         for seed in ("1", "2")
     ]
     assert runs[0] == runs[1] and {"train", "val", "test"} <= set(runs[0])
+
+
+def test_the_data_seed_draws_another_split_and_max_conversations_caps_each():
+    convs = [{"messages": [], "tree_id": f"tree-{i}"} for i in range(400)]
+    valid = [{"messages": [], "tree_id": f"v{i}"} for i in range(200)]
+
+    def trees(out):
+        return {k: sorted(c["tree_id"] for c in v) for k, v in out.items()}
+
+    for source in ({"train": convs}, {"train": convs, "validation": valid}):
+        one, two = (split_conversations(source, DataConfig(seed=s)) for s in (0, 1))
+        assert trees(one) != trees(two) and trees(one) == trees(split_conversations(source, DataConfig(seed=0)))
+    capped = split_conversations({"train": convs}, DataConfig(max_conversations=5, val_fraction=0.2, test_fraction=0.2))
+    assert {k: len(v) for k, v in capped.items()} == {"train": 5, "val": 5, "test": 5}

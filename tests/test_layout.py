@@ -45,3 +45,18 @@ def test_the_layout_matches_what_the_stages_declare():
     }
     declared = {output for stage in STAGES for output in stage.outputs}
     assert declared == named
+
+
+def test_large_files_go_to_their_folder_and_come_back_when_it_is_dropped(tmp_path):
+    """A Colab run keeps the merged model and GGUFs on the VM's disk; turning Drive off (None) puts
+    them back in the run folder, whether or not a folder was ever set."""
+    from qlora_pipeline.layout import place_large_files
+
+    run, vm = tmp_path / "drive" / "run", tmp_path / "vm"
+    run.mkdir(parents=True)
+    place_large_files(run, None)  # never set: nothing to undo
+    assert RunLayout(run).merged == run / "merged"
+    place_large_files(run, vm)
+    assert RunLayout(run).merged == (vm / "merged").resolve() and vm.is_dir()
+    place_large_files(run, None)
+    assert RunLayout(run).merged == run / "merged"

@@ -169,3 +169,92 @@ def test_a_bad_pair_file_is_a_one_line_error_naming_the_line(tmp_path, line, mes
 def test_missing_pair_files_say_to_prepare_again(tmp_path):
     with pytest.raises(DataError, match="run `qlora-pipeline prepare"):
         read_pairs(tmp_path, "val")
+
+
+def test_a_tie_for_best_goes_to_the_earlier_reply_whatever_its_id():
+    f = Forest()
+    f.m("q", "question?")
+    f.m("z-first", "reply z", parent="q", rank=0)  # written first, the larger id
+    f.m("a-second", "reply a", parent="q", rank=0)
+    f.m("w", "reply w", parent="q", rank=2)
+    [pair] = build_pairs(f.rows, ("en",)).pairs
+    assert texts(pair) == ("reply z", "reply w")
+
+
+def test_every_skipped_group_is_counted_and_ranked_follow_up_questions_make_no_pair():
+    """oasst1 ranks sibling questions too: those are never a chosen/rejected reply; and each skipped
+    sibling group counts, so prepare's summary says how many."""
+    f = Forest()
+    for name in ("t1", "t2"):
+        sibling_group(f, name, {f"{name}-a": 0, f"{name}-b": 0})  # tied
+    for name in ("u1", "u2", "u3"):
+        sibling_group(f, name, {f"{name}-a": 0})  # one ranked reply
+    f.m("q", "question?")
+    f.m("a", "answer", parent="q", rank=0)
+    f.m("f1", "follow-up one?", parent="a", rank=0)
+    f.m("f2", "follow-up two?", parent="a", rank=1)
+    result = build_pairs(f.rows, ("en",))
+    assert result.drops["tied_ranks"] == 2
+    assert result.drops["groups_with_fewer_than_two_ranked_replies"] == 4  # u1-u3 and q's single answer
+    assert all(p["chosen"][0]["role"] == "assistant" for p in result.pairs)
+    assert result.pairs == []
+
+
+def test_a_skipped_root_does_not_end_the_search_and_the_system_prompt_is_a_message():
+    f = Forest()
+    sibling_group(f, "a-de", {"x": 0, "y": 1}, lang="de")  # first, skipped
+    sibling_group(f, "b-en", {"p": 0, "r": 1})
+    [pair] = build_pairs(f.rows, ("en",), system_prompt="Be brief.").pairs
+    assert pair["tree_id"] == "b-en"
+    assert pair["prompt"][0] == {"role": "system", "content": "Be brief."}
+
+
+def test_encoding_counts_every_pair_and_keeps_a_pair_of_exactly_the_limit(tiny_tokenizer):
+    """The limit is prompt + the longer reply <= max_len; a dropped pair does not stop the ones
+    after it; the examples carry the three columns TRL's DPOTrainer reads."""
+    f = Forest()
+    for name in ("long1", "long2"):
+        f.m(name, "word " * 300)
+        f.m(f"{name}-c", "c", parent=name, rank=0)
+        f.m(f"{name}-d", "d", parent=name, rank=1)
+    sibling_group(f, "s1", {"s1-a": 0, "s1-b": 1})
+    sibling_group(f, "s2", {"s2-a": 0, "s2-b": 1})
+    pairs = build_pairs(f.rows, ("en",)).pairs
+    encoder = ChatEncoder.from_hf(tiny_tokenizer)
+    ordered = sorted(pairs, key=lambda p: p["tree_id"])  # long1, long2, s1, s2
+    full, _ = encode_pairs(encoder, ordered[2:3], max_len=10_000)
+    [one] = full
+    exact = len(one["prompt_ids"]) + max(len(one["chosen_ids"]), len(one["rejected_ids"]))
+    examples, counts = encode_pairs(encoder, ordered, max_len=exact)
+    assert counts == {"dropped_too_long": 2, "kept": 2}
+    assert [set(e) for e in examples] == [{"prompt_ids", "chosen_ids", "rejected_ids"}] * 2
+    assert examples[0] == one
+    _, counts = encode_pairs(encoder, ordered[2:3], max_len=exact - 1)
+    assert counts == {"dropped_too_long": 1}
+
+
+@pytest.mark.parametrize(
+    "message",
+    [{"role": "user", "content": 5}, {"content": "no role"}, {"role": "user"}, "just text"],
+    ids=["content-not-text", "no-role", "no-content", "not-a-message"],
+)
+def test_a_pair_message_without_a_role_and_text_content_is_refused(tmp_path, message):
+    path = RunLayout(tmp_path).pairs("train")
+    path.parent.mkdir(parents=True)
+    pair = {"prompt": [message], "chosen": [{"role": "assistant", "content": "a"}]}
+    pair["rejected"] = [{"role": "assistant", "content": "b"}]
+    path.write_text(json.dumps(pair) + "\n")
+    with pytest.raises(DataError, match="must be a non-empty list of"):
+        read_pairs(tmp_path, "train")
+
+
+def test_blank_lines_between_pairs_are_skipped_not_the_end(tmp_path):
+    path = RunLayout(tmp_path).pairs("train")
+    path.parent.mkdir(parents=True)
+    pair = {
+        "prompt": [{"role": "user", "content": "q"}],
+        "chosen": [{"role": "assistant", "content": "a"}],
+        "rejected": [{"role": "assistant", "content": "b"}],
+    }
+    path.write_text(json.dumps(pair) + "\n\n  \n" + json.dumps(pair) + "\n")
+    assert len(read_pairs(tmp_path, "train")) == 2

@@ -160,3 +160,16 @@ def test_what_push_commits_is_what_the_next_notebook_pulls(trained_run, tmp_path
     pulled = sorted(p.name for p in (run / "adapter").iterdir())
     pushed = sorted(p.name for p in (trained_run / "adapter").iterdir() if p.is_file() and p.name != "README.md")
     assert pulled == pushed  # peft's own README.md gives way to the generated card, which stays on the Hub
+
+
+def test_hidden_files_in_a_part_are_not_pushed(trained_run, tmp_path):
+    """A killed write's hidden temporary (``.model.safetensors.tmp``) or a desktop's ``.DS_Store``
+    never reach the Hub; peft's own README is replaced by the generated card."""
+    run = tmp_path / "run"
+    shutil.copytree(trained_run / "adapter", run / "adapter")
+    shutil.copy(trained_run / "config.json", run / "config.json")
+    (run / "adapter" / ".adapter_model.safetensors.tmp").write_bytes(b"partial")
+    (run / "adapter" / ".DS_Store").write_bytes(b"x")
+    names = set(publish.files_to_push(run, "adapter"))
+    assert not any(name.startswith(".") for name in names)
+    assert "adapter_model.safetensors" in names and "README.md" not in names

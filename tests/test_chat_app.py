@@ -468,7 +468,10 @@ def test_openai_backend_drops_the_oldest_turns_until_the_server_takes_the_conver
     sent: list[list[dict]] = []
     fits = 5  # messages the fake server's context holds
 
+    asked = SamplingParams(max_tokens=64)
+
     def fake_open(model, messages, params, stream):
+        assert model == "m" and (params is asked or not stream)  # the model and settings asked for
         sent.append(messages)
         if len(messages) <= fits:
             return iter(["first chunk", "more"])
@@ -479,16 +482,16 @@ def test_openai_backend_drops_the_oldest_turns_until_the_server_takes_the_conver
     backend._open = fake_open
     system = {"role": "system", "content": "Be brief."}
     turns = [{"role": ("user", "assistant")[i % 2], "content": f"m{i}"} for i in range(9)]
-    first, rest, dropped = backend._open_fitting([system, *turns], SamplingParams(), "m")
+    first, rest, dropped = backend._open_fitting([system, *turns], asked, "m")
     assert first == "first chunk" and list(rest) == ["more"]
     assert sent[-1] == [system, *turns[6:]] and dropped == 6  # whole pairs, the newest message last
     assert all(m[0] == system for m in sent)
-    assert backend._open_fitting(turns, SamplingParams(), "m")[2] == 4
+    assert backend._open_fitting(turns, asked, "m")[2] == 4
     assert sent[-1] == turns[4:]
 
     fits = 0  # not even the new message fits: one line saying so
     with pytest.raises(ModelError, match="too long for the server's context"):
-        backend._open_fitting([system, *turns], SamplingParams(max_tokens=64), "m")
+        backend._open_fitting([system, *turns], asked, "m")
     assert sent[-1] == [system, turns[-1]]  # the last try still carried the new message
     backend.close()
 

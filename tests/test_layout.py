@@ -60,3 +60,18 @@ def test_large_files_go_to_their_folder_and_come_back_when_it_is_dropped(tmp_pat
     assert RunLayout(run).merged == (vm / "merged").resolve() and vm.is_dir()
     place_large_files(run, None)
     assert RunLayout(run).merged == run / "merged"
+
+
+def test_the_adapter_later_stages_take_follows_prefer_enabled(tmp_path):
+    """prefer on: the DPO adapter, or one line naming the stage to run; prefer off: the SFT adapter,
+    even when a DPO adapter from another configuration is there."""
+    from qlora_pipeline.errors import StageOrderError
+
+    layout = RunLayout(tmp_path)
+    with pytest.raises(StageOrderError, match="run `qlora-pipeline prefer"):
+        layout.adapter_for(True)
+    assert layout.adapter_for(False) == layout.adapter
+    layout.adapter_dpo.mkdir(parents=True)
+    (layout.adapter_dpo / "adapter_config.json").write_text("{}")
+    assert layout.adapter_for(True) == layout.adapter_dpo
+    assert layout.adapter_for(False) == layout.adapter

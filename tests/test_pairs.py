@@ -258,3 +258,12 @@ def test_blank_lines_between_pairs_are_skipped_not_the_end(tmp_path):
     }
     path.write_text(json.dumps(pair) + "\n\n  \n" + json.dumps(pair) + "\n")
     assert len(read_pairs(tmp_path, "train")) == 2
+
+
+def test_the_pair_length_limit_is_prefer_max_length_else_the_training_one():
+    from conftest import make_config
+
+    from qlora_pipeline.pairs import pair_length_limit
+
+    assert pair_length_limit(make_config("data.max_seq_len=300")) == 300
+    assert pair_length_limit(make_config("data.max_seq_len=300", "prefer.max_length=120")) == 120

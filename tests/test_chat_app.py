@@ -489,6 +489,9 @@ def test_openai_backend_drops_the_oldest_turns_until_the_server_takes_the_conver
     assert backend._open_fitting(turns, asked, "m")[2] == 4
     assert sent[-1] == turns[4:]
 
+    fits = 2  # two user turns in a row (an empty answer is left out): the new message stays
+    assert backend._open_fitting([system, turns[0], turns[4]], asked, "m")[2] == 1
+    assert sent[-1] == [system, turns[4]]
     fits = 0  # not even the new message fits: one line saying so
     with pytest.raises(ModelError, match="too long for the server's context"):
         backend._open_fitting([system, *turns], asked, "m")

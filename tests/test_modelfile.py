@@ -209,9 +209,9 @@ def test_the_modelfile_carries_the_training_system_prompt(trained_run, tmp_path,
     assert gguf_tokens(by_go) == gguf_tokens(jinja_prompt(gguf_template(q4), messages))
 
 
-def test_a_system_prompt_a_modelfile_cannot_quote_stops_export_before_it_writes(trained_run, tmp_path):
-    run = copy_run(trained_run, tmp_path / "run")
-    before = {p.name: p.stat().st_mtime_ns for p in (run / "gguf").iterdir()}
+def test_a_system_prompt_a_modelfile_cannot_quote_is_refused_before_training():
+    """Refused when the settings are read, not hours later at export."""
     with pytest.raises(ConfigError, match='data.system_prompt contains """'):
-        export(make_config('data.system_prompt=Say """hi""" twice'), run, log=lambda *a: None)
-    assert {p.name: p.stat().st_mtime_ns for p in (run / "gguf").iterdir()} == before
+        make_config('data.system_prompt=Say """hi""" twice')
+    with pytest.raises(ConfigError, match="characters Ollama drops \\(U\\+00A0\\)"):
+        make_config("data.system_prompt=no\u00a0break")

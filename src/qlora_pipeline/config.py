@@ -29,6 +29,18 @@ PRESETS_DIR = Path(str(resources.files("qlora_pipeline") / "presets"))
 PHI3_FUSED_TARGETS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
 
 
+def check_system_prompt(text: str | None) -> None:
+    """Refuse, before training, a system prompt the Ollama Modelfile cannot carry unchanged: Ollama's
+    parser (parser/parser.go) ends a \"\"\"-quoted value at a \"\"\" and drops characters Go's
+    strconv.IsPrint rejects (spaces, tabs and line breaks apart)."""
+    if text and '"""' in text:
+        raise ConfigError('data.system_prompt contains """, which an Ollama Modelfile cannot quote; remove it')
+    dropped = sorted({c for c in text or "" if not c.isprintable() and c not in " \t\n\r"})
+    if dropped:
+        names = ", ".join(f"U+{ord(c):04X}" for c in dropped[:5])
+        raise ConfigError(f"data.system_prompt contains characters Ollama drops ({names}); remove them")
+
+
 def _check(condition: bool, key: str, value: Any, allowed: str) -> None:
     check_setting(condition, key, value, allowed)
 
@@ -121,6 +133,7 @@ class DataConfig:
         )
         _check(self.max_seq_len >= 16, "data.max_seq_len", self.max_seq_len, "use at least 16 tokens")
         _check(self.overlong in ("truncate", "drop"), "data.overlong", self.overlong, "use truncate or drop")
+        check_system_prompt(self.system_prompt)
         _check(len(self.languages) > 0, "data.languages", self.languages, "list at least one language code")
         for lang in self.languages:
             _check(

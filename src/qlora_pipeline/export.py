@@ -26,7 +26,7 @@ from qlora_pipeline.gguf.convert import (
     end_of_turn_id,
     quantize_gguf,
 )
-from qlora_pipeline.gguf.modelfile import check_system_prompt, default_variant
+from qlora_pipeline.gguf.modelfile import default_variant
 from qlora_pipeline.gguf.modelfile import write as write_modelfile
 from qlora_pipeline.gguf.variants import (
     F16,
@@ -151,7 +151,6 @@ def export(cfg: PipelineConfig, run_dir: Path, log=print) -> dict:
 
     run_dir, merged = Path(run_dir), RunLayout(run_dir).merged
     check_quant_types(cfg.export.quant_types)
-    check_system_prompt(cfg.data.system_prompt)  # the Modelfile carries it
     types = TensorTypes.from_config(cfg.export)
     name = cfg.export.model_name or default_model_name(cfg)
     eot = check_before_export(merged, name)  # before anything is written

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from qlora_pipeline.errors import ConfigError
+from qlora_pipeline.config import check_system_prompt
 from qlora_pipeline.paths import write_text_atomic
 from qlora_pipeline.serve.chat import SamplingParams
 
@@ -41,20 +41,6 @@ def default_variant(quant_types: tuple[str, ...]) -> str:
         if preferred in quant_types:
             return preferred
     return quant_types[-1]
-
-
-def check_system_prompt(text: str | None) -> None:
-    """Refuse a system prompt a Modelfile cannot carry unchanged. Ollama's parser (parser/parser.go)
-    ends a triple-quoted value at the first \"\"\" that whitespace follows, and silently drops
-    every character Go's strconv.IsPrint rejects other than spaces, tabs and line breaks."""
-    if not text:
-        return
-    if '"""' in text:
-        raise ConfigError('data.system_prompt contains """, which an Ollama Modelfile cannot quote; remove it')
-    dropped = sorted({c for c in text if not c.isprintable() and c not in " \t\n\r"})
-    if dropped:
-        names = ", ".join(f"U+{ord(c):04X}" for c in dropped[:5])
-        raise ConfigError(f"data.system_prompt contains characters Ollama drops ({names}); remove them")
 
 
 def render(gguf_name: str, n_ctx: int, params: SamplingParams | None = None, system_prompt: str | None = None) -> str:

@@ -156,8 +156,11 @@ class OpenAIBackend:
                     f"the message is too long for the server's context (with {params.max_tokens} new "
                     "tokens); shorten it or lower max new tokens"
                 )
-            turns = turns[2:]
-            dropped += 2
+            # the oldest pair; a lone older turn (the history need not alternate: empty turns are
+            # left out) goes alone, so the new message itself is never dropped
+            step = 2 if len(turns) > 2 else 1
+            turns = turns[step:]
+            dropped += step
 
     @staticmethod
     def _relay(first_chunk, chunks, params: SamplingParams, started: float, stats: dict) -> Iterator[str]:

@@ -380,6 +380,8 @@ def write_report(result: dict) -> None:
                 verdict = f"killed now by `{s['killed_by']}`"
             elif s["equivalent"]:
                 verdict = f"equivalent: {s['equivalent']}"
+            elif s["status"] == "not checked":
+                verdict = "not checked again with every test since its function's tests changed"
             else:
                 verdict = "**survives, not explained**"
             lines += [f"`{s['mutant']}`: {verdict}", "", "```diff", s["diff"], "```", ""]

@@ -251,3 +251,13 @@ def test_the_users_sampling_settings_reach_llama_cpp(hello_chat, monkeypatch):
     }
     hello_chat.answer([{"role": "user", "content": "Say hello"}], SamplingParams(max_tokens=1000))
     assert calls[-1]["max_tokens"] == hello_chat.n_ctx - 16
+
+
+def test_a_history_that_does_not_alternate_never_loses_the_new_message(hello_chat):
+    """Two user turns in a row (the app leaves empty answers out): trimming drops the older one
+    alone, never the new message."""
+    old = {"role": "user", "content": "word " * 150}
+    new = {"role": "user", "content": "The new question"}
+    full = len(hello_chat.encoder.encode_prompt([old, new]))
+    ids, dropped = hello_chat.prompt_ids([old, new], max_new_tokens=hello_chat.n_ctx - full + 20)
+    assert dropped == 1 and ids == hello_chat.encoder.encode_prompt([new])

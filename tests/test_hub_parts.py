@@ -149,5 +149,7 @@ def test_a_pull_downloads_with_the_students_token(trained_run, tmp_path, monkeyp
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", recording)
     monkeypatch.setenv("HF_TOKEN", "hf_student_secret")
-    assert pull_run_part(tmp_path / "run", "adapter", "s/adapter", cache_dir=str(cache), log=lambda *a: None)
+    said = []
+    assert pull_run_part(tmp_path / "run", "adapter", "s/adapter", cache_dir=str(cache), log=said.append)
     assert tokens == ["hf_student_secret"]
+    assert said == [f"pulled the adapter from https://huggingface.co/s/adapter into {tmp_path / 'run' / 'adapter'}"]

@@ -75,3 +75,16 @@ def test_the_adapter_later_stages_take_follows_prefer_enabled(tmp_path):
     (layout.adapter_dpo / "adapter_config.json").write_text("{}")
     assert layout.adapter_for(True) == layout.adapter_dpo
     assert layout.adapter_for(False) == layout.adapter
+
+
+def test_names_under_the_large_folders_resolve_there_and_others_stay_in_the_run(tmp_path):
+    from qlora_pipeline.layout import place_large_files
+
+    run, vm = tmp_path / "run", tmp_path / "vm"
+    run.mkdir()
+    place_large_files(run, vm)
+    layout = RunLayout(run)
+    assert layout.resolve("merged/config.json") == (vm / "merged" / "config.json").resolve()
+    assert layout.resolve("gguf/sub/model.gguf") == (vm / "gguf" / "sub" / "model.gguf").resolve()
+    assert layout.resolve("data/train.jsonl") == run / "data" / "train.jsonl"
+    assert layout.resolve("merged_check.json") == run / "merged_check.json"

@@ -150,6 +150,11 @@ def test_no_tree_has_pairs_in_two_splits_and_pairs_follow_their_conversations(tm
             "one assistant message",
         ),  # fmt: skip
         ('{"prompt": [{"role": "user", "content": "q"}]}', "a pair needs prompt, chosen, rejected"),
+        (
+            '{"prompt": [{"role": "assistant", "content": "q"}], "chosen": [{"role": "assistant", "content": "a"}], '
+            '"rejected": [{"role": "assistant", "content": "b"}]}',
+            "the prompt must end with a user message",
+        ),  # fmt: skip
     ],
 )
 def test_a_bad_pair_file_is_a_one_line_error_naming_the_line(tmp_path, line, message):

@@ -261,3 +261,18 @@ def test_a_history_that_does_not_alternate_never_loses_the_new_message(hello_cha
     full = len(hello_chat.encoder.encode_prompt([old, new]))
     ids, dropped = hello_chat.prompt_ids([old, new], max_new_tokens=hello_chat.n_ctx - full + 20)
     assert dropped == 1 and ids == hello_chat.encoder.encode_prompt([new])
+
+
+def test_trimming_drops_whole_pairs_and_never_starts_the_history_with_an_answer(hello_chat):
+    """A long oldest question whose short answer would fit: the pair goes, not the question alone
+    (a history must not begin with an assistant turn); and with two questions in a row at the end,
+    the older one goes alone so that the new one stays."""
+    long_q, short_a = {"role": "user", "content": "word " * 150}, {"role": "assistant", "content": "Yes."}
+    new = {"role": "user", "content": "The new question"}
+    room = hello_chat.n_ctx - len(hello_chat.encoder.encode_prompt([short_a, new])) - 2
+    ids, dropped = hello_chat.prompt_ids([long_q, short_a, new], max_new_tokens=room)
+    assert dropped == 2 and ids == hello_chat.encoder.encode_prompt([new])
+    older = {"role": "user", "content": "word " * 150}
+    room = hello_chat.n_ctx - len(hello_chat.encoder.encode_prompt([new])) - 2
+    ids, dropped = hello_chat.prompt_ids([long_q, short_a, older, new], max_new_tokens=room)
+    assert dropped == 3 and ids == hello_chat.encoder.encode_prompt([new])

@@ -489,6 +489,8 @@ def test_openai_backend_drops_the_oldest_turns_until_the_server_takes_the_conver
     assert backend._open_fitting(turns, asked, "m")[2] == 4
     assert sent[-1] == turns[4:]
 
+    fits = 3  # whole pairs: never a history that starts with an answer
+    assert backend._open_fitting([system, *turns], asked, "m")[2] == 8 and sent[-1] == [system, turns[-1]]
     fits = 2  # two user turns in a row (an empty answer is left out): the new message stays
     assert backend._open_fitting([system, turns[0], turns[4]], asked, "m")[2] == 1
     assert sent[-1] == [system, turns[4]]

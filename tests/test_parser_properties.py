@@ -286,9 +286,12 @@ def test_space_variables_are_taken_or_refused_in_one_line_naming_them(variable, 
             text = str(exc)
             assert "\n" not in text and (variable in text or "BACKEND" in text), text
             smallest = ENV_INTEGERS[option][2]
-            number = raw.strip().lstrip("+-").isdigit() and int(raw)
+            try:
+                number = int(raw)
+            except ValueError:  # '²' is a digit to str.isdigit, not to int
+                number = None
             valid_number = not raw.strip() or (
-                number is not False and number >= smallest and (variable != "GRADIO_SERVER_PORT" or number <= 65535)
+                number is not None and number >= smallest and (variable != "GRADIO_SERVER_PORT" or number <= 65535)
             )
             assert not (valid_number and backend in ("", "local", "openai")), f"refused a valid setting: {text}"
             return
